@@ -1,0 +1,421 @@
+//! Fetching Debian packages through apt with a private configuration.
+//!
+//! The host's apt state is never touched: sources, lists, archives, the dpkg
+//! status file and apt's configuration parts all live under the cache
+//! directory, selected through `APT_CONFIG` (which apt reads *before* its
+//! configuration directory, so the host's `apt.conf.d` is never consulted).
+//! Release files are checked against the profile's archive keyring by apt
+//! itself (`signed-by`); we check each `.deb`'s SHA-256 against the signed
+//! index again before using it, so a cached file that rotted is caught.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::profile::DebianSection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AptError {
+    #[error("apt cache {path}: {op}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("package `{package}` (profile field {field}) is not in {suite}")]
+    UnknownPackage {
+        package: String,
+        field: String,
+        suite: String,
+    },
+    #[error("package `{package}`: the index entry has no `{field}`")]
+    BadIndex { package: String, field: &'static str },
+    #[error("package `{package}`: metapackage has no dependency starting with `{prefix}`")]
+    NoKernel { package: String, prefix: String },
+    #[error("package `{package}` {path}: SHA-256 {actual} does not match the signed index ({expected})")]
+    HashMismatch {
+        package: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// A package as the signed index describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageInfo {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    /// Path in the archive (`pool/main/...`).
+    pub filename: String,
+    pub depends: String,
+}
+
+/// A fetched, verified `.deb`.
+#[derive(Debug, Clone)]
+pub struct FetchedPackage {
+    pub info: PackageInfo,
+    pub deb: PathBuf,
+}
+
+/// apt with its whole state under `root`.
+#[derive(Debug)]
+pub struct PrivateApt {
+    root: PathBuf,
+    suite: String,
+}
+
+impl PrivateApt {
+    /// Prepares the private apt tree for `debian` under `cache_root`.
+    pub fn new(cache_root: &Path, debian: &DebianSection) -> Result<Self, AptError> {
+        let root = cache_root.join(format!("apt-{}", debian.suite));
+        for dir in [
+            "etc/apt.conf.d",
+            "etc/sources.list.d",
+            "etc/preferences.d",
+            "etc/trusted.gpg.d",
+            "state/lists/partial",
+            "cache/archives/partial",
+            "debs",
+            "log",
+        ] {
+            let d = root.join(dir);
+            fs::create_dir_all(&d).map_err(|source| AptError::Io {
+                path: d.clone(),
+                op: "create directory",
+                source,
+            })?;
+        }
+        let sources = format!(
+            "deb [signed-by={}] {} {} {}\n",
+            debian.keyring.display(),
+            debian.mirror,
+            debian.suite,
+            debian.components.join(" ")
+        );
+        write_if_changed(&root.join("etc/sources.list"), &sources)?;
+        let r = root.display();
+        let conf = format!(
+            r#"Dir::Etc "{r}/etc/";
+Dir::Etc::Parts "{r}/etc/apt.conf.d/";
+Dir::Etc::Main "{r}/etc/apt.conf";
+Dir::Etc::SourceList "{r}/etc/sources.list";
+Dir::Etc::SourceParts "{r}/etc/sources.list.d/";
+Dir::Etc::Preferences "{r}/etc/preferences";
+Dir::Etc::PreferencesParts "{r}/etc/preferences.d/";
+Dir::Etc::Trusted "{r}/etc/trusted.gpg";
+Dir::Etc::TrustedParts "{r}/etc/trusted.gpg.d/";
+Dir::State "{r}/state/";
+Dir::State::status "{r}/state/status";
+Dir::Cache "{r}/cache/";
+Dir::Log "{r}/log/";
+APT::Architecture "amd64";
+APT::Architectures {{ "amd64"; }};
+Acquire::Languages "none";
+Acquire::IndexTargets::deb::DEP-11::DefaultEnabled "false";
+Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled "false";
+Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled "false";
+Acquire::IndexTargets::deb::CNF::DefaultEnabled "false";
+Acquire::Retries "3";
+APT::Sandbox::User "root";
+"#
+        );
+        write_if_changed(&root.join("apt.conf"), &conf)?;
+        let status = root.join("state/status");
+        if !status.exists() {
+            fs::write(&status, "").map_err(|source| AptError::Io {
+                path: status.clone(),
+                op: "create dpkg status",
+                source,
+            })?;
+        }
+        Ok(Self {
+            root,
+            suite: debian.suite.clone(),
+        })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("APT_CONFIG", self.root.join("apt.conf"))
+            .env("LC_ALL", "C.UTF-8")
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    }
+
+    fn has_lists(&self) -> bool {
+        fs::read_dir(self.root.join("state/lists"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with("_InRelease"))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Downloads the package lists unless they exist (or `refresh`).
+    pub fn update(&self, refresh: bool) -> Result<(), AptError> {
+        if self.has_lists() && !refresh {
+            log::info!("apt lists for {} are cached; not refreshing", self.suite);
+            return Ok(());
+        }
+        log::info!("apt update ({})", self.suite);
+        run(self.command("apt-get").args(["-q", "update"]))?;
+        Ok(())
+    }
+
+    /// Looks up packages in the signed index. `field` names the profile
+    /// field the names came from, for errors.
+    pub fn show(&self, names: &[String], field: &str) -> Result<Vec<PackageInfo>, AptError> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let mut cmd = self.command("apt-cache");
+            cmd.args(["show", "--no-all-versions", name]);
+            let text = match run(&mut cmd) {
+                Ok(t) => t,
+                Err(AptError::Command { .. }) => {
+                    return Err(AptError::UnknownPackage {
+                        package: name.clone(),
+                        field: field.to_owned(),
+                        suite: self.suite.clone(),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            let stanza = parse_stanza(&text);
+            if stanza.get("Package").map(String::as_str) != Some(name.as_str()) {
+                // apt-cache show also answers for virtual packages via providers.
+                return Err(AptError::UnknownPackage {
+                    package: name.clone(),
+                    field: field.to_owned(),
+                    suite: self.suite.clone(),
+                });
+            }
+            let get = |f: &'static str| {
+                stanza.get(f).cloned().ok_or(AptError::BadIndex {
+                    package: name.clone(),
+                    field: f,
+                })
+            };
+            out.push(PackageInfo {
+                name: name.clone(),
+                version: get("Version")?,
+                sha256: get("SHA256")?,
+                filename: get("Filename")?,
+                depends: stanza.get("Depends").cloned().unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Resolves a kernel metapackage to the versioned image package it pulls.
+    pub fn resolve_kernel(&self, meta: &str) -> Result<String, AptError> {
+        let info = self
+            .show(&[meta.to_owned()], "boot.kernel_package")?
+            .remove(0);
+        kernel_from_depends(&info.depends).ok_or(AptError::NoKernel {
+            package: meta.to_owned(),
+            prefix: "linux-image-".into(),
+        })
+    }
+
+    /// Makes sure each package's `.deb` is in the cache with the hash the
+    /// signed index names; downloads only what is missing.
+    pub fn fetch(&self, infos: &[PackageInfo]) -> Result<Vec<FetchedPackage>, AptError> {
+        let debs = self.root.join("debs");
+        let mut fetched = Vec::with_capacity(infos.len());
+        for info in infos {
+            let file = Path::new(&info.filename)
+                .file_name()
+                .map(PathBuf::from)
+                .ok_or(AptError::BadIndex {
+                    package: info.name.clone(),
+                    field: "Filename",
+                })?;
+            let path = debs.join(&file);
+            let cached_ok = path.exists() && sha256_file(&path)? == info.sha256;
+            if !cached_ok {
+                log::info!("downloading {} {}", info.name, info.version);
+                let mut cmd = self.command("apt-get");
+                cmd.current_dir(&debs).args([
+                    "-q",
+                    "download",
+                    &format!("{}={}", info.name, info.version),
+                ]);
+                run(&mut cmd)?;
+                let actual = sha256_file(&path)?;
+                if actual != info.sha256 {
+                    return Err(AptError::HashMismatch {
+                        package: info.name.clone(),
+                        path,
+                        expected: info.sha256.clone(),
+                        actual,
+                    });
+                }
+            }
+            fetched.push(FetchedPackage {
+                info: info.clone(),
+                deb: path,
+            });
+        }
+        Ok(fetched)
+    }
+
+    /// Unpacks a fetched package once into the cache and returns its tree.
+    pub fn extract(&self, pkg: &FetchedPackage) -> Result<PathBuf, AptError> {
+        let dir = self.root.join("extract").join(format!(
+            "{}_{}",
+            pkg.info.name,
+            pkg.info.version.replace(':', "%3a")
+        ));
+        let done = dir.with_extension("done");
+        if done.exists() {
+            return Ok(dir);
+        }
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|source| AptError::Io {
+                path: dir.clone(),
+                op: "remove partial extraction",
+                source,
+            })?;
+        }
+        fs::create_dir_all(&dir).map_err(|source| AptError::Io {
+            path: dir.clone(),
+            op: "create directory",
+            source,
+        })?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&pkg.deb).arg(&dir))?;
+        fs::write(&done, &pkg.info.sha256).map_err(|source| AptError::Io {
+            path: done.clone(),
+            op: "write marker",
+            source,
+        })?;
+        Ok(dir)
+    }
+}
+
+fn write_if_changed(path: &Path, content: &str) -> Result<(), AptError> {
+    if fs::read_to_string(path).ok().as_deref() == Some(content) {
+        return Ok(());
+    }
+    fs::write(path, content).map_err(|source| AptError::Io {
+        path: path.to_owned(),
+        op: "write",
+        source,
+    })
+}
+
+fn run(cmd: &mut Command) -> Result<String, AptError> {
+    let describe = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.output().map_err(|source| AptError::Io {
+        path: PathBuf::from(cmd.get_program()),
+        op: "spawn",
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(AptError::Command {
+            command: describe,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub(crate) fn sha256_file(path: &Path) -> Result<String, AptError> {
+    let io = |source| AptError::Io {
+        path: path.to_owned(),
+        op: "hash",
+        source,
+    };
+    let mut f = fs::File::open(path).map_err(io)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Parses the first RFC-822 stanza of apt-cache output; continuation lines
+/// are joined to their field.
+fn parse_stanza(text: &str) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    let mut last: Option<String> = None;
+    for line in text.lines() {
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with(' ') || line.starts_with('\t') {
+            if let Some(k) = &last {
+                if let Some(v) = fields.get_mut(k) {
+                    let v: &mut String = v;
+                    v.push('\n');
+                    v.push_str(line.trim());
+                }
+            }
+            continue;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            fields.insert(k.to_owned(), v.trim().to_owned());
+            last = Some(k.to_owned());
+        }
+    }
+    fields
+}
+
+fn kernel_from_depends(depends: &str) -> Option<String> {
+    depends
+        .split(',')
+        .flat_map(|alt| alt.split('|'))
+        .map(|d| d.split_whitespace().next().unwrap_or(""))
+        .find(|d| d.starts_with("linux-image-"))
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stanza_parsing_takes_first_and_joins_continuations() {
+        let text = "Package: a\nVersion: 1:2.0-1\nDescription: x\n more\nSHA256: ab\n\nPackage: b\n";
+        let s = parse_stanza(text);
+        assert_eq!(s["Package"], "a");
+        assert_eq!(s["Version"], "1:2.0-1");
+        assert_eq!(s["Description"], "x\nmore");
+        assert_eq!(s["SHA256"], "ab");
+    }
+
+    #[test]
+    fn kernel_metapackage_resolution() {
+        assert_eq!(
+            kernel_from_depends("linux-image-6.12.117+deb13-amd64 (= 6.12.117-1)"),
+            Some("linux-image-6.12.117+deb13-amd64".into())
+        );
+        assert_eq!(
+            kernel_from_depends("foo, linux-image-6.1.0-1-amd64"),
+            Some("linux-image-6.1.0-1-amd64".into())
+        );
+        assert_eq!(kernel_from_depends("libc6 (>= 2)"), None);
+    }
+}

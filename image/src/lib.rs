@@ -1,0 +1,19 @@
+//! qimage: composes Debian packages and the workspace's binaries into dom0
+//! slot images and a bootable GPT disk.
+//!
+//! The file tree follows the build: [`profile`] says what goes in, [`apt`]
+//! fetches it, [`packages`] and [`elf`] pick files and their libraries,
+//! [`kmod`] resolves kernel modules, [`rootfs`] lays out the root tree,
+//! [`cpio`] writes the initramfs, [`fsimage`] makes filesystems, [`grub`]
+//! the boot loader configuration, and [`pipeline`] runs it all.
+
+pub mod apt;
+pub mod cpio;
+pub mod elf;
+pub mod fsimage;
+pub mod grub;
+pub mod kmod;
+pub mod packages;
+pub mod pipeline;
+pub mod profile;
+pub mod rootfs;

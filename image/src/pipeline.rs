@@ -1,0 +1,496 @@
+//! The whole build of one profile: packages → root tree → verity root →
+//! initramfs → boot partition → ESP → GPT disk.
+//!
+//! Everything is written into a temporary directory beside the output and
+//! renamed into place at the end, so a failed build never leaves a partial
+//! image where a good one is expected.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::apt::PrivateApt;
+use crate::cpio::CpioWriter;
+use crate::elf;
+use crate::fsimage;
+use crate::grub;
+use crate::kmod::{self, KernelModules, Module};
+use crate::packages::{PackageSet, Unpacked};
+use crate::profile::{self, Profile};
+use crate::rootfs::RootTree;
+
+/// Inputs of a build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub profile: PathBuf,
+    /// Repository root; profile paths are relative to it.
+    pub source_dir: PathBuf,
+    /// Final output directory (`target/images/<profile>`).
+    pub out_dir: PathBuf,
+    /// Package cache shared between builds (`~/.cache/qubes-dom0`).
+    pub cache_dir: PathBuf,
+    /// Where the workspace's static binaries are.
+    pub bin_dir: PathBuf,
+    /// Fixed timestamp for every file and filesystem.
+    pub epoch: u64,
+    /// Refresh apt's package lists.
+    pub refresh: bool,
+}
+
+/// What a build produced.
+#[derive(Debug)]
+pub struct BuildOutput {
+    pub profile: Profile,
+    pub artifacts: Vec<(String, u64)>,
+    pub root_hash: String,
+    pub kernel_version: String,
+}
+
+/// File names inside the output directory (a contract with xtask/tests).
+pub const DISK_IMAGE: &str = "disk.img";
+pub const ROOT_IMAGE: &str = "root.img";
+pub const BOOT_IMAGE: &str = "boot.img";
+
+/// The early modules' load list inside the initramfs.
+pub const EARLY_MODULE_LIST: &str = "/etc/qinit/modules.early";
+/// The dom0 modules' load list inside the root.
+pub const DOM0_MODULE_LIST: &str = "/etc/qinit/modules.dom0";
+/// The root's verity parameters inside the initramfs.
+pub const VERITY_PARAMS: &str = "/etc/qinit/root.verity";
+/// Image identity, in both the initramfs and the root.
+pub const IMAGE_INFO: &str = "/etc/qinit/image";
+
+pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
+    let profile = profile::load(&opts.profile)?;
+    let name = profile.image.name.clone();
+    let staging = opts
+        .out_dir
+        .with_file_name(format!(".{name}.partial"));
+    if staging.exists() {
+        fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    }
+    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let work = opts.cache_dir.join("work").join(&name);
+    fs::create_dir_all(&work)?;
+
+    // Packages.
+    let apt = PrivateApt::new(&opts.cache_dir, &profile.debian)?;
+    apt.update(opts.refresh)?;
+    let kernel_pkg = apt.resolve_kernel(&profile.boot.kernel_package)?;
+    let mut names = profile.debian.packages.clone();
+    for extra in [
+        &kernel_pkg,
+        &profile.boot.xen.package,
+        &profile.boot.grub_package,
+    ] {
+        if !names.contains(extra) {
+            names.push(extra.clone());
+        }
+    }
+    let infos = apt.show(&names, "debian.packages")?;
+    let fetched = apt.fetch(&infos)?;
+    let mut unpacked = Vec::new();
+    for f in &fetched {
+        unpacked.push(Unpacked {
+            name: f.info.name.clone(),
+            version: f.info.version.clone(),
+            sha256: f.info.sha256.clone(),
+            root: apt.extract(f)?,
+        });
+    }
+    let set = PackageSet::new(unpacked);
+
+    // Kernel.
+    let kernel_root = set
+        .packages()
+        .iter()
+        .find(|p| p.name == kernel_pkg)
+        .map(|p| p.root.clone())
+        .context("kernel package vanished")?;
+    let kver = single_subdir(&kernel_root.join("usr/lib/modules"))
+        .with_context(|| format!("{kernel_pkg}: finding the module directory"))?;
+    let vmlinuz = kernel_root.join(format!("boot/vmlinuz-{kver}"));
+    let kmods = KernelModules::open(&kernel_root.join("usr/lib/modules").join(&kver))?;
+    let early = resolve_modules(&kmods, &opts.source_dir, &profile.modules.early, &BTreeSet::new())?;
+    let early_names: BTreeSet<String> = early.iter().map(|m| m.name.clone()).collect();
+    let dom0 = resolve_modules(&kmods, &opts.source_dir, &profile.modules.dom0, &early_names)?;
+
+    // Root tree.
+    let tree_dir = work.join("rootfs");
+    let mut tree = RootTree::create(&tree_dir)?;
+    let mut roots = Vec::new();
+    for (i, f) in profile.root.files.iter().enumerate() {
+        roots.push(set.locate(f, &format!("root.files[{i}]"))?);
+    }
+    for located in elf::closure(&set, &roots)?.values() {
+        tree.add_located(located)?;
+    }
+    for (link, target) in &profile.root.links {
+        tree.symlink(link, target, "profile root.links")?;
+    }
+    for d in &profile.root.dirs {
+        tree.mkdir(d)?;
+    }
+    for b in &profile.root.binaries {
+        tree.add_binary(b, &opts.bin_dir)?;
+    }
+    for ov in &profile.root.overlays {
+        tree.add_overlay(&opts.source_dir.join(ov))?;
+    }
+    tree.add_modules(&kver, &dom0, DOM0_MODULE_LIST)?;
+    let info = image_info(&profile, &kver, opts.epoch);
+    tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
+    tree.write(
+        "/etc/os-release",
+        0o644,
+        format!(
+            "NAME=\"Qubes dom0 appliance\"\nID=qubes-dom0-appliance\nVERSION_ID={}\nVARIANT_ID={}\n",
+            profile.image.version, profile.image.name
+        )
+        .as_bytes(),
+        "generated",
+    )?;
+    tree.write("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n", "generated")?;
+    tree.write("/etc/group", 0o644, b"root:x:0:\n", "generated")?;
+
+    // Root image with its verity tree.
+    let root_img = staging.join(ROOT_IMAGE);
+    fsimage::squashfs(&tree_dir, &root_img, opts.epoch)?;
+    let squashfs_size = fs::metadata(&root_img)?.len();
+    let ids = Ids::new(&profile);
+    let params = verity::VerityParams::new(ids.verity_salt.to_vec(), ids.verity_uuid)?;
+    let vinfo = verity::append_tree(&root_img, &params)?;
+    let root_size = fs::metadata(&root_img)?.len();
+    let root_cap = profile.disk.root_mib << 20;
+    if root_size > root_cap {
+        return Err(fsimage::FsImageError::TooBig {
+            image: root_img,
+            used: root_size,
+            capacity: root_cap,
+        })
+        .context("profile field disk.root_mib is too small");
+    }
+
+    // Initramfs.
+    let initrd = work.join("initrd.gz");
+    let qinit = opts.bin_dir.join("qinit");
+    let qinit_bytes =
+        fs::read(&qinit).with_context(|| format!("reading {} (build qinit first)", qinit.display()))?;
+    let verity_text = format!(
+        "data_blocks={}\ndata_block_size={}\nhash_block_size={}\nhash_start_block={}\nalgorithm=sha256\nroot_hash={}\nsalt={}\n",
+        vinfo.data_blocks,
+        vinfo.data_block_size,
+        vinfo.hash_block_size,
+        vinfo.hash_start_block,
+        vinfo.root_hash_hex(),
+        hex::encode(&vinfo.salt),
+    );
+    write_initramfs(&initrd, opts.epoch, &qinit_bytes, &kver, &early, &verity_text, &info)?;
+
+    // Boot partition.
+    let xen = set.locate(&profile.boot.xen.path, "boot.xen.path")?;
+    let xen_cmdline_path = opts.source_dir.join(&profile.boot.xen_cmdline);
+    let xen_cmdline = fs::read_to_string(&xen_cmdline_path)
+        .with_context(|| format!("reading boot.xen_cmdline {}", xen_cmdline_path.display()))?;
+    let xen_cmdline = one_line(&xen_cmdline)
+        .with_context(|| format!("boot.xen_cmdline {}", xen_cmdline_path.display()))?;
+    let boot_cfg = work.join("boot.cfg");
+    fs::write(
+        &boot_cfg,
+        grub::slot_config(&profile.image.version, &xen_cmdline, &profile.boot.kernel_cmdline),
+    )?;
+    let boot_img = staging.join(BOOT_IMAGE);
+    fsimage::fat(
+        &boot_img,
+        profile.disk.boot_mib,
+        "BOOT",
+        ids.boot_volid,
+        &[
+            ("/xen.gz".into(), xen.host_path.clone()),
+            ("/vmlinuz".into(), vmlinuz),
+            ("/initrd.gz".into(), initrd.clone()),
+            ("/boot.cfg".into(), boot_cfg),
+        ],
+        opts.epoch,
+    )?;
+
+    // ESP.
+    let grub_root = set
+        .packages()
+        .iter()
+        .find(|p| p.name == profile.boot.grub_package)
+        .map(|p| p.root.join("usr/lib/grub/x86_64-efi"))
+        .context("grub package vanished")?;
+    let efi = work.join("BOOTX64.EFI");
+    grub::make_efi(&grub_root, &profile.boot.grub_modules, &efi)?;
+    let grub_cfg = work.join("grub.cfg");
+    fs::write(&grub_cfg, grub::esp_config(profile.boot.grub_timeout))?;
+    let grubenv_path = work.join("grubenv");
+    let mut env = grubenv::Env::new();
+    grubenv::BootState::initial().apply_to(&mut env)?;
+    if grubenv_path.exists() {
+        fs::remove_file(&grubenv_path)?;
+    }
+    env.store_new(&grubenv_path)?;
+    let esp_img = work.join("esp.img");
+    fsimage::fat(
+        &esp_img,
+        profile.disk.esp_mib,
+        "ESP",
+        ids.esp_volid,
+        &[
+            (format!("{}/BOOTX64.EFI", grub::ESP_DIR), efi),
+            (format!("{}/grub.cfg", grub::ESP_DIR), grub_cfg),
+            (format!("{}/grubenv", grub::ESP_DIR), grubenv_path),
+        ],
+        opts.epoch,
+    )?;
+
+    // Data partition.
+    let data_tree = work.join("data");
+    if data_tree.exists() {
+        fs::remove_dir_all(&data_tree)?;
+    }
+    for d in ["lib/xen", "lib/xenstored", "log/xen", "lib/qupdate"] {
+        fs::create_dir_all(data_tree.join(d))?;
+    }
+    let data_img = work.join("data.img");
+    fsimage::ext4(
+        &data_img,
+        profile.disk.data_mib,
+        "data",
+        &ids.data_uuid,
+        &data_tree,
+        opts.epoch,
+    )?;
+
+    // Disk.
+    let disk = staging.join(DISK_IMAGE);
+    assemble_disk(&disk, &profile, &ids, &esp_img, &boot_img, &root_img, &data_img)?;
+
+    fs::copy(&initrd, staging.join("initrd.gz"))?;
+    let mut artifacts = Vec::new();
+    for f in [DISK_IMAGE, BOOT_IMAGE, ROOT_IMAGE, "initrd.gz"] {
+        artifacts.push((f.to_owned(), fs::metadata(staging.join(f))?.len()));
+    }
+    artifacts.push(("root.squashfs (in root.img)".into(), squashfs_size));
+    let summary: String = artifacts
+        .iter()
+        .map(|(n, s)| format!("{n}\t{s}\n"))
+        .collect::<String>()
+        + &format!("root_hash\t{}\nkernel\t{kver}\n", vinfo.root_hash_hex());
+    fs::write(staging.join("summary.txt"), summary)?;
+
+    if opts.out_dir.exists() {
+        fs::remove_dir_all(&opts.out_dir)
+            .with_context(|| format!("removing old {}", opts.out_dir.display()))?;
+    }
+    fs::rename(&staging, &opts.out_dir)
+        .with_context(|| format!("moving the build into {}", opts.out_dir.display()))?;
+    Ok(BuildOutput {
+        profile,
+        artifacts,
+        root_hash: vinfo.root_hash_hex(),
+        kernel_version: kver,
+    })
+}
+
+/// Identifiers derived from the profile so rebuilding gives the same bytes.
+struct Ids {
+    verity_salt: [u8; 32],
+    verity_uuid: [u8; 16],
+    esp_volid: u32,
+    boot_volid: u32,
+    data_uuid: String,
+    namespace: String,
+}
+
+impl Ids {
+    fn new(p: &Profile) -> Self {
+        let namespace = format!("{}/{}/{}", p.image.compatible, p.image.name, p.image.version);
+        let h = |what: &str| -> [u8; 32] {
+            let mut d = Sha256::new();
+            d.update(namespace.as_bytes());
+            d.update([0]);
+            d.update(what.as_bytes());
+            d.finalize().into()
+        };
+        let mut verity_uuid = [0u8; 16];
+        verity_uuid.copy_from_slice(&h("verity-uuid")[..16]);
+        let vol = |what: &str| {
+            let b = h(what);
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        };
+        let data_uuid = gpt::Guid::derive(&namespace, "data-fs").to_string().to_lowercase();
+        Self {
+            verity_salt: h("verity-salt"),
+            verity_uuid,
+            esp_volid: vol("esp"),
+            boot_volid: vol("boot"),
+            data_uuid,
+            namespace,
+        }
+    }
+}
+
+fn image_info(p: &Profile, kver: &str, epoch: u64) -> String {
+    format!(
+        "name={}\nversion={}\ncompatible={}\nkernel={kver}\nbuild_epoch={epoch}\nproduction={}\n",
+        p.image.name, p.image.version, p.image.compatible, p.image.production
+    )
+}
+
+fn one_line(text: &str) -> Result<String> {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    match lines.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        _ => bail!("expected exactly one non-comment line, found {}", lines.len()),
+    }
+}
+
+fn single_subdir(dir: &Path) -> Result<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    match names.len() {
+        1 => Ok(names.remove(0)),
+        n => bail!("{}: expected one kernel version directory, found {n}", dir.display()),
+    }
+}
+
+fn resolve_modules(
+    kmods: &KernelModules,
+    source_dir: &Path,
+    lists: &[PathBuf],
+    skip: &BTreeSet<String>,
+) -> Result<Vec<Module>> {
+    let mut parsed = Vec::new();
+    for l in lists {
+        let path = source_dir.join(l);
+        parsed.push((path.clone(), kmod::read_list(&path)?));
+    }
+    Ok(kmods.resolve(&parsed, skip)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_initramfs(
+    out: &Path,
+    epoch: u64,
+    qinit: &[u8],
+    kver: &str,
+    early: &[Module],
+    verity_text: &str,
+    info: &str,
+) -> Result<()> {
+    let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit cpio's 32-bit mtime")?;
+    let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(file, flate2::Compression::best());
+    let mut w = CpioWriter::new(gz, mtime);
+    for d in ["dev", "proc", "sys", "run", "newroot", "etc", "etc/qinit", "usr", "usr/lib", "usr/lib/modules"] {
+        w.dir(d, 0o755)?;
+    }
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.file("init", 0o755, qinit)?;
+    let mut dirs: BTreeSet<String> = BTreeSet::new();
+    let mut list = String::new();
+    for m in early {
+        let rel = format!("usr/lib/modules/{kver}/{}", m.rel_path);
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(part);
+            if acc.matches('/').count() >= 3 && dirs.insert(acc.clone()) {
+                w.dir(&acc, 0o755)?;
+            }
+        }
+        w.file(&rel, 0o644, &m.data)?;
+        list.push('/');
+        list.push_str(&rel);
+        list.push('\n');
+    }
+    w.file(EARLY_MODULE_LIST.trim_start_matches('/'), 0o644, list.as_bytes())?;
+    w.file(VERITY_PARAMS.trim_start_matches('/'), 0o644, verity_text.as_bytes())?;
+    w.file(IMAGE_INFO.trim_start_matches('/'), 0o644, info.as_bytes())?;
+    let gz = w.finish()?;
+    let file = gz.finish()?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn assemble_disk(
+    disk: &Path,
+    p: &Profile,
+    ids: &Ids,
+    esp: &Path,
+    boot: &Path,
+    root: &Path,
+    data: &Path,
+) -> Result<()> {
+    let mib = |n: u64| n << 20;
+    let layout = gpt::Layout::new()
+        .add("esp", gpt::Guid::ESP, mib(p.disk.esp_mib))
+        .add("boot_a", gpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
+        .add("root_a", gpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
+        .add("boot_b", gpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
+        .add("root_b", gpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
+        .add("data", gpt::Guid::LINUX_DATA, mib(p.disk.data_mib));
+    let plan = layout.plan(gpt::Guid::derive(&ids.namespace, "disk"), |name| {
+        gpt::Guid::derive(&ids.namespace, name)
+    })?;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("creating {}", disk.display()))?;
+    gpt::write_tables(&mut f, &plan)?;
+    for (name, src) in [("esp", esp), ("boot_a", boot), ("root_a", root), ("data", data)] {
+        let part = plan
+            .partitions
+            .iter()
+            .find(|x| x.name == name)
+            .with_context(|| format!("partition {name} missing from the plan"))?;
+        let bytes = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+        if bytes.len() as u64 > part.size() {
+            bail!(
+                "{} ({} bytes) does not fit partition {name} ({} bytes)",
+                src.display(),
+                bytes.len(),
+                part.size()
+            );
+        }
+        f.seek(SeekFrom::Start(part.offset()))?;
+        f.write_all(&bytes)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_accepts_comments() {
+        assert_eq!(one_line("# c\n\n console=com1 \n").unwrap(), "console=com1");
+        assert!(one_line("a\nb\n").is_err());
+        assert!(one_line("# only\n").is_err());
+    }
+}

@@ -1,0 +1,508 @@
+//! Image profiles: the declarative description of what goes into a dom0 image.
+//!
+//! A profile is a TOML file under `image/profiles/`. It may `extends` another
+//! profile of the same directory; tables merge key by key, lists are appended
+//! (the child adds packages, files, overlays) and scalars are replaced. Paths
+//! that point into the source tree are relative to the repository root.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a profile could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("profile {path}: cannot read")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("profile {path}: TOML syntax")]
+    Syntax {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("profile {path}: {message}")]
+    Schema { path: PathBuf, message: String },
+    #[error("profile {path}: field `{field}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("profile {path}: `extends` chain is deeper than {max} (a cycle?)")]
+    ExtendsTooDeep { path: PathBuf, max: usize },
+}
+
+/// A fully merged and validated profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Only meaningful in the file; resolved by [`load`].
+    #[serde(default)]
+    pub extends: Option<String>,
+    pub image: ImageSection,
+    pub debian: DebianSection,
+    pub boot: BootSection,
+    pub modules: ModulesSection,
+    pub root: RootSection,
+    pub disk: DiskSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    /// Profile name, also the output directory name.
+    pub name: String,
+    /// The image version printed in the ready marker.
+    pub version: String,
+    /// Product string an update bundle must carry to be installed.
+    pub compatible: String,
+    /// Production images carry no shell and no debug switches.
+    #[serde(default)]
+    pub production: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebianSection {
+    pub suite: String,
+    pub mirror: String,
+    #[serde(default = "default_components")]
+    pub components: Vec<String>,
+    /// The archive keyring apt checks the Release signatures against.
+    pub keyring: PathBuf,
+    /// Exact binary package names to fetch. Files are picked from these only.
+    pub packages: Vec<String>,
+}
+
+fn default_components() -> Vec<String> {
+    vec!["main".to_owned()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSection {
+    /// Package and path of the compressed Xen image.
+    pub xen: PackageFile,
+    /// The kernel metapackage (e.g. `linux-image-amd64`); resolved to the
+    /// versioned image package it depends on.
+    pub kernel_package: String,
+    /// The package whose `/usr/lib/grub/x86_64-efi` modules make the EFI image.
+    pub grub_package: String,
+    /// File holding Xen's command line (one line), repository relative.
+    pub xen_cmdline: PathBuf,
+    /// dom0 kernel command line; qinit.slot is appended per slot.
+    pub kernel_cmdline: String,
+    /// GRUB modules built into the EFI image.
+    pub grub_modules: Vec<String>,
+    /// Seconds GRUB waits (0 in CI images).
+    #[serde(default)]
+    pub grub_timeout: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageFile {
+    pub package: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModulesSection {
+    /// Module list files loaded by stage 1 (initramfs), repository relative.
+    pub early: Vec<PathBuf>,
+    /// Module list files loaded by stage 2 (the root).
+    pub dom0: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootSection {
+    /// Absolute paths of files taken from the fetched packages.
+    pub files: Vec<String>,
+    /// Symbolic links to create: link path -> target.
+    #[serde(default)]
+    pub links: BTreeMap<String, String>,
+    /// Directories copied over the root (service definitions, config).
+    #[serde(default)]
+    pub overlays: Vec<PathBuf>,
+    /// Workspace binaries installed in /usr/sbin.
+    pub binaries: Vec<String>,
+    /// Empty directories to create.
+    #[serde(default)]
+    pub dirs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSection {
+    pub esp_mib: u64,
+    pub boot_mib: u64,
+    pub root_mib: u64,
+    pub data_mib: u64,
+}
+
+const MAX_EXTENDS_DEPTH: usize = 4;
+
+/// Loads `path`, resolving `extends` against the same directory.
+pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+    let merged = load_merged(path, 0)?;
+    let profile: Profile =
+        Profile::deserialize(merged).map_err(|e: toml::de::Error| ProfileError::Schema {
+            path: path.to_owned(),
+            message: e.message().trim().to_owned(),
+        })?;
+    profile.validate(path)?;
+    Ok(profile)
+}
+
+/// Parses a profile from text, for tests and fuzzing (no `extends`).
+pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
+    let table: toml::Table = text.parse().map_err(|source| ProfileError::Syntax {
+        path: path.to_owned(),
+        source,
+    })?;
+    let profile = Profile::deserialize(toml::Value::Table(table)).map_err(
+        |e: toml::de::Error| ProfileError::Schema {
+            path: path.to_owned(),
+            message: e.message().trim().to_owned(),
+        },
+    )?;
+    profile.validate(path)?;
+    Ok(profile)
+}
+
+fn load_merged(path: &Path, depth: usize) -> Result<toml::Value, ProfileError> {
+    if depth > MAX_EXTENDS_DEPTH {
+        return Err(ProfileError::ExtendsTooDeep {
+            path: path.to_owned(),
+            max: MAX_EXTENDS_DEPTH,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut table: toml::Table = text.parse().map_err(|source| ProfileError::Syntax {
+        path: path.to_owned(),
+        source,
+    })?;
+    let Some(parent) = table.remove("extends") else {
+        return Ok(toml::Value::Table(table));
+    };
+    let Some(parent_name) = parent.as_str() else {
+        return Err(ProfileError::Invalid {
+            path: path.to_owned(),
+            field: "extends".into(),
+            reason: "must be a profile name string".into(),
+        });
+    };
+    if parent_name.contains('/') || parent_name.is_empty() {
+        return Err(ProfileError::Invalid {
+            path: path.to_owned(),
+            field: "extends".into(),
+            reason: format!("`{parent_name}` is not a profile name in the same directory"),
+        });
+    }
+    let parent_path = path
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("{parent_name}.toml"));
+    let mut base = load_merged(&parent_path, depth + 1)?;
+    merge(&mut base, toml::Value::Table(table));
+    Ok(base)
+}
+
+/// Tables merge recursively, arrays append, everything else is replaced.
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (toml::Value::Array(b), toml::Value::Array(o)) => b.extend(o),
+        (b, o) => *b = o,
+    }
+}
+
+impl Profile {
+    fn validate(&self, path: &Path) -> Result<(), ProfileError> {
+        let invalid = |field: &str, reason: String| ProfileError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            reason,
+        };
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        };
+        if !name_ok(&self.image.name) {
+            return Err(invalid(
+                "image.name",
+                format!("`{}` must be non-empty [A-Za-z0-9._+-]", self.image.name),
+            ));
+        }
+        if !name_ok(&self.image.version) {
+            return Err(invalid(
+                "image.version",
+                format!("`{}` must be non-empty [A-Za-z0-9._+-]", self.image.version),
+            ));
+        }
+        if !name_ok(&self.image.compatible) {
+            return Err(invalid(
+                "image.compatible",
+                format!("`{}` must be non-empty [A-Za-z0-9._+-]", self.image.compatible),
+            ));
+        }
+        if self.debian.packages.is_empty() {
+            return Err(invalid("debian.packages", "is empty".into()));
+        }
+        for (i, p) in self.debian.packages.iter().enumerate() {
+            if !is_package_name(p) {
+                return Err(invalid(
+                    &format!("debian.packages[{i}]"),
+                    format!("`{p}` is not a Debian package name"),
+                ));
+            }
+        }
+        if !is_package_name(&self.boot.kernel_package) {
+            return Err(invalid(
+                "boot.kernel_package",
+                format!("`{}` is not a Debian package name", self.boot.kernel_package),
+            ));
+        }
+        if !is_package_name(&self.boot.grub_package) {
+            return Err(invalid(
+                "boot.grub_package",
+                format!("`{}` is not a Debian package name", self.boot.grub_package),
+            ));
+        }
+        for (i, f) in self.root.files.iter().enumerate() {
+            check_abs(f).map_err(|r| invalid(&format!("root.files[{i}]"), r))?;
+        }
+        for (i, d) in self.root.dirs.iter().enumerate() {
+            check_abs(d).map_err(|r| invalid(&format!("root.dirs[{i}]"), r))?;
+        }
+        for link in self.root.links.keys() {
+            check_abs(link).map_err(|r| invalid(&format!("root.links.\"{link}\""), r))?;
+        }
+        check_abs(&self.boot.xen.path).map_err(|r| invalid("boot.xen.path", r))?;
+        for (i, b) in self.root.binaries.iter().enumerate() {
+            if !name_ok(b) {
+                return Err(invalid(
+                    &format!("root.binaries[{i}]"),
+                    format!("`{b}` is not a binary name"),
+                ));
+            }
+        }
+        if self.boot.kernel_cmdline.contains('\n') {
+            return Err(invalid("boot.kernel_cmdline", "contains a newline".into()));
+        }
+        for (field, v) in [
+            ("disk.esp_mib", self.disk.esp_mib),
+            ("disk.boot_mib", self.disk.boot_mib),
+            ("disk.root_mib", self.disk.root_mib),
+            ("disk.data_mib", self.disk.data_mib),
+        ] {
+            if v == 0 || v > 64 * 1024 {
+                return Err(invalid(field, format!("{v} is not in 1..=65536 MiB")));
+            }
+        }
+        if self.disk.esp_mib < 33 {
+            // FAT32 needs at least 65525 clusters; firmware is happiest with FAT32.
+            return Err(invalid(
+                "disk.esp_mib",
+                format!("{} MiB is too small for FAT32 (min 33)", self.disk.esp_mib),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn is_package_name(p: &str) -> bool {
+    p.len() >= 2
+        && p.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+        && p.starts_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn check_abs(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("`{p}` must be an absolute path"));
+    }
+    if p.split('/').any(|c| c == "..") {
+        return Err(format!("`{p}` must not contain `..`"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[image]
+name = "t"
+version = "1.0"
+compatible = "dom0-x86_64"
+
+[debian]
+suite = "trixie"
+mirror = "http://deb.debian.org/debian"
+keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+packages = ["libc6", "xen-utils-4.20"]
+
+[boot]
+xen = { package = "xen-hypervisor-4.20-amd64", path = "/boot/xen-4.20-amd64.gz" }
+kernel_package = "linux-image-amd64"
+grub_package = "grub-efi-amd64-bin"
+xen_cmdline = "xen/qemu.cmdline"
+kernel_cmdline = "console=hvc0"
+grub_modules = ["part_gpt"]
+
+[modules]
+early = ["kernel-config/early.list"]
+dom0 = []
+
+[root]
+files = ["/usr/lib/xen-4.20/bin/xenstored"]
+binaries = ["qinit"]
+
+[disk]
+esp_mib = 40
+boot_mib = 64
+root_mib = 128
+data_mib = 64
+"#;
+
+    fn parse_str(s: &str) -> Result<Profile, ProfileError> {
+        parse(Path::new("t.toml"), s)
+    }
+
+    #[test]
+    fn good_profile_parses() {
+        let p = parse_str(GOOD).unwrap();
+        assert_eq!(p.image.name, "t");
+        assert_eq!(p.debian.components, vec!["main"]);
+        assert!(!p.image.production);
+    }
+
+    fn field_of(err: ProfileError) -> String {
+        match err {
+            ProfileError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_fields_are_named() {
+        let cases = [
+            ("name = \"t\"", "name = \"\"", "image.name"),
+            ("version = \"1.0\"", "version = \"1 0\"", "image.version"),
+            (
+                "packages = [\"libc6\", \"xen-utils-4.20\"]",
+                "packages = [\"libc6\", \"Bad Name\"]",
+                "debian.packages[1]",
+            ),
+            ("packages = [\"libc6\", \"xen-utils-4.20\"]", "packages = []", "debian.packages"),
+            (
+                "files = [\"/usr/lib/xen-4.20/bin/xenstored\"]",
+                "files = [\"usr/lib/x\"]",
+                "root.files[0]",
+            ),
+            (
+                "files = [\"/usr/lib/xen-4.20/bin/xenstored\"]",
+                "files = [\"/usr/../etc/shadow\"]",
+                "root.files[0]",
+            ),
+            ("esp_mib = 40", "esp_mib = 8", "disk.esp_mib"),
+            ("root_mib = 128", "root_mib = 0", "disk.root_mib"),
+            ("binaries = [\"qinit\"]", "binaries = [\"../x\"]", "root.binaries[0]"),
+        ];
+        for (from, to, field) in cases {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD, "case {field} did not change the text");
+            assert_eq!(field_of(parse_str(&text).unwrap_err()), field, "{to}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_a_schema_error_naming_it() {
+        let text = GOOD.replace("[disk]", "[disk]\nswap_mib = 3");
+        match parse_str(&text).unwrap_err() {
+            ProfileError::Schema { message, path } => {
+                assert!(message.contains("swap_mib"), "{message}");
+                assert_eq!(path, Path::new("t.toml"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_section_is_a_schema_error() {
+        let text = GOOD.replace("[disk]", "[disks]");
+        assert!(matches!(
+            parse_str(&text).unwrap_err(),
+            ProfileError::Schema { .. }
+        ));
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        assert!(matches!(
+            parse_str("[image\nname=").unwrap_err(),
+            ProfileError::Syntax { .. }
+        ));
+    }
+
+    #[test]
+    fn extends_appends_lists_and_replaces_scalars() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.toml"), GOOD).unwrap();
+        std::fs::write(
+            dir.path().join("child.toml"),
+            "extends = \"base\"\n[image]\nname = \"child\"\n[debian]\npackages = [\"busybox-static\"]\n",
+        )
+        .unwrap();
+        let p = load(&dir.path().join("child.toml")).unwrap();
+        assert_eq!(p.image.name, "child");
+        assert_eq!(p.image.version, "1.0");
+        assert_eq!(
+            p.debian.packages,
+            vec!["libc6", "xen-utils-4.20", "busybox-static"]
+        );
+    }
+
+    #[test]
+    fn extends_cycle_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), "extends = \"b\"\n").unwrap();
+        std::fs::write(dir.path().join("b.toml"), "extends = \"a\"\n").unwrap();
+        assert!(matches!(
+            load(&dir.path().join("a.toml")).unwrap_err(),
+            ProfileError::ExtendsTooDeep { .. }
+        ));
+    }
+
+    #[test]
+    fn extends_must_be_a_local_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), "extends = \"../etc/x\"\n").unwrap();
+        assert_eq!(
+            field_of(load(&dir.path().join("a.toml")).unwrap_err()),
+            "extends"
+        );
+    }
+}

@@ -1,0 +1,127 @@
+//! Logging to the kernel log, so one `dmesg` or serial capture tells the
+//! whole boot, and the console markers tests and the lab wait for.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::sync::Mutex;
+
+/// A `log` backend writing `<prio>qinit: message` records to /dev/kmsg.
+/// Falls back to stderr when /dev/kmsg cannot be opened (host tests).
+#[derive(Debug)]
+pub struct KmsgLogger {
+    prefix: &'static str,
+    kmsg: Mutex<Option<File>>,
+}
+
+/// Kernel log priority for a `log` level. Informational lines use NOTICE
+/// so the appliance's `loglevel=6` shows them on the console while the
+/// kernel's own INFO chatter stays in the ring buffer.
+pub fn priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 5,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
+}
+
+/// Formats one kmsg record. The kernel splits records on newlines, so
+/// embedded newlines are replaced to keep one event per record.
+pub fn format_record(prio: u8, prefix: &str, msg: &str) -> String {
+    let clean: String = msg
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
+    format!("<{prio}>{prefix}: {clean}\n")
+}
+
+impl KmsgLogger {
+    /// Installs the logger as the global `log` backend.
+    pub fn install(prefix: &'static str, level: log::LevelFilter) {
+        let kmsg = OpenOptions::new().write(true).open("/dev/kmsg").ok();
+        let logger = Box::new(KmsgLogger {
+            prefix,
+            kmsg: Mutex::new(kmsg),
+        });
+        if log::set_boxed_logger(logger).is_ok() {
+            log::set_max_level(level);
+        }
+    }
+
+    /// Re-opens /dev/kmsg, e.g. after /dev was mounted.
+    pub fn reopen() {
+        log::logger().flush();
+    }
+
+    fn write_line(&self, prio: u8, msg: &str) {
+        let rec = format_record(prio, self.prefix, msg);
+        let Ok(mut guard) = self.kmsg.lock() else {
+            return;
+        };
+        if guard.is_none() {
+            *guard = OpenOptions::new().write(true).open("/dev/kmsg").ok();
+        }
+        let wrote = guard
+            .as_mut()
+            .map(|f| f.write_all(rec.as_bytes()).is_ok())
+            .unwrap_or(false);
+        if !wrote {
+            eprint!("{}", &rec[3..]);
+        }
+    }
+}
+
+impl log::Log for KmsgLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            self.write_line(priority(record.level()), &record.args().to_string());
+        }
+    }
+
+    /// Used as "reopen": a logger installed before /dev existed retries.
+    fn flush(&self) {
+        if let Ok(mut g) = self.kmsg.lock() {
+            if g.is_none() {
+                *g = OpenOptions::new().write(true).open("/dev/kmsg").ok();
+            }
+        }
+    }
+}
+
+/// Writes a contract marker line to the console (stdout, which the kernel
+/// gave PID 1) and to the kernel log, whatever the console log level.
+pub fn marker(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    if let Ok(mut f) = OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = f.write_all(format_record(2, "qinit", line).as_bytes());
+    }
+}
+
+/// Writes a service's output line to the kernel log under its own prefix.
+pub fn service_line(kmsg: &mut Option<File>, service: &str, line: &str) {
+    let rec = format_record(5, service, line);
+    match kmsg {
+        Some(f) => {
+            let _ = f.write_all(rec.as_bytes());
+        }
+        None => eprint!("{}", &rec[3..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_single_lines_with_priority() {
+        assert_eq!(format_record(5, "qinit", "a\nb"), "<5>qinit: a b\n");
+        assert_eq!(priority(log::Level::Error), 3);
+        assert_eq!(priority(log::Level::Info), 5);
+    }
+}

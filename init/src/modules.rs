@@ -1,0 +1,82 @@
+//! Loading kernel modules in the order qimage resolved at build time.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::kmod::{finit_module, ModuleInitFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error("{path}: cannot read module list")]
+    List {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot open module")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: finit_module")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+}
+
+/// Reads a list of absolute module paths, one per line.
+pub fn read_list(path: &Path) -> Result<Vec<PathBuf>, ModuleError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModuleError::List {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(PathBuf::from)
+        .collect())
+}
+
+/// Loads one module; a module that is already loaded is fine.
+pub fn load(path: &Path) -> Result<(), ModuleError> {
+    let f = File::open(path).map_err(|source| ModuleError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    match finit_module(&f, c"", ModuleInitFlags::empty()) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(source) => Err(ModuleError::Load {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Loads every module of a list, in order; stops at the first failure.
+pub fn load_list(list: &Path) -> Result<usize, ModuleError> {
+    let mods = read_list(list)?;
+    for m in &mods {
+        load(m)?;
+    }
+    Ok(mods.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_parsing() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "/a.ko\n\n# c\n /b.ko \n").unwrap();
+        assert_eq!(
+            read_list(f.path()).unwrap(),
+            vec![PathBuf::from("/a.ko"), PathBuf::from("/b.ko")]
+        );
+    }
+}

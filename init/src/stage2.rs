@@ -1,0 +1,161 @@
+//! Stage 2, PID 1 in the verified root: mount what Xen needs, load the
+//! backend modules, supervise the services, announce readiness.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rustix::mount::MountFlags;
+
+use crate::cmdline::{Cmdline, OnFailure, Slot};
+use crate::kmsg::marker;
+use crate::mounts;
+use crate::services;
+use crate::supervisor::{Hooks, Shutdown, Supervisor};
+
+pub const DOM0_MODULES: &str = "/etc/qinit/modules.dom0";
+pub const IMAGE_INFO: &str = "/etc/qinit/image";
+pub const NOTIFY_DIR: &str = "/run/qinit/notify";
+
+/// Directories on the volatile /run and the persistent /var that Xen's
+/// daemons expect to exist.
+const RUNTIME_DIRS: &[&str] = &[
+    "/run/xen",
+    "/run/xenstored",
+    "/run/qinit",
+    "/var/log/xen/console",
+    "/var/lib/xen",
+    "/var/lib/xenstored",
+];
+
+/// Reads `key=value` lines of /etc/qinit/image.
+pub fn image_field(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_owned())
+}
+
+struct BootHooks {
+    slot: Option<Slot>,
+    version: String,
+    started: Instant,
+    offset: Duration,
+    on_failure: OnFailure,
+    failed: bool,
+}
+
+impl Hooks for BootHooks {
+    fn all_critical_ready(&mut self) {
+        let ms = (self.offset + self.started.elapsed()).as_millis();
+        let slot = self.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
+        marker(&format!(
+            "QINIT-READY slot={slot} version={} ms={ms}",
+            self.version
+        ));
+    }
+
+    fn critical_failed(&mut self, service: &str, reason: &str) {
+        self.failed = true;
+        marker(&format!("QINIT-FAILED reason=service {service}: {reason}"));
+        match self.on_failure {
+            OnFailure::Halt => log::error!("staying up for inspection (qinit.on_failure=halt)"),
+            OnFailure::Reboot | OnFailure::Poweroff => {
+                // Delivered through our own signalfd, so shutdown is orderly.
+                let sig = if self.on_failure == OnFailure::Reboot {
+                    nix::sys::signal::Signal::SIGTERM
+                } else {
+                    nix::sys::signal::Signal::SIGUSR2
+                };
+                let _ = nix::sys::signal::raise(sig);
+            }
+        }
+    }
+}
+
+/// Runs stage 2. As PID 1 it never returns: it reboots or powers off.
+pub fn run(offset: Duration) -> ! {
+    let started = Instant::now();
+    let pid1 = rustix::process::getpid().is_init();
+    if pid1 {
+        if let Err(e) = setup_system() {
+            log::error!("system setup: {e}");
+        }
+    } else if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        log::warn!("cannot become a subreaper: {e}");
+    }
+    let info = std::fs::read_to_string(IMAGE_INFO).unwrap_or_default();
+    let version = image_field(&info, "version").unwrap_or_else(|| "unknown".into());
+    let cmdline = std::fs::read_to_string("/proc/cmdline")
+        .ok()
+        .and_then(|t| Cmdline::parse(&t).ok());
+    let mut hooks = BootHooks {
+        slot: cmdline.as_ref().map(|c| c.slot),
+        version,
+        started,
+        offset,
+        on_failure: cmdline.as_ref().map_or(OnFailure::Reboot, |c| c.on_failure),
+        failed: false,
+    };
+
+    let dir = std::env::var_os("QINIT_SERVICE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| services::SERVICE_DIR.into());
+    let set = services::load_dir(&dir);
+    for (name, err) in &set.rejected {
+        log::error!("service {name} rejected: {err}");
+    }
+    log::info!("{} services loaded from {}", set.services.len(), dir.display());
+    let shutdown = match Supervisor::new(set.services, Path::new(NOTIFY_DIR)) {
+        Ok(mut sup) => sup.run(&mut hooks),
+        Err(e) => {
+            marker(&format!("QINIT-FAILED reason=supervisor: {e}"));
+            Shutdown::Reboot
+        }
+    };
+    finish(shutdown, pid1)
+}
+
+fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
+    // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot.
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::CadOff);
+    let nosuid = MountFlags::NOSUID | MountFlags::NOEXEC;
+    mounts::mount_one("devpts", Path::new("/dev/pts"), "devpts", nosuid, "gid=5,mode=620,ptmxmode=000")?;
+    mounts::mount_one("tmpfs", Path::new("/dev/shm"), "tmpfs", nosuid | MountFlags::NODEV, "mode=1777")?;
+    for d in RUNTIME_DIRS {
+        std::fs::create_dir_all(d)?;
+    }
+    // Xen's tools use /var/run; /var is the data partition, so the link
+    // may be missing on a freshly made one.
+    let var_run = Path::new("/var/run");
+    if var_run.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink("/run", var_run)?;
+    }
+    let t = Instant::now();
+    match crate::modules::load_list(Path::new(DOM0_MODULES)) {
+        Ok(n) => log::info!("loaded {n} dom0 modules in {} ms", t.elapsed().as_millis()),
+        Err(e) => log::error!("dom0 modules: {e}"),
+    }
+    if Path::new("/proc/xen").exists() || Path::new("/sys/hypervisor/type").exists() {
+        mounts::mount_one("xenfs", Path::new("/proc/xen"), "xenfs", MountFlags::empty(), "")?;
+    } else {
+        log::warn!("not running under Xen: xenfs not mounted");
+    }
+    Ok(())
+}
+
+/// Final steps after every service stopped.
+fn finish(kind: Shutdown, pid1: bool) -> ! {
+    if !pid1 {
+        log::info!("shutdown ({kind:?}) requested; exiting (not PID 1)");
+        std::process::exit(0);
+    }
+    log::info!("shutdown: {kind:?}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+    crate::power::sync_with_cap(Duration::from_secs(30));
+    for mp in ["/var", "/proc/xen"] {
+        let _ = rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty());
+    }
+    crate::power::power(kind == Shutdown::Reboot)
+}

@@ -1,0 +1,300 @@
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Env, Error};
+
+/// Variable holding the space-separated slot preference, e.g. `A B`.
+pub const SLOT_ORDER: &str = "SLOT_ORDER";
+/// Largest try count the GRUB script can decrement.
+pub const MAX_TRIES: u8 = 9;
+
+/// One of the two A/B slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 2] = [Slot::A, Slot::B];
+
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    /// Name of the `<X>_OK` variable.
+    pub fn ok_var(self) -> &'static str {
+        match self {
+            Slot::A => "A_OK",
+            Slot::B => "B_OK",
+        }
+    }
+
+    /// Name of the `<X>_TRIES` variable.
+    pub fn tries_var(self) -> &'static str {
+        match self {
+            Slot::A => "A_TRIES",
+            Slot::B => "B_TRIES",
+        }
+    }
+
+    /// GPT partition number of the slot's boot partition on the fixed
+    /// layout (esp=1, boot_a=2, root_a=3, boot_b=4, root_b=5, data=6); the
+    /// GRUB script exports it as `slot_part`.
+    pub fn boot_partition(self) -> u32 {
+        match self {
+            Slot::A => 2,
+            Slot::B => 4,
+        }
+    }
+
+    /// GPT partition number of the slot's root partition on the fixed layout.
+    pub fn root_partition(self) -> u32 {
+        self.boot_partition() + 1
+    }
+
+    /// GPT partition name of the slot's boot partition.
+    pub fn boot_name(self) -> &'static str {
+        match self {
+            Slot::A => "boot_a",
+            Slot::B => "boot_b",
+        }
+    }
+
+    /// GPT partition name of the slot's root partition.
+    pub fn root_name(self) -> &'static str {
+        match self {
+            Slot::A => "root_a",
+            Slot::B => "root_b",
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Slot::A => "A",
+            Slot::B => "B",
+        })
+    }
+}
+
+impl FromStr for Slot {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Slot, Error> {
+        match s {
+            "A" => Ok(Slot::A),
+            "B" => Ok(Slot::B),
+            _ => Err(Error::InvalidSlot {
+                value: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Health of one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SlotState {
+    /// The slot has booted to a healthy userspace and is trusted.
+    pub ok: bool,
+    /// Trial boots left for a slot that is not `ok` (0..=9).
+    pub tries: u8,
+}
+
+/// The A/B state kept in the GRUB environment block.
+///
+/// The methods that change it are pure so the whole update cycle (activate,
+/// trial boots, mark good or fall back) can be modelled in tests; the
+/// caller moves it in and out of an [`Env`] with [`BootState::from_env`]
+/// and [`BootState::apply_to`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootState {
+    /// Both slots once each, preferred first.
+    pub order: Vec<Slot>,
+    pub a: SlotState,
+    pub b: SlotState,
+}
+
+impl BootState {
+    /// A freshly built image: A is trusted and preferred, B is empty.
+    pub fn initial() -> BootState {
+        BootState {
+            order: vec![Slot::A, Slot::B],
+            a: SlotState { ok: true, tries: 0 },
+            b: SlotState {
+                ok: false,
+                tries: 0,
+            },
+        }
+    }
+
+    pub fn slot(&self, slot: Slot) -> SlotState {
+        match slot {
+            Slot::A => self.a,
+            Slot::B => self.b,
+        }
+    }
+
+    pub fn slot_mut(&mut self, slot: Slot) -> &mut SlotState {
+        match slot {
+            Slot::A => &mut self.a,
+            Slot::B => &mut self.b,
+        }
+    }
+
+    /// Reads the state, rejecting anything the GRUB script would not read
+    /// the same way (e.g. `A_TRIES=10` or `A_OK=yes`, which the script
+    /// treats as "no tries" and "not OK").
+    pub fn from_env(env: &Env) -> Result<BootState, Error> {
+        let get = |name: &'static str| env.get(name).ok_or(Error::MissingVariable { name });
+        let order_text = get(SLOT_ORDER)?;
+        let bad_order = || Error::BadValue {
+            name: SLOT_ORDER,
+            value: order_text.to_owned(),
+            expected: "\"A B\" or \"B A\"",
+        };
+        let order = order_text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<Vec<Slot>, _>>()
+            .map_err(|_| bad_order())?;
+        if !is_valid_order(&order) {
+            return Err(bad_order());
+        }
+        let mut state = BootState {
+            order,
+            a: SlotState::default(),
+            b: SlotState::default(),
+        };
+        for slot in Slot::ALL {
+            let ok_name = slot.ok_var();
+            let ok = match get(ok_name)? {
+                "0" => false,
+                "1" => true,
+                value => {
+                    return Err(Error::BadValue {
+                        name: ok_name,
+                        value: value.to_owned(),
+                        expected: "0 or 1",
+                    })
+                }
+            };
+            let tries_name = slot.tries_var();
+            let tries_text = get(tries_name)?;
+            let tries = match tries_text.as_bytes() {
+                [d @ b'0'..=b'9'] => d - b'0',
+                _ => {
+                    return Err(Error::BadValue {
+                        name: tries_name,
+                        value: tries_text.to_owned(),
+                        expected: "a single digit 0..9",
+                    })
+                }
+            };
+            *state.slot_mut(slot) = SlotState { ok, tries };
+        }
+        Ok(state)
+    }
+
+    /// Writes the state's variables into `env`, leaving others untouched.
+    /// Fails, leaving `env` unchanged, if the state could not be read back
+    /// by [`BootState::from_env`] or the GRUB script.
+    pub fn apply_to(&self, env: &mut Env) -> Result<(), Error> {
+        if !is_valid_order(&self.order) {
+            return Err(Error::BadOrder {
+                order: self.order.clone(),
+            });
+        }
+        for slot in Slot::ALL {
+            let tries = self.slot(slot).tries;
+            if tries > MAX_TRIES {
+                return Err(Error::BadTries {
+                    slot,
+                    tries,
+                    allowed: "0..=9",
+                });
+            }
+        }
+        let order: Vec<String> = self.order.iter().map(Slot::to_string).collect();
+        let mut updated = env.clone();
+        updated.set(SLOT_ORDER, &order.join(" "))?;
+        for slot in Slot::ALL {
+            let state = self.slot(slot);
+            updated.set(slot.ok_var(), if state.ok { "1" } else { "0" })?;
+            updated.set(slot.tries_var(), &state.tries.to_string())?;
+        }
+        *env = updated;
+        Ok(())
+    }
+
+    /// Marks a slot unusable (e.g. before overwriting it) and moves it last.
+    pub fn invalidate(&mut self, slot: Slot) {
+        *self.slot_mut(slot) = SlotState {
+            ok: false,
+            tries: 0,
+        };
+        self.order.retain(|&s| s != slot);
+        self.order.push(slot);
+    }
+
+    /// Makes a freshly written slot the preferred one, on trial: it boots
+    /// at most `tries` times (1..=9) unless [`BootState::mark_good`] is
+    /// called, after which GRUB falls back to the other slot.
+    pub fn activate(&mut self, slot: Slot, tries: u8) -> Result<(), Error> {
+        if !(1..=MAX_TRIES).contains(&tries) {
+            return Err(Error::BadTries {
+                slot,
+                tries,
+                allowed: "1..=9",
+            });
+        }
+        *self.slot_mut(slot) = SlotState { ok: false, tries };
+        self.order.retain(|&s| s != slot);
+        self.order.insert(0, slot);
+        Ok(())
+    }
+
+    /// Records that the slot booted to a healthy userspace.
+    pub fn mark_good(&mut self, slot: Slot) {
+        *self.slot_mut(slot) = SlotState { ok: true, tries: 0 };
+    }
+
+    /// The slot GRUB's script picks by the rules: the first in `order`
+    /// that is OK or has tries left. `None` means it falls back to
+    /// [`BootState::fallback`].
+    pub fn next_boot(&self) -> Option<Slot> {
+        self.order.iter().copied().find(|&slot| {
+            let state = self.slot(slot);
+            state.ok || state.tries > 0
+        })
+    }
+
+    /// What GRUB's script boots when no slot qualifies: the first slot in
+    /// `order`, or A if the order is empty.
+    pub fn fallback(&self) -> Slot {
+        self.order.first().copied().unwrap_or(Slot::A)
+    }
+
+    /// Simulates one boot by the GRUB script: picks [`next_boot`] and, if
+    /// that slot is on trial, spends one of its tries. Returns the slot
+    /// picked by the rules, or `None` when GRUB would fall back (in which
+    /// case nothing is spent).
+    ///
+    /// [`next_boot`]: BootState::next_boot
+    pub fn spend_try(&mut self) -> Option<Slot> {
+        let slot = self.next_boot()?;
+        let state = self.slot_mut(slot);
+        if !state.ok {
+            state.tries -= 1;
+        }
+        Some(slot)
+    }
+}
+
+fn is_valid_order(order: &[Slot]) -> bool {
+    order.len() == 2 && order[0] != order[1]
+}

@@ -1,0 +1,59 @@
+//! `qvm`: boot a disk image in QEMU and wait for a console line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Boots a disk image through OVMF in QEMU (TCG) with the serial console
+/// captured; optionally waits for a line and exits.
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Raw disk image to boot.
+    disk: PathBuf,
+    /// Directory for firmware variables, sockets and logs.
+    #[arg(long, default_value = "target/qvm")]
+    work_dir: PathBuf,
+    /// Wait for this text on the console, then power off and exit 0.
+    #[arg(long)]
+    wait_for: Option<String>,
+    /// Seconds to wait.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 2048)]
+    memory: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut cfg = qemu::VmConfig::new(&cli.disk, &cli.work_dir);
+    cfg.echo = true;
+    cfg.memory_mib = cli.memory;
+    let mut vm = match qemu::Vm::start(&cfg) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("qvm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.wait_for {
+        Some(needle) => match vm.wait_for(&needle, Duration::from_secs(cli.timeout)) {
+            Ok(line) => {
+                eprintln!("\nqvm: saw {line:?} after {:.1} s", vm.uptime().as_secs_f64());
+                vm.quit();
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("\nqvm: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => {
+            let status = vm.wait_exit(Duration::from_secs(cli.timeout));
+            eprintln!("\nqvm: QEMU exited: {status:?}");
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Developer entry points (a contract: README, CI and the lab use them):
+//!
+//! - `cargo xtask boot [--profile P]`: build and boot the disk image in
+//!   nested QEMU; without a terminal, exit 0 once dom0 is ready.
+//! - `cargo xtask test`: the whole suite, nested QEMU scenarios included.
+//! - `cargo xtask image --profile P`: build the images of profile P into
+//!   `target/images/P/`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the appliance and boot it in nested QEMU.
+    Boot {
+        #[arg(long, default_value = "qemu")]
+        profile: String,
+        /// Seconds to wait for the ready marker (non-interactive runs).
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Run the whole test suite, nested QEMU scenarios included.
+    Test {
+        /// Skip the nested QEMU scenarios (unit and host tests only).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Build the images of one profile into target/images/<profile>/.
+    Image {
+        #[arg(long, default_value = "qemu")]
+        profile: String,
+        /// Refresh the Debian package lists first.
+        #[arg(long)]
+        refresh: bool,
+    },
+}
+
+/// Host packages the build and the tests use, with the command each
+/// provides (checked by dpkg so a partial install is noticed).
+const HOST_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "ovmf",
+    "grub-common",
+    "mtools",
+    "dosfstools",
+    "e2fsprogs",
+    "squashfs-tools",
+    "cryptsetup-bin",
+    "cpio",
+    "gdisk",
+    "debian-archive-keyring",
+    "libc6-dev",
+];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = repo_root()?;
+    std::env::set_current_dir(&root)?;
+    ensure_host_packages()?;
+    match cli.command {
+        Cmd::Image { profile, refresh } => {
+            build_image(&root, &profile, refresh)?;
+        }
+        Cmd::Boot { profile, timeout } => {
+            let dir = build_image(&root, &profile, false)?;
+            boot(&root, &dir, &profile, Duration::from_secs(timeout))?;
+        }
+        Cmd::Test { no_vm } => test(&root, no_vm)?,
+    }
+    Ok(())
+}
+
+fn repo_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_owned())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs missing host packages when root; otherwise prints the command.
+fn ensure_host_packages() -> Result<()> {
+    let missing: Vec<&str> = HOST_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let cmd = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !rustix_is_root() {
+        bail!("missing host packages; run as root:\n  {cmd}");
+    }
+    eprintln!("xtask: installing host packages: {}", missing.join(" "));
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    if !status.success() {
+        bail!("`{cmd}` failed ({status})");
+    }
+    Ok(())
+}
+
+fn rustix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let desc = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {desc}"))?;
+    if !status.success() {
+        bail!("{desc} failed ({status})");
+    }
+    Ok(())
+}
+
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds the image binaries statically (they run in an initramfs with no
+/// libc and on a root whose glibc is not the build host's).
+fn build_static_binaries(root: &Path) -> Result<PathBuf> {
+    run_cmd(
+        cargo()
+            .args(["build", "--release", "--locked", "--target", TARGET])
+            .args(["-p", "qinit", "-p", "qimage"])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    Ok(root.join("target").join(TARGET).join("release"))
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("qubes-dom0");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/qubes-dom0")
+}
+
+fn source_date_epoch(root: &Path) -> String {
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v;
+    }
+    Command::new("git")
+        .args(["log", "-1", "--format=%ct"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "1767225600".into())
+}
+
+fn build_image(root: &Path, profile: &str, refresh: bool) -> Result<PathBuf> {
+    let bin = build_static_binaries(root)?;
+    let profile_path = root.join("image/profiles").join(format!("{profile}.toml"));
+    if !profile_path.exists() {
+        bail!("no profile {}", profile_path.display());
+    }
+    let out = root.join("target/images").join(profile);
+    let t = Instant::now();
+    let mut cmd = Command::new(bin.join("qimage"));
+    cmd.arg("build")
+        .arg("--profile")
+        .arg(&profile_path)
+        .arg("--out")
+        .arg(&out)
+        .arg("--source-dir")
+        .arg(root)
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .arg("--bin-dir")
+        .arg(&bin)
+        .env("SOURCE_DATE_EPOCH", source_date_epoch(root));
+    if refresh {
+        cmd.arg("--refresh");
+    }
+    run_cmd(&mut cmd)?;
+    eprintln!("xtask: image {profile} built in {:.1} s", t.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+fn boot(root: &Path, image_dir: &Path, profile: &str, timeout: Duration) -> Result<()> {
+    let work = root.join("target/vm").join(profile);
+    std::fs::create_dir_all(&work)?;
+    // Boot a copy: the built image stays pristine for the next run.
+    let disk = work.join("disk.img");
+    std::fs::copy(image_dir.join("disk.img"), &disk)
+        .with_context(|| format!("copying the disk image to {}", disk.display()))?;
+    let mut cfg = qemu::VmConfig::new(&disk, &work);
+    cfg.echo = true;
+    let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let mut vm = qemu::Vm::start(&cfg)?;
+    if interactive {
+        eprintln!(
+            "xtask: interactive boot; serial log in {}. Type on the console; \
+             the VM powers off when dom0 does (or Ctrl-C).",
+            vm.serial_log.display()
+        );
+        forward_stdin(&mut vm)?;
+        return Ok(());
+    }
+    match vm.wait_for_any(&["QINIT-READY", "QINIT-FAILED"], timeout)? {
+        (0, line) => {
+            eprintln!(
+                "\nxtask: dom0 ready after {:.1} s of QEMU time: {line}",
+                vm.uptime().as_secs_f64()
+            );
+            println!("{line}");
+            vm.quit();
+            Ok(())
+        }
+        (_, line) => {
+            vm.quit();
+            bail!("dom0 failed to boot: {line} (serial log {})", vm.serial_log.display())
+        }
+    }
+}
+
+fn forward_stdin(vm: &mut qemu::Vm) -> Result<()> {
+    use std::io::BufRead;
+    for line in std::io::stdin().lock().lines() {
+        vm.send_line(&line?)?;
+        if vm.wait_exit(Duration::from_millis(1)).is_some() {
+            break;
+        }
+    }
+    vm.quit();
+    Ok(())
+}
+
+fn test(root: &Path, no_vm: bool) -> Result<()> {
+    let t = Instant::now();
+    run_cmd(cargo().args(["test", "--workspace", "--locked"]))?;
+    if no_vm {
+        return Ok(());
+    }
+    let image = build_image(root, "qemu-test", false)?;
+    run_cmd(
+        cargo()
+            .args(["test", "--locked", "-p", "e2e", "--", "--ignored", "--test-threads=1"])
+            .env("QTEST_IMAGE_DIR", &image),
+    )?;
+    eprintln!("xtask: whole suite passed in {:.0} s", t.elapsed().as_secs_f64());
+    Ok(())
+}
