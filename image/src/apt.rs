@@ -40,10 +40,15 @@ pub enum AptError {
         suite: String,
     },
     #[error("package `{package}`: the index entry has no `{field}`")]
-    BadIndex { package: String, field: &'static str },
+    BadIndex {
+        package: String,
+        field: &'static str,
+    },
     #[error("package `{package}`: metapackage has no dependency starting with `{prefix}`")]
     NoKernel { package: String, prefix: String },
-    #[error("package `{package}` {path}: SHA-256 {actual} does not match the signed index ({expected})")]
+    #[error(
+        "package `{package}` {path}: SHA-256 {actual} does not match the signed index ({expected})"
+    )]
     HashMismatch {
         package: String,
         path: PathBuf,
@@ -254,6 +259,25 @@ APT::Sandbox::User "root";
                     &format!("{}={}", info.name, info.version),
                 ]);
                 run(&mut cmd)?;
+                // apt-get download spells an epoch's colon as %3a, the
+                // pool file name has no epoch at all.
+                if !path.exists() {
+                    if let Some((_, ver)) = info.version.split_once(':') {
+                        let arch = file
+                            .to_string_lossy()
+                            .rsplit('_')
+                            .next()
+                            .unwrap_or("amd64.deb")
+                            .to_owned();
+                        let epoch = info.version.split(':').next().unwrap_or("");
+                        let apt_name = debs.join(format!("{}_{epoch}%3a{ver}_{arch}", info.name));
+                        fs::rename(&apt_name, &path).map_err(|source| AptError::Io {
+                            path: apt_name.clone(),
+                            op: "rename downloaded package",
+                            source,
+                        })?;
+                    }
+                }
                 let actual = sha256_file(&path)?;
                 if actual != info.sha256 {
                     return Err(AptError::HashMismatch {
@@ -398,7 +422,8 @@ mod tests {
 
     #[test]
     fn stanza_parsing_takes_first_and_joins_continuations() {
-        let text = "Package: a\nVersion: 1:2.0-1\nDescription: x\n more\nSHA256: ab\n\nPackage: b\n";
+        let text =
+            "Package: a\nVersion: 1:2.0-1\nDescription: x\n more\nSHA256: ab\n\nPackage: b\n";
         let s = parse_stanza(text);
         assert_eq!(s["Package"], "a");
         assert_eq!(s["Version"], "1:2.0-1");

@@ -230,7 +230,11 @@ mod tests {
             .stdin(std::fs::File::open(&path).unwrap())
             .output()
             .expect("GNU cpio is needed for this test: apt-get install cpio");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "etc\netc/hello\ninit\nconsole\n"
@@ -244,7 +248,10 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        assert_eq!(std::fs::read(extract.join("etc/hello")).unwrap(), b"hello\n");
+        assert_eq!(
+            std::fs::read(extract.join("etc/hello")).unwrap(),
+            b"hello\n"
+        );
         assert_eq!(
             std::fs::read_link(extract.join("init")).unwrap(),
             std::path::Path::new("sbin/qinit")

@@ -109,10 +109,13 @@ fn add_with_links(
 ) -> Result<(), ElfError> {
     let mut current = located;
     for _ in 0..16 {
-        let meta = current.host_path.symlink_metadata().map_err(|source| ElfError::Read {
-            path: current.host_path.clone(),
-            source,
-        })?;
+        let meta = current
+            .host_path
+            .symlink_metadata()
+            .map_err(|source| ElfError::Read {
+                path: current.host_path.clone(),
+                source,
+            })?;
         if out.contains_key(&current.image_path) {
             return Ok(());
         }
@@ -139,10 +142,7 @@ fn add_with_links(
 
 /// Returns `roots` plus every file (libraries, loader, their symlinks) they
 /// need at run time, keyed by image path.
-pub fn closure(
-    set: &PackageSet,
-    roots: &[Located],
-) -> Result<BTreeMap<String, Located>, ElfError> {
+pub fn closure(set: &PackageSet, roots: &[Located]) -> Result<BTreeMap<String, Located>, ElfError> {
     let mut out = BTreeMap::new();
     let mut queue = VecDeque::new();
     for r in roots {
@@ -274,9 +274,15 @@ mod tests {
         let root = set.locate("/usr/bin/true", "root.files[0]").unwrap();
         let files = closure(&set, &[root]).unwrap();
         assert!(files.contains_key("/usr/bin/true"));
-        assert!(files.contains_key("/usr/lib/x86_64-linux-gnu/libc.so.6"), "{files:?}");
+        assert!(
+            files.contains_key("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            "{files:?}"
+        );
         // The interpreter is reached through the /lib64 -> /usr/lib64 link.
-        assert!(files.contains_key("/lib64/ld-linux-x86-64.so.2"), "{files:?}");
+        assert!(
+            files.contains_key("/lib64/ld-linux-x86-64.so.2"),
+            "{files:?}"
+        );
         assert!(files.contains_key("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"));
     }
 

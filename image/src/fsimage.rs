@@ -88,7 +88,7 @@ pub fn squashfs(tree: &Path, out: &Path, epoch: u64) -> Result<(), FsImageError>
             .args(["-noappend", "-all-root", "-no-xattrs", "-no-progress"])
             .args(["-comp", "xz", "-b", "262144"])
             .args(["-mkfs-time", &e, "-all-time", &e])
-            .env("SOURCE_DATE_EPOCH", &e),
+            .env_remove("SOURCE_DATE_EPOCH"),
     )
 }
 

@@ -93,7 +93,12 @@ mod tests {
     #[test]
     fn esp_config_carries_the_state_machine_and_the_handover() {
         let cfg = esp_config(0);
-        for needle in ["load_env", "SLOT_ORDER", "source \"$bootdev/boot.cfg\"", "timeout=0"] {
+        for needle in [
+            "load_env",
+            "SLOT_ORDER",
+            "source \"$bootdev/boot.cfg\"",
+            "timeout=0",
+        ] {
             assert!(cfg.contains(needle), "missing {needle}");
         }
     }

@@ -18,7 +18,9 @@ pub enum KmodError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{list}:{line}: module `{module}` is neither built in nor shipped by the kernel package")]
+    #[error(
+        "{list}:{line}: module `{module}` is neither built in nor shipped by the kernel package"
+    )]
     Unknown {
         list: PathBuf,
         line: usize,
@@ -171,6 +173,14 @@ impl KernelModules {
         Ok(order)
     }
 
+    fn resolve_soft(&self, soft: &str) -> Option<String> {
+        let n = normalize(soft);
+        let base = n.strip_prefix("crypto_").unwrap_or(&n);
+        [n.clone(), base.to_owned(), format!("{base}_generic")]
+            .into_iter()
+            .find(|c| self.files.contains_key(c) || self.is_builtin(c))
+    }
+
     fn visit(
         &self,
         name: &str,
@@ -189,7 +199,7 @@ impl KernelModules {
         };
         let data = decompress(name, path)?;
         let info = modinfo(name, path, &data)?;
-        for dep in info.depends.iter().chain(info.softdep_pre.iter()) {
+        for dep in &info.depends {
             let dep = normalize(dep);
             if !self.files.contains_key(&dep) && !self.is_builtin(&dep) {
                 return Err(KmodError::MissingDependency {
@@ -198,6 +208,15 @@ impl KernelModules {
                 });
             }
             self.visit(&dep, done, in_progress, order)?;
+        }
+        // Soft dependencies are often aliases ("crypto-crc32c"); resolve
+        // the common crypto form, and skip what cannot be found: the
+        // module loads without them, possibly slower.
+        for soft in &info.softdep_pre {
+            match self.resolve_soft(soft) {
+                Some(dep) => self.visit(&dep, done, in_progress, order)?,
+                None => log::warn!("module {name}: soft dependency {soft} not found; skipped"),
+            }
         }
         in_progress.remove(name);
         done.insert(name.to_owned());
@@ -369,10 +388,14 @@ mod tests {
     fn resolution_orders_dependencies_first_and_drops_builtins() {
         let k = fake_kernel(
             &[
-                ("ext4", "depends=jbd2,mbcache\0softdep=pre: crc32c\0"),
+                (
+                    "ext4",
+                    "depends=jbd2,mbcache\0softdep=pre: crc32c missing\0",
+                ),
+                ("jbd2x", "depends=\0softdep=pre: crypto-crc32c\0"),
                 ("jbd2", "depends=\0"),
                 ("mbcache", "depends=\0"),
-                ("crc32c", "depends=\0"),
+                ("crc32c_generic", "depends=\0"),
                 ("dm-verity", "depends=dm-bufio,dm-mod\0"),
                 ("dm-bufio", "depends=dm-mod\0"),
                 ("dm-mod", "depends=\0"),
@@ -395,7 +418,7 @@ mod tests {
         assert!(pos("dm_mod") < pos("dm_bufio"));
         assert!(pos("dm_bufio") < pos("dm_verity"));
         assert!(pos("jbd2") < pos("ext4"));
-        assert!(pos("crc32c") < pos("ext4"));
+        assert!(pos("crc32c_generic") < pos("ext4"));
         assert_eq!(names.len(), 7);
         assert!(mods[0].rel_path.starts_with("kernel/drivers/"));
 

@@ -105,7 +105,11 @@ fn env_logger_init() {
         }
         fn log(&self, r: &log::Record) {
             if self.enabled(r.metadata()) {
-                eprintln!("qimage: {}: {}", r.level().as_str().to_lowercase(), r.args());
+                eprintln!(
+                    "qimage: {}: {}",
+                    r.level().as_str().to_lowercase(),
+                    r.args()
+                );
             }
         }
         fn flush(&self) {}

@@ -204,9 +204,6 @@ mod tests {
             resolve_link_target("/usr/lib/a.so.1", Path::new("a.so.1.2")),
             "/usr/lib/a.so.1.2"
         );
-        assert_eq!(
-            resolve_link_target("/x/y", Path::new("/abs/z")),
-            "/abs/z"
-        );
+        assert_eq!(resolve_link_target("/x/y", Path::new("/abs/z")), "/abs/z");
     }
 }

@@ -67,9 +67,7 @@ pub const IMAGE_INFO: &str = "/etc/qinit/image";
 pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     let profile = profile::load(&opts.profile)?;
     let name = profile.image.name.clone();
-    let staging = opts
-        .out_dir
-        .with_file_name(format!(".{name}.partial"));
+    let staging = opts.out_dir.with_file_name(format!(".{name}.partial"));
     if staging.exists() {
         fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
     }
@@ -115,9 +113,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
         .with_context(|| format!("{kernel_pkg}: finding the module directory"))?;
     let vmlinuz = kernel_root.join(format!("boot/vmlinuz-{kver}"));
     let kmods = KernelModules::open(&kernel_root.join("usr/lib/modules").join(&kver))?;
-    let early = resolve_modules(&kmods, &opts.source_dir, &profile.modules.early, &BTreeSet::new())?;
+    let early = resolve_modules(
+        &kmods,
+        &opts.source_dir,
+        &profile.modules.early,
+        &BTreeSet::new(),
+    )?;
     let early_names: BTreeSet<String> = early.iter().map(|m| m.name.clone()).collect();
-    let dom0 = resolve_modules(&kmods, &opts.source_dir, &profile.modules.dom0, &early_names)?;
+    let dom0 = resolve_modules(
+        &kmods,
+        &opts.source_dir,
+        &profile.modules.dom0,
+        &early_names,
+    )?;
 
     // Root tree.
     let tree_dir = work.join("rootfs");
@@ -154,7 +162,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
         .as_bytes(),
         "generated",
     )?;
-    tree.write("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n", "generated")?;
+    tree.write(
+        "/etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        "generated",
+    )?;
     tree.write("/etc/group", 0o644, b"root:x:0:\n", "generated")?;
 
     // Root image with its verity tree.
@@ -178,8 +191,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     // Initramfs.
     let initrd = work.join("initrd.gz");
     let qinit = opts.bin_dir.join("qinit");
-    let qinit_bytes =
-        fs::read(&qinit).with_context(|| format!("reading {} (build qinit first)", qinit.display()))?;
+    let qinit_bytes = fs::read(&qinit)
+        .with_context(|| format!("reading {} (build qinit first)", qinit.display()))?;
     let verity_text = format!(
         "data_blocks={}\ndata_block_size={}\nhash_block_size={}\nhash_start_block={}\nalgorithm=sha256\nroot_hash={}\nsalt={}\n",
         vinfo.data_blocks,
@@ -189,7 +202,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
         vinfo.root_hash_hex(),
         hex::encode(&vinfo.salt),
     );
-    write_initramfs(&initrd, opts.epoch, &qinit_bytes, &kver, &early, &verity_text, &info)?;
+    write_initramfs(
+        &initrd,
+        opts.epoch,
+        &qinit_bytes,
+        &kver,
+        &early,
+        &verity_text,
+        &info,
+    )?;
 
     // Boot partition.
     let xen = set.locate(&profile.boot.xen.path, "boot.xen.path")?;
@@ -201,7 +222,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     let boot_cfg = work.join("boot.cfg");
     fs::write(
         &boot_cfg,
-        grub::slot_config(&profile.image.version, &xen_cmdline, &profile.boot.kernel_cmdline),
+        grub::slot_config(
+            &profile.image.version,
+            &xen_cmdline,
+            &profile.boot.kernel_cmdline,
+        ),
     )?;
     let boot_img = staging.join(BOOT_IMAGE);
     fsimage::fat(
@@ -270,7 +295,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
 
     // Disk.
     let disk = staging.join(DISK_IMAGE);
-    assemble_disk(&disk, &profile, &ids, &esp_img, &boot_img, &root_img, &data_img)?;
+    assemble_disk(
+        &disk, &profile, &ids, &esp_img, &boot_img, &root_img, &data_img,
+    )?;
 
     fs::copy(&initrd, staging.join("initrd.gz"))?;
     let mut artifacts = Vec::new();
@@ -311,7 +338,10 @@ struct Ids {
 
 impl Ids {
     fn new(p: &Profile) -> Self {
-        let namespace = format!("{}/{}/{}", p.image.compatible, p.image.name, p.image.version);
+        let namespace = format!(
+            "{}/{}/{}",
+            p.image.compatible, p.image.name, p.image.version
+        );
         let h = |what: &str| -> [u8; 32] {
             let mut d = Sha256::new();
             d.update(namespace.as_bytes());
@@ -325,7 +355,9 @@ impl Ids {
             let b = h(what);
             u32::from_le_bytes([b[0], b[1], b[2], b[3]])
         };
-        let data_uuid = gpt::Guid::derive(&namespace, "data-fs").to_string().to_lowercase();
+        let data_uuid = qgpt::Guid::derive(&namespace, "data-fs")
+            .to_string()
+            .to_lowercase();
         Self {
             verity_salt: h("verity-salt"),
             verity_uuid,
@@ -352,7 +384,10 @@ fn one_line(text: &str) -> Result<String> {
         .collect();
     match lines.as_slice() {
         [one] => Ok((*one).to_owned()),
-        _ => bail!("expected exactly one non-comment line, found {}", lines.len()),
+        _ => bail!(
+            "expected exactly one non-comment line, found {}",
+            lines.len()
+        ),
     }
 }
 
@@ -365,7 +400,10 @@ fn single_subdir(dir: &Path) -> Result<String> {
         .collect();
     match names.len() {
         1 => Ok(names.remove(0)),
-        n => bail!("{}: expected one kernel version directory, found {n}", dir.display()),
+        n => bail!(
+            "{}: expected one kernel version directory, found {n}",
+            dir.display()
+        ),
     }
 }
 
@@ -393,13 +431,25 @@ fn write_initramfs(
     verity_text: &str,
     info: &str,
 ) -> Result<()> {
-    let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit cpio's 32-bit mtime")?;
+    let mtime =
+        u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit cpio's 32-bit mtime")?;
     let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let gz = flate2::GzBuilder::new()
         .mtime(0)
         .write(file, flate2::Compression::best());
     let mut w = CpioWriter::new(gz, mtime);
-    for d in ["dev", "proc", "sys", "run", "newroot", "etc", "etc/qinit", "usr", "usr/lib", "usr/lib/modules"] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "newroot",
+        "etc",
+        "etc/qinit",
+        "usr",
+        "usr/lib",
+        "usr/lib/modules",
+    ] {
         w.dir(d, 0o755)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;
@@ -424,8 +474,16 @@ fn write_initramfs(
         list.push_str(&rel);
         list.push('\n');
     }
-    w.file(EARLY_MODULE_LIST.trim_start_matches('/'), 0o644, list.as_bytes())?;
-    w.file(VERITY_PARAMS.trim_start_matches('/'), 0o644, verity_text.as_bytes())?;
+    w.file(
+        EARLY_MODULE_LIST.trim_start_matches('/'),
+        0o644,
+        list.as_bytes(),
+    )?;
+    w.file(
+        VERITY_PARAMS.trim_start_matches('/'),
+        0o644,
+        verity_text.as_bytes(),
+    )?;
     w.file(IMAGE_INFO.trim_start_matches('/'), 0o644, info.as_bytes())?;
     let gz = w.finish()?;
     let file = gz.finish()?;
@@ -443,15 +501,15 @@ fn assemble_disk(
     data: &Path,
 ) -> Result<()> {
     let mib = |n: u64| n << 20;
-    let layout = gpt::Layout::new()
-        .add("esp", gpt::Guid::ESP, mib(p.disk.esp_mib))
-        .add("boot_a", gpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
-        .add("root_a", gpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
-        .add("boot_b", gpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
-        .add("root_b", gpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
-        .add("data", gpt::Guid::LINUX_DATA, mib(p.disk.data_mib));
-    let plan = layout.plan(gpt::Guid::derive(&ids.namespace, "disk"), |name| {
-        gpt::Guid::derive(&ids.namespace, name)
+    let layout = qgpt::Layout::new()
+        .add("esp", qgpt::Guid::ESP, mib(p.disk.esp_mib))
+        .add("boot_a", qgpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
+        .add("root_a", qgpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
+        .add("boot_b", qgpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
+        .add("root_b", qgpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
+        .add("data", qgpt::Guid::LINUX_DATA, mib(p.disk.data_mib));
+    let plan = layout.plan(qgpt::Guid::derive(&ids.namespace, "disk"), |name| {
+        qgpt::Guid::derive(&ids.namespace, name)
     })?;
     let mut f = fs::OpenOptions::new()
         .create(true)
@@ -460,8 +518,13 @@ fn assemble_disk(
         .write(true)
         .open(disk)
         .with_context(|| format!("creating {}", disk.display()))?;
-    gpt::write_tables(&mut f, &plan)?;
-    for (name, src) in [("esp", esp), ("boot_a", boot), ("root_a", root), ("data", data)] {
+    qgpt::write_tables(&mut f, &plan)?;
+    for (name, src) in [
+        ("esp", esp),
+        ("boot_a", boot),
+        ("root_a", root),
+        ("data", data),
+    ] {
         let part = plan
             .partitions
             .iter()

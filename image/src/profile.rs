@@ -167,12 +167,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         path: path.to_owned(),
         source,
     })?;
-    let profile = Profile::deserialize(toml::Value::Table(table)).map_err(
-        |e: toml::de::Error| ProfileError::Schema {
-            path: path.to_owned(),
-            message: e.message().trim().to_owned(),
-        },
-    )?;
+    let profile =
+        Profile::deserialize(toml::Value::Table(table)).map_err(|e: toml::de::Error| {
+            ProfileError::Schema {
+                path: path.to_owned(),
+                message: e.message().trim().to_owned(),
+            }
+        })?;
     profile.validate(path)?;
     Ok(profile)
 }
@@ -263,7 +264,10 @@ impl Profile {
         if !name_ok(&self.image.compatible) {
             return Err(invalid(
                 "image.compatible",
-                format!("`{}` must be non-empty [A-Za-z0-9._+-]", self.image.compatible),
+                format!(
+                    "`{}` must be non-empty [A-Za-z0-9._+-]",
+                    self.image.compatible
+                ),
             ));
         }
         if self.debian.packages.is_empty() {
@@ -280,7 +284,10 @@ impl Profile {
         if !is_package_name(&self.boot.kernel_package) {
             return Err(invalid(
                 "boot.kernel_package",
-                format!("`{}` is not a Debian package name", self.boot.kernel_package),
+                format!(
+                    "`{}` is not a Debian package name",
+                    self.boot.kernel_package
+                ),
             ));
         }
         if !is_package_name(&self.boot.grub_package) {
@@ -416,7 +423,11 @@ data_mib = 64
                 "packages = [\"libc6\", \"Bad Name\"]",
                 "debian.packages[1]",
             ),
-            ("packages = [\"libc6\", \"xen-utils-4.20\"]", "packages = []", "debian.packages"),
+            (
+                "packages = [\"libc6\", \"xen-utils-4.20\"]",
+                "packages = []",
+                "debian.packages",
+            ),
             (
                 "files = [\"/usr/lib/xen-4.20/bin/xenstored\"]",
                 "files = [\"usr/lib/x\"]",
@@ -429,7 +440,11 @@ data_mib = 64
             ),
             ("esp_mib = 40", "esp_mib = 8", "disk.esp_mib"),
             ("root_mib = 128", "root_mib = 0", "disk.root_mib"),
-            ("binaries = [\"qinit\"]", "binaries = [\"../x\"]", "root.binaries[0]"),
+            (
+                "binaries = [\"qinit\"]",
+                "binaries = [\"../x\"]",
+                "root.binaries[0]",
+            ),
         ];
         for (from, to, field) in cases {
             let text = GOOD.replace(from, to);

@@ -32,11 +32,7 @@ pub enum RootfsError {
 
 fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RootfsError {
     let path = path.to_owned();
-    move |source| RootfsError::Io {
-        path,
-        op,
-        source,
-    }
+    move |source| RootfsError::Io { path, op, source }
 }
 
 /// The merged-/usr layout every image starts from.
@@ -124,7 +120,12 @@ impl RootTree {
         Ok(())
     }
 
-    pub fn symlink(&mut self, image_path: &str, target: &str, what: &str) -> Result<(), RootfsError> {
+    pub fn symlink(
+        &mut self,
+        image_path: &str,
+        target: &str,
+        what: &str,
+    ) -> Result<(), RootfsError> {
         self.claim(image_path, what)?;
         let p = self.host(image_path);
         self.parent_dirs(&p)?;
@@ -156,7 +157,12 @@ impl RootTree {
             let target = fs::read_link(&l.host_path).map_err(io(&l.host_path, "readlink"))?;
             return self.symlink(&l.image_path, &target.to_string_lossy(), &what);
         }
-        self.copy_file(&l.image_path, &l.host_path, meta.permissions().mode(), &what)
+        self.copy_file(
+            &l.image_path,
+            &l.host_path,
+            meta.permissions().mode(),
+            &what,
+        )
     }
 
     fn copy_file(
@@ -208,7 +214,11 @@ impl RootTree {
                     let t = fs::read_link(e.path()).map_err(io(&e.path(), "readlink"))?;
                     self.symlink(&image_path, &t.to_string_lossy(), &what)?;
                 } else if ft.is_file() {
-                    let mode = e.metadata().map_err(io(&e.path(), "stat"))?.permissions().mode();
+                    let mode = e
+                        .metadata()
+                        .map_err(io(&e.path(), "stat"))?
+                        .permissions()
+                        .mode();
                     self.copy_file(&image_path, &e.path(), mode, &what)?;
                 } else {
                     return Err(RootfsError::BadOverlayEntry {
@@ -283,13 +293,19 @@ mod tests {
         let ov = d.path().join("ov");
         fs::create_dir_all(ov.join("etc/qinit")).unwrap();
         fs::write(ov.join("etc/qinit/a.toml"), b"x").unwrap();
-        fs::set_permissions(ov.join("etc/qinit/a.toml"), fs::Permissions::from_mode(0o4755))
-            .unwrap();
+        fs::set_permissions(
+            ov.join("etc/qinit/a.toml"),
+            fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
         symlink("/run", ov.join("etc/mtab")).unwrap();
         let mut t = RootTree::create(&d.path().join("root")).unwrap();
         t.add_overlay(&ov).unwrap();
         let f = d.path().join("root/etc/qinit/a.toml");
-        assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o7777, 0o755);
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
         assert_eq!(
             fs::read_link(d.path().join("root/etc/mtab")).unwrap(),
             Path::new("/run")

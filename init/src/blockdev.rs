@@ -91,7 +91,11 @@ pub fn find(devs: &[BlockDev], name: &str) -> Result<Option<BlockDev>, BlockErro
 
 /// Waits until a partition called `name` shows up (disk drivers probe
 /// asynchronously after their module loads).
-pub fn wait_for(sys_class_block: &Path, name: &str, timeout: Duration) -> Result<BlockDev, BlockError> {
+pub fn wait_for(
+    sys_class_block: &Path,
+    name: &str,
+    timeout: Duration,
+) -> Result<BlockDev, BlockError> {
     let start = Instant::now();
     loop {
         let devs = scan(sys_class_block);
@@ -122,7 +126,9 @@ mod tests {
 
     #[test]
     fn uevent_parsing() {
-        let d = parse_uevent("MAJOR=254\nMINOR=3\nDEVNAME=vda3\nDEVTYPE=partition\nPARTN=3\nPARTNAME=root_a\n");
+        let d = parse_uevent(
+            "MAJOR=254\nMINOR=3\nDEVNAME=vda3\nDEVTYPE=partition\nPARTN=3\nPARTNAME=root_a\n",
+        );
         assert_eq!(d.kname, "vda3");
         assert_eq!(d.dev, "254:3");
         assert_eq!(d.partname.as_deref(), Some("root_a"));

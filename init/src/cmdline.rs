@@ -131,8 +131,9 @@ mod tests {
 
     #[test]
     fn parses_slot_and_switches() {
-        let c = Cmdline::parse("console=hvc0 qinit.slot=B qinit.on_failure=poweroff qinit.verify=lazy")
-            .unwrap();
+        let c =
+            Cmdline::parse("console=hvc0 qinit.slot=B qinit.on_failure=poweroff qinit.verify=lazy")
+                .unwrap();
         assert_eq!(c.slot, Slot::B);
         assert_eq!(c.on_failure, OnFailure::Poweroff);
         assert!(!c.verify_full);
@@ -155,7 +156,10 @@ mod tests {
         );
         assert!(matches!(
             Cmdline::parse("qinit.slot=A qinit.on_failure=explode").unwrap_err(),
-            CmdlineError::BadValue { key: "qinit.on_failure", .. }
+            CmdlineError::BadValue {
+                key: "qinit.on_failure",
+                ..
+            }
         ));
     }
 }

@@ -72,7 +72,8 @@ pub fn encode(name: &str, flags: u32, targets: &[Target]) -> Result<Vec<u8>, DmE
         // status (i32) stays 0; `next` is the offset of the next spec.
         let next = u32::try_from(len).map_err(|_| invalid("table too large"))?;
         body[start + 20..start + 24].copy_from_slice(&next.to_ne_bytes());
-        body[start + 24..start + 24 + t.target_type.len()].copy_from_slice(t.target_type.as_bytes());
+        body[start + 24..start + 24 + t.target_type.len()]
+            .copy_from_slice(t.target_type.as_bytes());
         let p = start + DM_TARGET_SPEC_SIZE;
         body[p..p + t.params.len()].copy_from_slice(t.params.as_bytes());
     }
@@ -200,7 +201,10 @@ mod tests {
         };
         let buf = encode("root", DM_READONLY_FLAG, std::slice::from_ref(&t)).unwrap();
         assert_eq!(u32::from_ne_bytes(buf[0..4].try_into().unwrap()), 4);
-        assert_eq!(u32::from_ne_bytes(buf[12..16].try_into().unwrap()) as usize, buf.len());
+        assert_eq!(
+            u32::from_ne_bytes(buf[12..16].try_into().unwrap()) as usize,
+            buf.len()
+        );
         assert_eq!(u32::from_ne_bytes(buf[16..20].try_into().unwrap()), 312);
         assert_eq!(u32::from_ne_bytes(buf[20..24].try_into().unwrap()), 1);
         assert_eq!(&buf[48..52], b"root");
@@ -231,6 +235,9 @@ mod tests {
     #[test]
     fn device_numbers_decode() {
         assert_eq!(decode_dev((254 << 8) | 3), (254, 3));
-        assert_eq!(decode_dev((254 << 8) | (0x123 & 0xff) | ((0x123 & !0xff) << 12)), (254, 0x123));
+        assert_eq!(
+            decode_dev((254 << 8) | (0x123 & 0xff) | ((0x123 & !0xff) << 12)),
+            (254, 0x123)
+        );
     }
 }

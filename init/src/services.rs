@@ -152,13 +152,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
         for d in list {
             if !valid_name(d) {
                 return Err(field(
-                    if fname == "after" { "after" } else { "requires" },
+                    if fname == "after" {
+                        "after"
+                    } else {
+                        "requires"
+                    },
                     format!("`{d}` is not a service name"),
                 ));
             }
             if *d == name {
                 return Err(field(
-                    if fname == "after" { "after" } else { "requires" },
+                    if fname == "after" {
+                        "after"
+                    } else {
+                        "requires"
+                    },
                     "a service cannot depend on itself".into(),
                 ));
             }
@@ -167,13 +175,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
     let ready_path = match (f.ready, f.ready_path) {
         (Readiness::Path, Some(p)) if p.starts_with('/') => Some(PathBuf::from(p)),
         (Readiness::Path, Some(p)) => {
-            return Err(field("ready_path", format!("`{p}` must be an absolute path")))
+            return Err(field(
+                "ready_path",
+                format!("`{p}` must be an absolute path"),
+            ))
         }
         (Readiness::Path, None) => {
             return Err(field("ready_path", "required when ready = \"path\"".into()))
         }
         (_, Some(_)) => {
-            return Err(field("ready_path", "only allowed with ready = \"path\"".into()))
+            return Err(field(
+                "ready_path",
+                "only allowed with ready = \"path\"".into(),
+            ))
         }
         (_, None) => None,
     };
@@ -267,11 +281,16 @@ pub fn resolve(parsed: Vec<(String, Result<Service, ServiceError>)>) -> ServiceS
     for (name, r) in parsed {
         match r {
             Ok(s) => {
-                let unknown = s
-                    .after
-                    .iter()
-                    .find(|d| !known.contains(*d))
-                    .map(|d| (if s.requires.contains(d) { "requires" } else { "after" }, d.clone()));
+                let unknown = s.after.iter().find(|d| !known.contains(*d)).map(|d| {
+                    (
+                        if s.requires.contains(d) {
+                            "requires"
+                        } else {
+                            "after"
+                        },
+                        d.clone(),
+                    )
+                });
                 if let Some((field, dependency)) = unknown {
                     set.rejected.push((
                         name,
@@ -396,14 +415,38 @@ boot_critical = true
             ("exec = []\nready = \"started\"\n", "exec"),
             ("exec = [\"bin/x\"]\nready = \"started\"\n", "exec"),
             ("exec = [\"/x\"]\nready = \"path\"\n", "ready_path"),
-            ("exec = [\"/x\"]\nready = \"path\"\nready_path = \"rel\"\n", "ready_path"),
-            ("exec = [\"/x\"]\nready = \"exit\"\nready_path = \"/a\"\n", "ready_path"),
-            ("exec = [\"/x\"]\nready = \"exit\"\nrestart = \"always\"\n", "restart"),
-            ("exec = [\"/x\"]\nready = \"exit\"\nready_timeout_ms = 0\n", "ready_timeout_ms"),
-            ("exec = [\"/x\"]\nready = \"exit\"\nafter = [\"a b\"]\n", "after"),
-            ("exec = [\"/x\"]\nready = \"exit\"\nrequires = [\"t\"]\n", "requires"),
-            ("exec = [\"/x\"]\nready = \"exit\"\ntty = \"/etc/passwd\"\n", "tty"),
-            ("exec = [\"/x\"]\nready = \"exit\"\nenv = { \"\" = \"v\" }\n", "env"),
+            (
+                "exec = [\"/x\"]\nready = \"path\"\nready_path = \"rel\"\n",
+                "ready_path",
+            ),
+            (
+                "exec = [\"/x\"]\nready = \"exit\"\nready_path = \"/a\"\n",
+                "ready_path",
+            ),
+            (
+                "exec = [\"/x\"]\nready = \"exit\"\nrestart = \"always\"\n",
+                "restart",
+            ),
+            (
+                "exec = [\"/x\"]\nready = \"exit\"\nready_timeout_ms = 0\n",
+                "ready_timeout_ms",
+            ),
+            (
+                "exec = [\"/x\"]\nready = \"exit\"\nafter = [\"a b\"]\n",
+                "after",
+            ),
+            (
+                "exec = [\"/x\"]\nready = \"exit\"\nrequires = [\"t\"]\n",
+                "requires",
+            ),
+            (
+                "exec = [\"/x\"]\nready = \"exit\"\ntty = \"/etc/passwd\"\n",
+                "tty",
+            ),
+            (
+                "exec = [\"/x\"]\nready = \"exit\"\nenv = { \"\" = \"v\" }\n",
+                "env",
+            ),
         ];
         for (text, want) in cases {
             match svc("t", text).1.unwrap_err() {
@@ -430,8 +473,14 @@ boot_critical = true
     #[test]
     fn order_follows_dependencies() {
         let set = resolve(vec![
-            svc("c", "exec = [\"/x\"]\nready = \"started\"\nafter = [\"b\"]\n"),
-            svc("b", "exec = [\"/x\"]\nready = \"started\"\nrequires = [\"a\"]\n"),
+            svc(
+                "c",
+                "exec = [\"/x\"]\nready = \"started\"\nafter = [\"b\"]\n",
+            ),
+            svc(
+                "b",
+                "exec = [\"/x\"]\nready = \"started\"\nrequires = [\"a\"]\n",
+            ),
             svc("a", SIMPLE),
         ]);
         let names: Vec<_> = set.services.iter().map(|s| s.name.as_str()).collect();
@@ -442,10 +491,22 @@ boot_critical = true
     #[test]
     fn cycles_unknowns_and_broken_requirements_are_isolated() {
         let set = resolve(vec![
-            svc("a", "exec = [\"/x\"]\nready = \"started\"\nafter = [\"b\"]\n"),
-            svc("b", "exec = [\"/x\"]\nready = \"started\"\nafter = [\"a\"]\n"),
-            svc("c", "exec = [\"/x\"]\nready = \"started\"\nrequires = [\"ghost\"]\n"),
-            svc("d", "exec = [\"/x\"]\nready = \"started\"\nrequires = [\"broken\"]\n"),
+            svc(
+                "a",
+                "exec = [\"/x\"]\nready = \"started\"\nafter = [\"b\"]\n",
+            ),
+            svc(
+                "b",
+                "exec = [\"/x\"]\nready = \"started\"\nafter = [\"a\"]\n",
+            ),
+            svc(
+                "c",
+                "exec = [\"/x\"]\nready = \"started\"\nrequires = [\"ghost\"]\n",
+            ),
+            svc(
+                "d",
+                "exec = [\"/x\"]\nready = \"started\"\nrequires = [\"broken\"]\n",
+            ),
             svc("broken", "exec = 3\n"),
             svc("e", SIMPLE),
         ]);

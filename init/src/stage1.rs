@@ -37,7 +37,9 @@ pub enum Stage1Error {
     Params(#[from] ParamsError),
     #[error("dm-verity setup")]
     Dm(#[from] DmError),
-    #[error("verity: the root of slot {slot} is corrupt (read error at byte {offset} of {device})")]
+    #[error(
+        "verity: the root of slot {slot} is corrupt (read error at byte {offset} of {device})"
+    )]
     Corrupt {
         slot: String,
         device: PathBuf,
@@ -95,7 +97,10 @@ fn run_inner(
     )?;
     let root_dev = PathBuf::from(format!("/dev/dm-{minor}"));
     wait_for_node(&root_dev)?;
-    log::info!("verity root {major}:{minor} up, root hash {}", params.root_hash);
+    log::info!(
+        "verity root {major}:{minor} up, root hash {}",
+        params.root_hash
+    );
 
     if cmdline.verify_full {
         let t = Instant::now();
@@ -105,7 +110,10 @@ fn run_inner(
             offset,
             source,
         })?;
-        log::info!("verified every block of the root in {} ms", t.elapsed().as_millis());
+        log::info!(
+            "verified every block of the root in {} ms",
+            t.elapsed().as_millis()
+        );
     }
 
     let ro = MountFlags::RDONLY | MountFlags::NODEV;
@@ -118,7 +126,13 @@ fn run_inner(
     )?;
     mount_data(&cmdline)?;
     let tmp = MountFlags::NOSUID | MountFlags::NODEV;
-    mounts::mount_one("tmpfs", &Path::new(NEW_ROOT).join("run"), "tmpfs", tmp, "mode=0755")?;
+    mounts::mount_one(
+        "tmpfs",
+        &Path::new(NEW_ROOT).join("run"),
+        "tmpfs",
+        tmp,
+        "mode=0755",
+    )?;
     mounts::mount_one(
         "tmpfs",
         &Path::new(NEW_ROOT).join("tmp"),
@@ -138,12 +152,19 @@ fn run_inner(
 fn mount_data(cmdline: &Cmdline) -> Result<(), Stage1Error> {
     let target = Path::new(NEW_ROOT).join("var");
     let flags = MountFlags::NOSUID | MountFlags::NODEV;
-    let found = blockdev::wait_for(Path::new("/sys/class/block"), "data", Duration::from_secs(2));
+    let found = blockdev::wait_for(
+        Path::new("/sys/class/block"),
+        "data",
+        Duration::from_secs(2),
+    );
     let mounted = match found {
         Ok(d) => match mounts::mount_one(&d.node().to_string_lossy(), &target, "ext4", flags, "") {
             Ok(()) => true,
             Err(e) => {
-                log::error!("data partition {}: {e}: /var is volatile this boot", d.kname);
+                log::error!(
+                    "data partition {}: {e}: /var is volatile this boot",
+                    d.kname
+                );
                 false
             }
         },
@@ -196,11 +217,17 @@ fn switch_root(started: Instant) -> Result<std::convert::Infallible, Stage1Error
     rustix::mount::mount_move(".", "/").map_err(Stage1Error::SwitchRoot)?;
     rustix::process::chroot(".").map_err(Stage1Error::SwitchRoot)?;
     rustix::process::chdir("/").map_err(Stage1Error::SwitchRoot)?;
-    let prog = CString::new(STAGE2).map_err(|_| Stage1Error::SwitchRoot(rustix::io::Errno::INVAL))?;
+    let prog =
+        CString::new(STAGE2).map_err(|_| Stage1Error::SwitchRoot(rustix::io::Errno::INVAL))?;
     // Stage 2 reports time since stage 1 started, as the contract says.
-    let since = CString::new(format!("--started-ms-ago={}", started.elapsed().as_millis()))
-        .map_err(|_| Stage1Error::SwitchRoot(rustix::io::Errno::INVAL))?;
+    let since = CString::new(format!(
+        "--started-ms-ago={}",
+        started.elapsed().as_millis()
+    ))
+    .map_err(|_| Stage1Error::SwitchRoot(rustix::io::Errno::INVAL))?;
     let args = [prog.clone(), c"stage2".to_owned(), since];
-    let err = nix::unistd::execv(&prog, &args).err().unwrap_or(nix::errno::Errno::UnknownErrno);
+    let err = nix::unistd::execv(&prog, &args)
+        .err()
+        .unwrap_or(nix::errno::Errno::UnknownErrno);
     Err(Stage1Error::Exec(err))
 }

@@ -47,7 +47,10 @@ struct BootHooks {
 impl Hooks for BootHooks {
     fn all_critical_ready(&mut self) {
         let ms = (self.offset + self.started.elapsed()).as_millis();
-        let slot = self.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
+        let slot = self
+            .slot
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "?".into());
         marker(&format!(
             "QINIT-READY slot={slot} version={} ms={ms}",
             self.version
@@ -104,7 +107,11 @@ pub fn run(offset: Duration) -> ! {
     for (name, err) in &set.rejected {
         log::error!("service {name} rejected: {err}");
     }
-    log::info!("{} services loaded from {}", set.services.len(), dir.display());
+    log::info!(
+        "{} services loaded from {}",
+        set.services.len(),
+        dir.display()
+    );
     let shutdown = match Supervisor::new(set.services, Path::new(NOTIFY_DIR)) {
         Ok(mut sup) => sup.run(&mut hooks),
         Err(e) => {
@@ -119,8 +126,20 @@ fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
     // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot.
     let _ = rustix::system::reboot(rustix::system::RebootCommand::CadOff);
     let nosuid = MountFlags::NOSUID | MountFlags::NOEXEC;
-    mounts::mount_one("devpts", Path::new("/dev/pts"), "devpts", nosuid, "gid=5,mode=620,ptmxmode=000")?;
-    mounts::mount_one("tmpfs", Path::new("/dev/shm"), "tmpfs", nosuid | MountFlags::NODEV, "mode=1777")?;
+    mounts::mount_one(
+        "devpts",
+        Path::new("/dev/pts"),
+        "devpts",
+        nosuid,
+        "gid=5,mode=620,ptmxmode=000",
+    )?;
+    mounts::mount_one(
+        "tmpfs",
+        Path::new("/dev/shm"),
+        "tmpfs",
+        nosuid | MountFlags::NODEV,
+        "mode=1777",
+    )?;
     for d in RUNTIME_DIRS {
         std::fs::create_dir_all(d)?;
     }
@@ -136,7 +155,13 @@ fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => log::error!("dom0 modules: {e}"),
     }
     if Path::new("/proc/xen").exists() || Path::new("/sys/hypervisor/type").exists() {
-        mounts::mount_one("xenfs", Path::new("/proc/xen"), "xenfs", MountFlags::empty(), "")?;
+        mounts::mount_one(
+            "xenfs",
+            Path::new("/proc/xen"),
+            "xenfs",
+            MountFlags::empty(),
+            "",
+        )?;
     } else {
         log::warn!("not running under Xen: xenfs not mounted");
     }
@@ -150,9 +175,15 @@ fn finish(kind: Shutdown, pid1: bool) -> ! {
         std::process::exit(0);
     }
     log::info!("shutdown: {kind:?}");
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     std::thread::sleep(Duration::from_millis(500));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     crate::power::sync_with_cap(Duration::from_secs(30));
     for mp in ["/var", "/proc/xen"] {
         let _ = rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty());

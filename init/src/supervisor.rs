@@ -139,13 +139,19 @@ impl Supervisor {
             .map_err(setup("signalfd"))?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("epoll"))?;
         epoll
-            .add(sigfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL_TOKEN))
+            .add(
+                sigfd.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL_TOKEN),
+            )
             .map_err(setup("epoll add signalfd"))?;
         std::fs::create_dir_all(notify_dir).map_err(|source| SupervisorError::NotifyDir {
             path: notify_dir.to_owned(),
             source,
         })?;
-        let kmsg = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok();
+        let kmsg = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/kmsg")
+            .ok();
         let units = services
             .into_iter()
             .map(|svc| Unit {
@@ -284,10 +290,9 @@ impl Supervisor {
                         && u.svc.ready_path.as_deref().is_some_and(Path::exists)
                     {
                         self.mark_ready(i);
-                    } else if u
-                        .started_at
-                        .is_some_and(|t| now.duration_since(t) > Duration::from_millis(u.svc.ready_timeout_ms))
-                    {
+                    } else if u.started_at.is_some_and(|t| {
+                        now.duration_since(t) > Duration::from_millis(u.svc.ready_timeout_ms)
+                    }) {
                         let reason = format!("not ready within {} ms", u.svc.ready_timeout_ms);
                         if let Some(pid) = u.pid {
                             let _ = killpg(pid, Signal::SIGKILL);
@@ -380,7 +385,9 @@ impl Supervisor {
             None => None,
         };
         if let Some(t) = &tty {
-            cmd.stdin(t.try_clone()?).stdout(t.try_clone()?).stderr(t.try_clone()?);
+            cmd.stdin(t.try_clone()?)
+                .stdout(t.try_clone()?)
+                .stderr(t.try_clone()?);
         } else {
             let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
             rustix::io::ioctl_fionbio(&r, true)?;

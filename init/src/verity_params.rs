@@ -56,7 +56,10 @@ impl RootVerity {
                 line: i + 1,
                 reason: "expected key=value".into(),
             })?;
-            if fields.insert(k.trim().to_owned(), v.trim().to_owned()).is_some() {
+            if fields
+                .insert(k.trim().to_owned(), v.trim().to_owned())
+                .is_some()
+            {
                 return Err(ParamsError::Syntax {
                     path: path.to_owned(),
                     line: i + 1,
@@ -65,11 +68,14 @@ impl RootVerity {
             }
         }
         let get = |field: &'static str| {
-            fields.get(field).cloned().ok_or_else(|| ParamsError::Field {
-                path: path.to_owned(),
-                field,
-                reason: "missing".into(),
-            })
+            fields
+                .get(field)
+                .cloned()
+                .ok_or_else(|| ParamsError::Field {
+                    path: path.to_owned(),
+                    field,
+                    reason: "missing".into(),
+                })
         };
         let num = |field: &'static str| -> Result<u64, ParamsError> {
             get(field)?.parse::<u64>().map_err(|e| ParamsError::Field {
@@ -135,7 +141,11 @@ impl RootVerity {
     /// The dm-verity target parameters for a root whose data and hash
     /// tree share one device (`major:minor`).
     pub fn table(&self, dev: &str) -> String {
-        let salt = if self.salt.is_empty() { "-" } else { &self.salt };
+        let salt = if self.salt.is_empty() {
+            "-"
+        } else {
+            &self.salt
+        };
         format!(
             "1 {dev} {dev} {} {} {} {} sha256 {} {salt}",
             self.data_block_size,
@@ -168,7 +178,11 @@ mod tests {
         let cases = [
             ("data_blocks=100", "data_blocks=0", "data_blocks"),
             ("data_blocks=100", "data_blocks=x", "data_blocks"),
-            ("data_block_size=4096", "data_block_size=1000", "data_block_size"),
+            (
+                "data_block_size=4096",
+                "data_block_size=1000",
+                "data_block_size",
+            ),
             ("algorithm=sha256", "algorithm=md5", "algorithm"),
             ("root_hash=aa", "root_hash=zz", "root_hash"),
             ("salt=0102", "salt=010", "salt"),

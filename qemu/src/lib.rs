@@ -85,8 +85,16 @@ impl VmConfig {
     pub fn args(&self) -> Vec<String> {
         let w = |f: &str| self.work_dir.join(f).to_string_lossy().into_owned();
         let mut a: Vec<String> = [
-            "-machine", "q35", "-cpu", CPU_MODEL, "-nodefaults", "-no-user-config",
-            "-display", "none", "-nic", "none",
+            "-machine",
+            "q35",
+            "-cpu",
+            CPU_MODEL,
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-nic",
+            "none",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -99,10 +107,16 @@ impl VmConfig {
             "-drive".into(),
             format!("if=pflash,format=raw,unit=1,file={}", w("OVMF_VARS.fd")),
         ]);
-        for (i, d) in std::iter::once(&self.disk).chain(&self.extra_disks).enumerate() {
+        for (i, d) in std::iter::once(&self.disk)
+            .chain(&self.extra_disks)
+            .enumerate()
+        {
             a.extend([
                 "-drive".into(),
-                format!("file={},format=raw,if=none,id=disk{i},cache=writeback", d.display()),
+                format!(
+                    "file={},format=raw,if=none,id=disk{i},cache=writeback",
+                    d.display()
+                ),
                 "-device".into(),
                 if i == 0 {
                     format!("virtio-blk-pci,drive=disk{i},bootindex=1")
@@ -285,7 +299,13 @@ impl Vm {
                 .enumerate()
                 .filter_map(|(i, n)| find(hay, n.as_bytes()).map(|p| (p, i)))
                 .min();
-            if let Some((pos, i)) = best {
+            // Only a whole line counts: the rest of a marker line may
+            // still be on its way.
+            let complete = best.filter(|(pos, i)| {
+                let after = self.cursor + pos + needles[*i].len();
+                guard.closed || guard.bytes[after..].contains(&b'\n')
+            });
+            if let Some((pos, i)) = complete {
                 let abs = self.cursor + pos;
                 let start = guard.bytes[..abs]
                     .iter()
@@ -378,11 +398,14 @@ impl Vm {
 
     /// Connects to QMP and runs one command.
     pub fn qmp(&self, command: &str) -> Result<serde_json::Value, VmError> {
-        let stream = UnixStream::connect(&self.qmp_path).map_err(|e| VmError::Qmp(e.to_string()))?;
+        let stream =
+            UnixStream::connect(&self.qmp_path).map_err(|e| VmError::Qmp(e.to_string()))?;
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| VmError::Qmp(e.to_string()))?;
-        let mut writer = stream.try_clone().map_err(|e| VmError::Qmp(e.to_string()))?;
+        let mut writer = stream
+            .try_clone()
+            .map_err(|e| VmError::Qmp(e.to_string()))?;
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader

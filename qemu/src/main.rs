@@ -41,7 +41,10 @@ fn main() -> ExitCode {
     match cli.wait_for {
         Some(needle) => match vm.wait_for(&needle, Duration::from_secs(cli.timeout)) {
             Ok(line) => {
-                eprintln!("\nqvm: saw {line:?} after {:.1} s", vm.uptime().as_secs_f64());
+                eprintln!(
+                    "\nqvm: saw {line:?} after {:.1} s",
+                    vm.uptime().as_secs_f64()
+                );
                 vm.quit();
                 ExitCode::SUCCESS
             }

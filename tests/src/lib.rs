@@ -1,1 +1,67 @@
-//! placeholder
+//! Helpers for the end-to-end scenarios: find the built image, give each
+//! scenario its own copy of the disk, boot it, and always leave the serial
+//! log behind for a failing test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// How long a boot to the ready marker may take under TCG on 2 cores.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+/// How long a shell command may take.
+pub const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The qemu-test image directory `cargo xtask test` built.
+pub fn image_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("QTEST_IMAGE_DIR")
+        .map(PathBuf::from)
+        .context("QTEST_IMAGE_DIR is not set: run the scenarios through `cargo xtask test`")?;
+    if !dir.join("disk.img").is_file() {
+        bail!("{} has no disk.img", dir.display());
+    }
+    Ok(dir)
+}
+
+/// A scenario's private working directory with a fresh copy of the disk.
+pub fn scenario(name: &str) -> Result<(PathBuf, PathBuf)> {
+    let image = image_dir()?;
+    let work = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/e2e")
+        .join(name);
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    let disk = work.join("disk.img");
+    std::fs::copy(image.join("disk.img"), &disk)
+        .with_context(|| format!("copying the disk image into {}", work.display()))?;
+    Ok((work, disk))
+}
+
+/// Starts a VM on `disk`; the console is echoed so `cargo test` shows it
+/// for a failing scenario.
+pub fn start(disk: &Path, work: &Path, no_reboot: bool) -> Result<qemu::Vm> {
+    let mut cfg = qemu::VmConfig::new(disk, work);
+    cfg.no_reboot = no_reboot;
+    cfg.echo = std::env::var_os("QTEST_ECHO").is_some();
+    Ok(qemu::Vm::start(&cfg)?)
+}
+
+/// Waits for the ready marker; a failure marker ends the wait at once.
+pub fn wait_ready(vm: &mut qemu::Vm) -> Result<String> {
+    match vm.wait_for_any(&["QINIT-READY", "QINIT-FAILED"], BOOT_TIMEOUT) {
+        Ok((0, line)) => Ok(line),
+        Ok((_, line)) => bail!("boot failed: {line}\n--- serial ---\n{}", vm.output()),
+        Err(e) => bail!("{e}\n(serial log: {})", vm.serial_log.display()),
+    }
+}
+
+/// Runs a command on the test image's serial shell.
+pub fn sh(vm: &mut qemu::Vm, command: &str) -> Result<String> {
+    let (out, rc) = vm.shell(command, SHELL_TIMEOUT)?;
+    if rc != 0 {
+        bail!("`{command}` exited {rc}: {out}");
+    }
+    Ok(out)
+}

@@ -110,7 +110,11 @@ fn installed(pkg: &str) -> bool {
 
 /// Installs missing host packages when root; otherwise prints the command.
 fn ensure_host_packages() -> Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = HOST_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -216,7 +220,10 @@ fn build_image(root: &Path, profile: &str, refresh: bool) -> Result<PathBuf> {
         cmd.arg("--refresh");
     }
     run_cmd(&mut cmd)?;
-    eprintln!("xtask: image {profile} built in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask: image {profile} built in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(out)
 }
 
@@ -252,7 +259,10 @@ fn boot(root: &Path, image_dir: &Path, profile: &str, timeout: Duration) -> Resu
         }
         (_, line) => {
             vm.quit();
-            bail!("dom0 failed to boot: {line} (serial log {})", vm.serial_log.display())
+            bail!(
+                "dom0 failed to boot: {line} (serial log {})",
+                vm.serial_log.display()
+            )
         }
     }
 }
@@ -278,9 +288,20 @@ fn test(root: &Path, no_vm: bool) -> Result<()> {
     let image = build_image(root, "qemu-test", false)?;
     run_cmd(
         cargo()
-            .args(["test", "--locked", "-p", "e2e", "--", "--ignored", "--test-threads=1"])
+            .args([
+                "test",
+                "--locked",
+                "-p",
+                "e2e",
+                "--",
+                "--ignored",
+                "--test-threads=1",
+            ])
             .env("QTEST_IMAGE_DIR", &image),
     )?;
-    eprintln!("xtask: whole suite passed in {:.0} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask: whole suite passed in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
