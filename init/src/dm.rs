@@ -12,6 +12,7 @@ const DM_IOCTL_SIZE: usize = 312;
 /// `sizeof(struct dm_target_spec)`.
 const DM_TARGET_SPEC_SIZE: usize = 40;
 const DM_VERSION: [u32; 3] = [4, 0, 0];
+const _: () = assert!(48 + DM_NAME_LEN + DM_UUID_LEN + 7 == DM_IOCTL_SIZE);
 
 const DM_READONLY_FLAG: u32 = 1 << 0;
 
@@ -91,7 +92,6 @@ pub fn encode(name: &str, flags: u32, targets: &[Target]) -> Result<Vec<u8>, DmE
     buf[20..24].copy_from_slice(&count.to_ne_bytes());
     buf[28..32].copy_from_slice(&flags.to_ne_bytes());
     buf[48..48 + name.len()].copy_from_slice(name.as_bytes());
-    debug_assert!(48 + DM_NAME_LEN + DM_UUID_LEN + 7 == DM_IOCTL_SIZE);
     buf[DM_IOCTL_SIZE..DM_IOCTL_SIZE + body.len()].copy_from_slice(&body);
     Ok(buf)
 }
@@ -118,8 +118,8 @@ fn ioctl(control: &File, cmd: u8, buf: &mut [u8]) -> std::io::Result<()> {
 
 /// Decodes the kernel's `huge_encode_dev` device number.
 pub fn decode_dev(dev: u64) -> (u32, u32) {
-    let major = ((dev >> 8) & 0xfff) as u32;
-    let minor = ((dev & 0xff) | ((dev >> 12) & 0xfff00)) as u32;
+    let major = u32::try_from((dev >> 8) & 0xfff).unwrap_or(0);
+    let minor = u32::try_from((dev & 0xff) | ((dev >> 12) & 0xfff00)).unwrap_or(0);
     (major, minor)
 }
 
@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(spec[8..16].try_into().unwrap()), 800);
         let next = u32::from_ne_bytes(spec[20..24].try_into().unwrap()) as usize;
         assert_eq!(next % 8, 0);
-        assert!(next >= 40 + t.params.len() + 1);
+        assert!(next > 40 + t.params.len());
         assert_eq!(&spec[24..30], b"verity");
         assert_eq!(&spec[40..40 + t.params.len()], t.params.as_bytes());
         assert_eq!(spec[40 + t.params.len()], 0);
