@@ -281,27 +281,63 @@ fn forward_stdin(vm: &mut qemu::Vm) -> Result<()> {
 
 fn test(root: &Path, no_vm: bool) -> Result<()> {
     let t = Instant::now();
-    run_cmd(cargo().args(["test", "--workspace", "--locked"]))?;
-    if no_vm {
-        return Ok(());
-    }
-    let image = build_image(root, "qemu-test", false)?;
-    run_cmd(
-        cargo()
-            .args([
-                "test",
-                "--locked",
-                "-p",
-                "e2e",
-                "--",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .env("QTEST_IMAGE_DIR", &image),
+    let mut totals = TestTotals::default();
+    run_tests(
+        cargo().args(["test", "--workspace", "--locked"]),
+        &mut totals,
     )?;
-    eprintln!(
-        "xtask: whole suite passed in {:.0} s",
-        t.elapsed().as_secs_f64()
-    );
+    if !no_vm {
+        let image = build_image(root, "qemu-test", false)?;
+        run_tests(
+            cargo()
+                .args(["test", "--locked", "-p", "e2e", "--tests"])
+                .args(["--", "--ignored", "--test-threads=1"])
+                .env("QTEST_IMAGE_DIR", &image),
+            &mut totals,
+        )?;
+    }
+    eprintln!("xtask: whole suite took {:.0} s", t.elapsed().as_secs_f64());
+    println!("suite: {} passed, {} failed", totals.passed, totals.failed);
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs a `cargo test`, passing its output through and adding up its
+/// `test result:` lines so the suite ends on one total.
+fn run_tests(cmd: &mut Command, totals: &mut TestTotals) -> Result<()> {
+    use std::io::BufRead;
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {desc}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => totals.passed += n,
+                    "failed" => totals.failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{desc} failed ({status})");
+    }
     Ok(())
 }
