@@ -10,6 +10,8 @@
 
 pub mod blockdev;
 pub mod cmdline;
+pub mod confine;
+pub mod control;
 pub mod dm;
 pub mod kmsg;
 pub mod modules;
@@ -20,3 +22,4 @@ pub mod stage1;
 pub mod stage2;
 pub mod supervisor;
 pub mod verity_params;
+pub mod xenstore;

@@ -26,8 +26,12 @@ fn main() {
                 .unwrap_or_default();
             qinit::stage2::run(offset)
         }
+        Some("ctl") => std::process::exit(qinit::control::main(&args[2..])),
         _ => {
-            eprintln!("usage: qinit stage2   (as /init in an initramfs it runs stage 1)");
+            eprintln!(
+                "usage: qinit ctl status|start <svc>|stop <svc>|restart <svc>|reboot|poweroff\n       \
+                 qinit stage2   (PID 1; as /init in an initramfs it runs stage 1)"
+            );
             std::process::exit(2);
         }
     }

@@ -45,6 +45,8 @@ pub enum Readiness {
     Notify,
     /// When `ready_path` exists.
     Path,
+    /// When the xenstore key `ready_key` exists.
+    Xenstore,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,7 +79,38 @@ struct ServiceFile {
     #[serde(default)]
     boot_critical: bool,
     #[serde(default)]
+    ready_key: Option<String>,
+    #[serde(default)]
     tty: Option<String>,
+    #[serde(default = "default_stop_signal")]
+    stop_signal: String,
+    #[serde(default = "default_stop_timeout")]
+    stop_timeout_ms: u64,
+    #[serde(default)]
+    user: Option<u32>,
+    #[serde(default)]
+    group: Option<u32>,
+    /// Capabilities kept; `None` keeps root's full set.
+    #[serde(default)]
+    capabilities: Option<Vec<String>>,
+    #[serde(default)]
+    no_new_privs: bool,
+    #[serde(default = "default_true")]
+    new_session: bool,
+    #[serde(default)]
+    cgroup: bool,
+}
+
+fn default_stop_signal() -> String {
+    "SIGTERM".into()
+}
+
+fn default_stop_timeout() -> u64 {
+    5_000
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_ready_timeout() -> u64 {
@@ -106,6 +139,88 @@ pub struct Service {
     pub restart: RestartPolicy,
     pub boot_critical: bool,
     pub tty: Option<PathBuf>,
+    pub ready_key: Option<String>,
+    pub stop_signal: nix::sys::signal::Signal,
+    pub stop_timeout_ms: u64,
+    pub hardening: Hardening,
+}
+
+/// Optional confinement applied in the child before exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hardening {
+    pub user: Option<u32>,
+    pub group: Option<u32>,
+    /// Capability numbers to keep; `None` keeps everything.
+    pub capabilities: Option<Vec<u32>>,
+    pub no_new_privs: bool,
+    pub new_session: bool,
+    /// Run in its own cgroup v2 (`/sys/fs/cgroup/qinit/<name>`), so stopping
+    /// it can kill everything it forked.
+    pub cgroup: bool,
+}
+
+/// Linux capability names (without `CAP_`) and numbers, from
+/// <linux/capability.h>.
+const CAPABILITIES: &[(&str, u32)] = &[
+    ("CHOWN", 0),
+    ("DAC_OVERRIDE", 1),
+    ("DAC_READ_SEARCH", 2),
+    ("FOWNER", 3),
+    ("FSETID", 4),
+    ("KILL", 5),
+    ("SETGID", 6),
+    ("SETUID", 7),
+    ("SETPCAP", 8),
+    ("LINUX_IMMUTABLE", 9),
+    ("NET_BIND_SERVICE", 10),
+    ("NET_BROADCAST", 11),
+    ("NET_ADMIN", 12),
+    ("NET_RAW", 13),
+    ("IPC_LOCK", 14),
+    ("IPC_OWNER", 15),
+    ("SYS_MODULE", 16),
+    ("SYS_RAWIO", 17),
+    ("SYS_CHROOT", 18),
+    ("SYS_PTRACE", 19),
+    ("SYS_PACCT", 20),
+    ("SYS_ADMIN", 21),
+    ("SYS_BOOT", 22),
+    ("SYS_NICE", 23),
+    ("SYS_RESOURCE", 24),
+    ("SYS_TIME", 25),
+    ("SYS_TTY_CONFIG", 26),
+    ("MKNOD", 27),
+    ("LEASE", 28),
+    ("AUDIT_WRITE", 29),
+    ("AUDIT_CONTROL", 30),
+    ("SETFCAP", 31),
+    ("MAC_OVERRIDE", 32),
+    ("MAC_ADMIN", 33),
+    ("SYSLOG", 34),
+    ("WAKE_ALARM", 35),
+    ("BLOCK_SUSPEND", 36),
+    ("AUDIT_READ", 37),
+    ("PERFMON", 38),
+    ("BPF", 39),
+    ("CHECKPOINT_RESTORE", 40),
+];
+
+/// The highest capability number this table knows.
+pub const CAP_LAST: u32 = 40;
+
+fn parse_capability(name: &str) -> Option<u32> {
+    let n = name.strip_prefix("CAP_").unwrap_or(name);
+    CAPABILITIES
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(n))
+        .map(|(_, v)| *v)
+}
+
+fn valid_xenstore_path(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() <= 3072
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_-@.".contains(c))
 }
 
 fn valid_name(s: &str) -> bool {
@@ -191,6 +306,45 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
         }
         (_, None) => None,
     };
+    let ready_key = match (f.ready, f.ready_key) {
+        (Readiness::Xenstore, Some(k)) if valid_xenstore_path(&k) => Some(k),
+        (Readiness::Xenstore, Some(k)) => {
+            return Err(field("ready_key", format!("`{k}` is not an absolute xenstore path")))
+        }
+        (Readiness::Xenstore, None) => {
+            return Err(field("ready_key", "required when ready = \"xenstore\"".into()))
+        }
+        (_, Some(_)) => {
+            return Err(field("ready_key", "only allowed with ready = \"xenstore\"".into()))
+        }
+        (_, None) => None,
+    };
+    let stop_signal: nix::sys::signal::Signal = f
+        .stop_signal
+        .parse()
+        .map_err(|_| field("stop_signal", format!("`{}` is not a signal name", f.stop_signal)))?;
+    if f.stop_timeout_ms == 0 || f.stop_timeout_ms > 600_000 {
+        return Err(field(
+            "stop_timeout_ms",
+            format!("{} is not in 1..=600000", f.stop_timeout_ms),
+        ));
+    }
+    let capabilities = match f.capabilities {
+        None => None,
+        Some(list) => {
+            let mut caps = Vec::new();
+            for c in &list {
+                caps.push(
+                    parse_capability(c)
+                        .ok_or_else(|| field("capabilities", format!("`{c}` is not a capability")))?,
+                );
+            }
+            Some(caps)
+        }
+    };
+    if f.group.is_some() && f.user.is_none() {
+        return Err(field("group", "needs `user` as well".into()));
+    }
     if f.ready_timeout_ms == 0 || f.ready_timeout_ms > 600_000 {
         return Err(field(
             "ready_timeout_ms",
@@ -208,6 +362,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
         Some(t) => return Err(field("tty", format!("`{t}` is not a /dev path"))),
         None => None,
     };
+    let has_tty = tty.is_some();
     let mut after = f.after.clone();
     for r in &f.requires {
         if !after.contains(r) {
@@ -228,6 +383,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
         restart: f.restart,
         boot_critical: f.boot_critical,
         tty,
+        ready_key,
+        stop_signal,
+        stop_timeout_ms: f.stop_timeout_ms,
+        hardening: Hardening {
+            user: f.user,
+            group: f.group,
+            capabilities,
+            no_new_privs: f.no_new_privs,
+            new_session: f.new_session || has_tty,
+            cgroup: f.cgroup,
+        },
     })
 }
 
@@ -400,6 +566,13 @@ ready_path = "/run/xenstored/socket"
 ready_timeout_ms = 5000
 restart = "on-failure"
 boot_critical = true
+stop_signal = "SIGINT"
+stop_timeout_ms = 2000
+user = 1000
+group = 1000
+capabilities = ["CAP_NET_ADMIN", "sys_admin"]
+no_new_privs = true
+cgroup = true
 "#,
         );
         let s = s.unwrap();
@@ -407,6 +580,11 @@ boot_critical = true
         assert_eq!(s.ready, Readiness::Path);
         assert_eq!(s.restart, RestartPolicy::OnFailure);
         assert!(s.boot_critical);
+        assert_eq!(s.stop_signal, nix::sys::signal::Signal::SIGINT);
+        assert_eq!(s.stop_timeout_ms, 2000);
+        assert_eq!(s.hardening.capabilities, Some(vec![12, 21]));
+        assert_eq!(s.hardening.user, Some(1000));
+        assert!(s.hardening.no_new_privs && s.hardening.cgroup && s.hardening.new_session);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::cmdline::{Cmdline, OnFailure, Slot};
 use crate::kmsg::marker;
 use crate::mounts;
 use crate::services;
-use crate::supervisor::{Hooks, Shutdown, Supervisor};
+use crate::supervisor::{Hooks, Paths, Shutdown, Supervisor};
 
 pub const DOM0_MODULES: &str = "/etc/qinit/modules.dom0";
 pub const IMAGE_INFO: &str = "/etc/qinit/image";
@@ -100,19 +100,42 @@ pub fn run(offset: Duration) -> ! {
         failed: false,
     };
 
-    let dir = std::env::var_os("QINIT_SERVICE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| services::SERVICE_DIR.into());
-    let set = services::load_dir(&dir);
+    let env_path = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| default.into())
+    };
+    let dir = env_path("QINIT_SERVICE_DIR", services::SERVICE_DIR);
+    let production = image_field(&info, "production").as_deref() == Some("true");
+    let mut set = services::load_dir(&dir);
+    if production {
+        // A production image has no shell: a service on a terminal is one.
+        let (tty, rest): (Vec<_>, Vec<_>) =
+            set.services.into_iter().partition(|s| s.tty.is_some());
+        set.services = rest;
+        for s in tty {
+            log::error!(
+                "service {} rejected: production images run nothing on a terminal",
+                s.name
+            );
+        }
+    } else if cmdline.as_ref().is_some_and(|c| c.debug) {
+        match debug_shell() {
+            Ok(s) if !set.services.iter().any(|x| x.tty == s.tty) => set.services.push(s),
+            Ok(_) => {}
+            Err(e) => log::error!("qinit.debug: {e}"),
+        }
+    }
     for (name, err) in &set.rejected {
         log::error!("service {name} rejected: {err}");
     }
-    log::info!(
-        "{} services loaded from {}",
-        set.services.len(),
-        dir.display()
-    );
-    let shutdown = match Supervisor::new(set.services, Path::new(NOTIFY_DIR)) {
+    log::info!("{} services loaded from {}", set.services.len(), dir.display());
+    let paths = Paths {
+        notify_dir: env_path("QINIT_NOTIFY_DIR", NOTIFY_DIR),
+        control: env_path("QINIT_CONTROL", crate::control::SOCKET),
+        xenstore: crate::xenstore::SOCKET.into(),
+    };
+    let shutdown = match Supervisor::new(set.services, paths) {
         Ok(mut sup) => sup.run(&mut hooks),
         Err(e) => {
             marker(&format!("QINIT-FAILED reason=supervisor: {e}"));
@@ -120,6 +143,16 @@ pub fn run(offset: Duration) -> ! {
         }
     };
     finish(shutdown, pid1)
+}
+
+/// The `qinit.debug` shell of non-production images: a root shell on the
+/// hypervisor console, defined like any other service.
+fn debug_shell() -> Result<services::Service, services::ServiceError> {
+    services::parse(
+        Path::new("/run/qinit/debug-shell.toml"),
+        "description = \"qinit.debug shell\"\nexec = [\"/usr/bin/sh\", \"-i\"]\n\
+         ready = \"started\"\nrestart = \"always\"\ntty = \"/dev/hvc0\"\n",
+    )
 }
 
 fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
@@ -185,8 +218,28 @@ fn finish(kind: Shutdown, pid1: bool) -> ! {
         nix::sys::signal::Signal::SIGKILL,
     );
     crate::power::sync_with_cap(Duration::from_secs(30));
-    for mp in ["/var", "/proc/xen"] {
-        let _ = rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty());
-    }
+    unmount_all();
+    crate::power::sync_with_cap(Duration::from_secs(10));
     crate::power::power(kind == Shutdown::Reboot)
+}
+
+/// Unmounts everything but the root and the kernel's API filesystems, in
+/// reverse mount order; what stays busy is detached.
+fn unmount_all() {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let keep = ["/", "/proc", "/sys", "/dev"];
+    let points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|mp| !keep.contains(mp))
+        .map(str::to_owned)
+        .collect();
+    for mp in points.iter().rev() {
+        if let Err(e) = rustix::mount::unmount(mp.as_str(), rustix::mount::UnmountFlags::empty()) {
+            log::warn!("unmount {mp}: {e}; detaching");
+            let _ = rustix::mount::unmount(mp.as_str(), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
 }

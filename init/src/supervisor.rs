@@ -1,11 +1,13 @@
 //! The service supervisor: one single-threaded event loop over a signalfd,
-//! the services' output pipes and their notify sockets. One reaper owns
-//! `waitid(P_ALL)`, so no exit status is lost to another waiter; exits of
-//! reparented orphans are reaped and logged.
+//! a timerfd, the control socket, the services' output pipes and their
+//! notify sockets. One reaper owns `waitid(P_ALL)`, so no exit status is
+//! lost to another waiter; exits of reparented orphans are reaped and
+//! logged.
 
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixDatagram;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,20 +16,28 @@ use std::time::{Duration, Instant};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{kill, killpg, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::control::Request;
 use crate::services::{Readiness, RestartPolicy, Service};
 
 const SIGNAL_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+const CONTROL_TOKEN: u64 = u64::MAX - 2;
 const KIND_OUTPUT: u64 = 1;
 const KIND_NOTIFY: u64 = 2;
-const PATH_POLL: Duration = Duration::from_millis(20);
+const PROBE_POLL: Duration = Duration::from_millis(20);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const RESTART_LIMIT: u32 = 10;
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 4096;
+/// Log rate limit per service: a burst, then this many lines a second.
+const LOG_BURST: f64 = 200.0;
+const LOG_PER_SEC: f64 = 50.0;
 
 /// Where a service is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +52,55 @@ pub enum State {
     /// Waiting to be restarted.
     Backoff,
     Failed(String),
+    /// Stopping (signal sent) or stopped by request.
     Stopped,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            State::Waiting => f.write_str("waiting"),
+            State::Starting => f.write_str("starting"),
+            State::Ready => f.write_str("ready"),
+            State::Done => f.write_str("done"),
+            State::Backoff => f.write_str("backoff"),
+            State::Failed(r) => write!(f, "failed ({r})"),
+            State::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// A token bucket so a chatty or hostile service cannot flood the log.
+#[derive(Debug)]
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new() -> Self {
+        Self {
+            tokens: LOG_BURST,
+            last: Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// Returns whether a line may be logged, and how many were dropped
+    /// before it (to report once the limit lifts).
+    fn admit(&mut self, now: Instant) -> (bool, u64) {
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * LOG_PER_SEC).min(LOG_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            (true, std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            (false, 0)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -54,8 +112,12 @@ struct Unit {
     started_at: Option<Instant>,
     ready_after: Option<Duration>,
     next_start: Option<Instant>,
+    stop_deadline: Option<Instant>,
+    /// Start again once the stop completes (a `restart` request).
+    start_after_stop: bool,
     output: Option<(OwnedFd, Vec<u8>)>,
     notify: Option<(UnixDatagram, PathBuf)>,
+    limit: RateLimit,
 }
 
 impl Unit {
@@ -87,22 +149,34 @@ pub enum SupervisorError {
         #[source]
         source: nix::errno::Errno,
     },
-    #[error("notify socket directory {path}")]
-    NotifyDir {
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
 }
 
+/// Paths the supervisor uses; tests point them into a temporary directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub notify_dir: PathBuf,
+    pub control: PathBuf,
+    pub xenstore: PathBuf,
+}
+
 pub struct Supervisor {
     units: Vec<Unit>,
     epoll: Epoll,
     sigfd: SignalFd,
-    kmsg: Option<File>,
-    notify_dir: PathBuf,
+    timer: TimerFd,
+    control: Option<UnixListener>,
+    kmsg: Option<std::fs::File>,
+    paths: Paths,
     critical_announced: bool,
     critical_failed: bool,
+    shutdown: Option<Shutdown>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -131,27 +205,34 @@ pub fn handled_signals() -> SigSet {
 }
 
 impl Supervisor {
-    pub fn new(services: Vec<Service>, notify_dir: &Path) -> Result<Self, SupervisorError> {
+    pub fn new(services: Vec<Service>, paths: Paths) -> Result<Self, SupervisorError> {
         let setup = |what| move |source| SupervisorError::Setup { what, source };
         let signals = handled_signals();
         signals.thread_block().map_err(setup("block signals"))?;
         let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(setup("signalfd"))?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(setup("timerfd"))?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("epoll"))?;
         epoll
-            .add(
-                sigfd.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL_TOKEN),
-            )
+            .add(sigfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL_TOKEN))
             .map_err(setup("epoll add signalfd"))?;
-        std::fs::create_dir_all(notify_dir).map_err(|source| SupervisorError::NotifyDir {
-            path: notify_dir.to_owned(),
+        epoll
+            .add(timer.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TIMER_TOKEN))
+            .map_err(setup("epoll add timerfd"))?;
+        std::fs::create_dir_all(&paths.notify_dir).map_err(|source| SupervisorError::Io {
+            what: "create notify directory",
+            path: paths.notify_dir.clone(),
             source,
         })?;
-        let kmsg = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/kmsg")
-            .ok();
+        let control = bind_control(&paths.control)?;
+        epoll
+            .add(control.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONTROL_TOKEN))
+            .map_err(setup("epoll add control socket"))?;
+        let kmsg = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok();
         let units = services
             .into_iter()
             .map(|svc| Unit {
@@ -162,44 +243,56 @@ impl Supervisor {
                 started_at: None,
                 ready_after: None,
                 next_start: None,
+                stop_deadline: None,
+                start_after_stop: false,
                 output: None,
                 notify: None,
+                limit: RateLimit::new(),
             })
             .collect();
         Ok(Self {
             units,
             epoll,
             sigfd,
+            timer,
+            control: Some(control),
             kmsg,
-            notify_dir: notify_dir.to_owned(),
+            paths,
             critical_announced: false,
             critical_failed: false,
+            shutdown: None,
         })
     }
 
-    /// A snapshot for status displays and tests.
-    pub fn states(&self) -> Vec<(String, State, Option<i32>, u32)> {
+    /// One line per service: name, state, pid, restarts, ready time.
+    pub fn status_lines(&self) -> Vec<String> {
         self.units
             .iter()
             .map(|u| {
-                (
-                    u.svc.name.clone(),
-                    u.state.clone(),
-                    u.pid.map(Pid::as_raw),
+                format!(
+                    "{} state={} pid={} restarts={} ready_ms={}",
+                    u.svc.name,
+                    u.state.to_string().replace(' ', "_"),
+                    u.pid.map_or("-".into(), |p| p.to_string()),
                     u.restarts,
+                    u.ready_after
+                        .map_or("-".into(), |d| d.as_millis().to_string())
                 )
             })
             .collect()
     }
 
     /// Runs until a shutdown is requested, then stops every service in
-    /// reverse start order and returns what was asked for.
+    /// reverse dependency order and returns what was asked for.
     pub fn run(&mut self, hooks: &mut dyn Hooks) -> Shutdown {
         let kind = loop {
             self.schedule(hooks);
-            let timeout = self.next_timeout();
+            if let Some(k) = self.shutdown {
+                break k;
+            }
+            self.arm_timer();
             let mut events = [EpollEvent::empty(); 16];
-            let n = match self.epoll.wait(&mut events, timeout) {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => 0,
                 Err(e) => {
@@ -208,50 +301,67 @@ impl Supervisor {
                     0
                 }
             };
-            let mut shutdown = None;
             for ev in &events[..n] {
                 match ev.data() {
-                    SIGNAL_TOKEN => shutdown = shutdown.or(self.on_signals(hooks)),
+                    SIGNAL_TOKEN => self.on_signals(hooks),
+                    TIMER_TOKEN => {
+                        let _ = self.timer.wait();
+                    }
+                    CONTROL_TOKEN => self.on_control(),
                     token => self.on_fd(token),
                 }
             }
-            if let Some(k) = shutdown {
-                break k;
-            }
         };
-        self.stop_all();
+        self.stop_all(hooks);
         kind
     }
 
-    fn next_timeout(&self) -> EpollTimeout {
+    /// The next moment something time-driven must happen.
+    fn next_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        let mut next: Option<Duration> = None;
-        let mut consider = |d: Duration| next = Some(next.map_or(d, |n: Duration| n.min(d)));
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         for u in &self.units {
             match u.state {
                 State::Starting => {
-                    if u.svc.ready == Readiness::Path {
-                        consider(PATH_POLL);
+                    if matches!(u.svc.ready, Readiness::Path | Readiness::Xenstore) {
+                        consider(now + PROBE_POLL);
                     }
                     if let Some(t) = u.started_at {
-                        let deadline = t + Duration::from_millis(u.svc.ready_timeout_ms);
-                        consider(deadline.saturating_duration_since(now));
+                        consider(t + Duration::from_millis(u.svc.ready_timeout_ms));
                     }
                 }
                 State::Backoff => {
                     if let Some(t) = u.next_start {
-                        consider(t.saturating_duration_since(now));
+                        consider(t);
+                    }
+                }
+                State::Stopped => {
+                    if let Some(t) = u.stop_deadline {
+                        consider(t);
                     }
                 }
                 _ => {}
             }
         }
-        match next {
-            None => EpollTimeout::NONE,
-            Some(d) => {
-                let ms = u16::try_from(d.as_millis().clamp(1, 60_000)).unwrap_or(u16::MAX);
-                EpollTimeout::from(ms)
+        next
+    }
+
+    fn arm_timer(&self) {
+        let result = match self.next_deadline() {
+            None => self.timer.unset(),
+            Some(t) => {
+                let d = t
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
+                self.timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(d)),
+                    TimerSetTimeFlags::empty(),
+                )
             }
+        };
+        if let Err(e) = result {
+            log::error!("timerfd: {e}");
         }
     }
 
@@ -261,43 +371,46 @@ impl Supervisor {
         for i in 0..self.units.len() {
             match self.units[i].state {
                 State::Waiting => {
-                    let ready = self.units[i].svc.after.iter().all(|d| {
+                    let after_up = self.units[i].svc.after.iter().all(|d| {
                         self.units
                             .iter()
                             .find(|u| u.svc.name == *d)
-                            // An `after` on a service that was rejected at
-                            // load is ordering only; `requires` was resolved.
-                            .is_none_or(|u| u.is_up())
+                            // An `after` on a service rejected at load is
+                            // ordering only; `requires` was resolved then.
+                            .is_none_or(Unit::is_up)
                     });
-                    let failed_req = self.units[i].svc.requires.iter().find(|d| {
-                        self.units
-                            .iter()
-                            .any(|u| u.svc.name == **d && matches!(u.state, State::Failed(_)))
-                    });
+                    let failed_req = self.units[i]
+                        .svc
+                        .requires
+                        .iter()
+                        .find(|d| {
+                            self.units.iter().any(|u| {
+                                u.svc.name == **d && matches!(u.state, State::Failed(_))
+                            })
+                        })
+                        .cloned();
                     if let Some(d) = failed_req {
-                        let reason = format!("required service {d} failed");
-                        self.fail(i, reason, hooks);
-                    } else if ready {
+                        self.fail(i, format!("required service {d} failed"), hooks);
+                    } else if after_up {
                         self.spawn(i, hooks);
                     }
                 }
                 State::Backoff if self.units[i].next_start.is_some_and(|t| t <= now) => {
                     self.spawn(i, hooks);
                 }
-                State::Starting => {
-                    let u = &self.units[i];
-                    if u.svc.ready == Readiness::Path
-                        && u.svc.ready_path.as_deref().is_some_and(Path::exists)
-                    {
-                        self.mark_ready(i);
-                    } else if u.started_at.is_some_and(|t| {
-                        now.duration_since(t) > Duration::from_millis(u.svc.ready_timeout_ms)
-                    }) {
-                        let reason = format!("not ready within {} ms", u.svc.ready_timeout_ms);
-                        if let Some(pid) = u.pid {
-                            let _ = killpg(pid, Signal::SIGKILL);
+                State::Starting => self.probe(i, now, hooks),
+                State::Stopped => {
+                    let u = &mut self.units[i];
+                    if let (Some(pid), Some(deadline)) = (u.pid, u.stop_deadline) {
+                        if deadline <= now {
+                            log::warn!(
+                                "{}: not stopped after {} ms; killing",
+                                u.svc.name,
+                                u.svc.stop_timeout_ms
+                            );
+                            signal_service(pid, Signal::SIGKILL);
+                            u.stop_deadline = None;
                         }
-                        self.fail(i, reason, hooks);
                     }
                 }
                 _ => {}
@@ -313,6 +426,29 @@ impl Supervisor {
                 self.critical_announced = true;
                 hooks.all_critical_ready();
             }
+        }
+    }
+
+    fn probe(&mut self, i: usize, now: Instant, hooks: &mut dyn Hooks) {
+        let u = &self.units[i];
+        let ready = match u.svc.ready {
+            Readiness::Path => u.svc.ready_path.as_deref().is_some_and(Path::exists),
+            Readiness::Xenstore => u.svc.ready_key.as_deref().is_some_and(|k| {
+                crate::xenstore::exists(&self.paths.xenstore, k).unwrap_or(false)
+            }),
+            _ => false,
+        };
+        if ready {
+            self.mark_ready(i);
+            return;
+        }
+        let timeout = Duration::from_millis(u.svc.ready_timeout_ms);
+        if u.started_at.is_some_and(|t| now.duration_since(t) > timeout) {
+            let reason = format!("not ready within {} ms", u.svc.ready_timeout_ms);
+            if let Some(pid) = u.pid {
+                signal_service(pid, Signal::SIGKILL);
+            }
+            self.fail(i, reason, hooks);
         }
     }
 
@@ -367,7 +503,7 @@ impl Supervisor {
             .envs(&svc.env)
             .stdin(Stdio::null());
         if svc.ready == Readiness::Notify {
-            let path = self.notify_dir.join(format!("{}.sock", svc.name));
+            let path = self.paths.notify_dir.join(format!("{}.sock", svc.name));
             let _ = std::fs::remove_file(&path);
             let sock = UnixDatagram::bind(&path)?;
             sock.set_nonblocking(true)?;
@@ -401,18 +537,12 @@ impl Supervisor {
                 .map_err(std::io::Error::from)?;
             self.units[i].output = Some((r, Vec::new()));
         }
-        let is_tty = tty.is_some();
+        let prepared = crate::confine::prepare(&svc.name, &svc.hardening, tty.is_some())?;
         // SAFETY: the closure runs in the forked child before exec and only
-        // calls setsid(2) and ioctl(2), which are async-signal-safe; it
-        // touches no memory shared with the parent.
+        // calls `Prepared::apply`, which makes async-signal-safe syscalls
+        // on data computed before the fork.
         unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                if is_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || prepared.apply());
         }
         let child = cmd.spawn();
         // The parent must not keep the pipe's write end, or EOF never comes.
@@ -423,8 +553,7 @@ impl Supervisor {
         Ok(Pid::from_raw(raw))
     }
 
-    fn on_signals(&mut self, hooks: &mut dyn Hooks) -> Option<Shutdown> {
-        let mut shutdown = None;
+    fn on_signals(&mut self, hooks: &mut dyn Hooks) {
         loop {
             match self.sigfd.read_signal() {
                 Ok(Some(info)) => {
@@ -432,8 +561,13 @@ impl Supervisor {
                     match Signal::try_from(signo) {
                         Ok(Signal::SIGCHLD) => self.reap(hooks),
                         // SIGINT is Ctrl-Alt-Del once CAD is disabled.
-                        Ok(Signal::SIGTERM | Signal::SIGINT) => shutdown = Some(Shutdown::Reboot),
-                        Ok(Signal::SIGPWR | Signal::SIGUSR2) => shutdown = Some(Shutdown::Poweroff),
+                        Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                            self.shutdown.get_or_insert(Shutdown::Reboot);
+                        }
+                        // SIGPWR: power button / UPS; SIGUSR2 as in systemd.
+                        Ok(Signal::SIGPWR | Signal::SIGUSR2) => {
+                            self.shutdown.get_or_insert(Shutdown::Poweroff);
+                        }
                         Ok(s) => log::info!("ignoring {s}"),
                         Err(_) => {}
                     }
@@ -445,20 +579,20 @@ impl Supervisor {
                 }
             }
         }
-        shutdown
     }
 
     /// Reaps every exited child: services and orphans alike.
     fn reap(&mut self, hooks: &mut dyn Hooks) {
         loop {
             match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
-                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, ExitKind::Code(code), hooks),
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.on_exit(pid, ExitKind::Code(code), hooks)
+                }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
                     self.on_exit(pid, ExitKind::Signal(sig), hooks)
                 }
                 Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
-                Ok(_) => continue,
-                Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     log::error!("waitid: {e}");
                     break;
@@ -469,12 +603,13 @@ impl Supervisor {
 
     fn on_exit(&mut self, pid: Pid, how: ExitKind, hooks: &mut dyn Hooks) {
         let Some(i) = self.units.iter().position(|u| u.pid == Some(pid)) else {
-            log::debug!("reaped orphan {pid} ({how})");
+            log::info!("reaped orphan {pid} ({how})");
             return;
         };
         self.drain_output(i, true);
         let u = &mut self.units[i];
         u.pid = None;
+        u.stop_deadline = None;
         if let Some((sock, path)) = u.notify.take() {
             let _ = self.epoll.delete(sock.as_fd());
             let _ = std::fs::remove_file(path);
@@ -483,6 +618,10 @@ impl Supervisor {
         let success = how == ExitKind::Code(0);
         if u.state == State::Stopped {
             log::info!("{name}: stopped ({how})");
+            if std::mem::take(&mut u.start_after_stop) {
+                u.state = State::Waiting;
+                u.restarts = 0;
+            }
             return;
         }
         if u.svc.ready == Readiness::Exit && success {
@@ -531,7 +670,8 @@ impl Supervisor {
     /// Forwards complete lines of a service's output to the kernel log.
     fn drain_output(&mut self, i: usize, eof: bool) {
         let name = self.units[i].svc.name.clone();
-        let Some((fd, buf)) = self.units[i].output.as_mut() else {
+        let unit = &mut self.units[i];
+        let Some((fd, buf)) = unit.output.as_mut() else {
             return;
         };
         let mut chunk = [0u8; 4096];
@@ -547,15 +687,28 @@ impl Supervisor {
                 Err(_) => break,
             }
         }
+        let mut lines = Vec::new();
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-            crate::kmsg::service_line(&mut self.kmsg, &name, &text);
+            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
         }
         if buf.len() > MAX_LINE || ((eof || closed) && !buf.is_empty()) {
-            let text = String::from_utf8_lossy(buf).into_owned();
+            lines.push(String::from_utf8_lossy(buf).into_owned());
             buf.clear();
-            crate::kmsg::service_line(&mut self.kmsg, &name, &text);
+        }
+        let now = Instant::now();
+        for text in lines {
+            let (ok, dropped) = unit.limit.admit(now);
+            if dropped > 0 {
+                crate::kmsg::service_line(
+                    &mut self.kmsg,
+                    &name,
+                    &format!("({dropped} lines suppressed by the rate limit)"),
+                );
+            }
+            if ok {
+                crate::kmsg::service_line(&mut self.kmsg, &name, &text);
+            }
         }
         if closed {
             if let Some((fd, _)) = self.units[i].output.take() {
@@ -584,50 +737,169 @@ impl Supervisor {
         }
     }
 
-    /// Stops services in reverse start order: SIGTERM to each process
-    /// group, then SIGKILL to whatever is left after the timeout.
-    fn stop_all(&mut self) {
-        let running: Vec<usize> = (0..self.units.len())
-            .rev()
-            .filter(|i| self.units[*i].pid.is_some())
-            .collect();
-        for &i in &running {
-            let u = &mut self.units[i];
-            u.state = State::Stopped;
-            if let Some(pid) = u.pid {
-                log::info!("{}: stopping (pid {pid})", u.svc.name);
-                if killpg(pid, Signal::SIGTERM).is_err() {
-                    let _ = kill(pid, Signal::SIGTERM);
+    /// Accepts one control connection and answers it. Requests are tiny
+    /// and the peer is root, so a short blocking read is acceptable here.
+    fn on_control(&mut self) {
+        let Some(listener) = &self.control else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        if let Err(e) = self.serve(stream) {
+            log::warn!("control connection: {e}");
+        }
+    }
+
+    fn serve(&mut self, mut stream: UnixStream) -> std::io::Result<()> {
+        let cred = getsockopt(&stream, PeerCredentials).map_err(std::io::Error::from)?;
+        if cred.uid() != 0 {
+            log::warn!("control: refused uid {} (pid {})", cred.uid(), cred.pid());
+            writeln!(stream, "ERR permission denied: root only")?;
+            return Ok(());
+        }
+        let mut line = String::new();
+        let mut reader = BufReader::new(stream.try_clone()?).take(crate::control::MAX_REQUEST as u64);
+        reader.read_line(&mut line)?;
+        let answer = match Request::parse(&line) {
+            Err(e) => Err(e.to_string()),
+            Ok(req) => self.handle(req),
+        };
+        match answer {
+            Ok(lines) => {
+                for l in lines {
+                    writeln!(stream, "{l}")?;
+                }
+                writeln!(stream, "OK")?;
+            }
+            Err(e) => writeln!(stream, "ERR {e}")?,
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, req: Request) -> Result<Vec<String>, String> {
+        let find = |units: &[Unit], name: &str| {
+            units
+                .iter()
+                .position(|u| u.svc.name == name)
+                .ok_or_else(|| format!("no service `{name}`"))
+        };
+        match req {
+            Request::Status => Ok(self.status_lines()),
+            Request::Stop(name) => {
+                let i = find(&self.units, &name)?;
+                self.stop(i);
+                Ok(vec![])
+            }
+            Request::Start(name) => {
+                let i = find(&self.units, &name)?;
+                let u = &mut self.units[i];
+                match u.state {
+                    State::Stopped | State::Failed(_) if u.pid.is_none() => {
+                        u.state = State::Waiting;
+                        u.restarts = 0;
+                        Ok(vec![])
+                    }
+                    State::Stopped => {
+                        u.start_after_stop = true;
+                        Ok(vec![])
+                    }
+                    ref s => Err(format!("{name} is {s}")),
+                }
+            }
+            Request::Restart(name) => {
+                let i = find(&self.units, &name)?;
+                if self.units[i].pid.is_some() {
+                    self.stop(i);
+                    self.units[i].start_after_stop = true;
+                } else {
+                    self.units[i].state = State::Waiting;
+                    self.units[i].restarts = 0;
+                }
+                Ok(vec![])
+            }
+            Request::Reboot => {
+                self.shutdown.get_or_insert(Shutdown::Reboot);
+                Ok(vec!["rebooting".into()])
+            }
+            Request::Poweroff => {
+                self.shutdown.get_or_insert(Shutdown::Poweroff);
+                Ok(vec!["powering off".into()])
+            }
+        }
+    }
+
+    /// Sends a service its stop signal; SIGKILL follows at its deadline.
+    fn stop(&mut self, i: usize) {
+        let u = &mut self.units[i];
+        u.state = State::Stopped;
+        u.start_after_stop = false;
+        if let Some(pid) = u.pid {
+            log::info!("{}: stopping (pid {pid}, {})", u.svc.name, u.svc.stop_signal);
+            signal_service(pid, u.svc.stop_signal);
+            u.stop_deadline =
+                Some(Instant::now() + Duration::from_millis(u.svc.stop_timeout_ms));
+        }
+    }
+
+    /// Stops services one at a time in reverse dependency order, each
+    /// within its own timeout; then anything left is killed.
+    fn stop_all(&mut self, hooks: &mut dyn Hooks) {
+        self.control = None;
+        for i in (0..self.units.len()).rev() {
+            if self.units[i].pid.is_none() {
+                self.units[i].state = State::Stopped;
+                continue;
+            }
+            self.stop(i);
+            while self.units[i].pid.is_some() {
+                self.schedule(hooks);
+                self.arm_timer();
+                let mut events = [EpollEvent::empty(); 16];
+                let n = self.epoll.wait(&mut events, EpollTimeout::NONE).unwrap_or(0);
+                for ev in &events[..n] {
+                    match ev.data() {
+                        SIGNAL_TOKEN => self.on_signals(hooks),
+                        TIMER_TOKEN => {
+                            let _ = self.timer.wait();
+                        }
+                        CONTROL_TOKEN => {}
+                        token => self.on_fd(token),
+                    }
                 }
             }
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let mut noop = NoHooks;
-        while self.units.iter().any(|u| u.pid.is_some()) && Instant::now() < deadline {
-            let mut events = [EpollEvent::empty(); 16];
-            let _ = self.epoll.wait(&mut events, EpollTimeout::from(100u16));
-            let _ = self.on_signals(&mut noop);
-        }
-        for u in &mut self.units {
-            if let Some(pid) = u.pid.take() {
-                log::warn!("{}: did not stop in time; killing", u.svc.name);
-                let _ = killpg(pid, Signal::SIGKILL);
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-        }
-        self.reap(&mut noop);
-    }
-
-    /// The raw fd of the signalfd, for tests that poll it.
-    pub fn signal_fd(&self) -> i32 {
-        self.sigfd.as_raw_fd()
+        self.reap(hooks);
     }
 }
 
-struct NoHooks;
-impl Hooks for NoHooks {
-    fn all_critical_ready(&mut self) {}
-    fn critical_failed(&mut self, _: &str, _: &str) {}
+fn bind_control(path: &Path) -> Result<UnixListener, SupervisorError> {
+    let io = |what| {
+        let path = path.to_owned();
+        move |source| SupervisorError::Io { what, path, source }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create control directory"))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(io("bind control socket"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("chmod control socket"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io("control socket non-blocking"))?;
+    Ok(listener)
+}
+
+/// Signals a service's whole process group (services run in their own
+/// session), falling back to the process alone.
+fn signal_service(pid: Pid, sig: Signal) {
+    if killpg(pid, sig).is_err() {
+        let _ = kill(pid, sig);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -663,5 +935,17 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(500));
         assert_eq!(backoff(3), Duration::from_secs(2));
         assert_eq!(backoff(20), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_counts_drops() {
+        let mut r = RateLimit::new();
+        let t = r.last;
+        let admitted = (0..300).filter(|_| r.admit(t).0).count();
+        assert_eq!(admitted, 200);
+        // One second later 50 more fit, and the first reports the drops.
+        let (ok, dropped) = r.admit(t + Duration::from_secs(1));
+        assert!(ok);
+        assert_eq!(dropped, 100);
     }
 }
