@@ -56,9 +56,7 @@ pub fn prepare(service: &str, h: &Hardening, tty: bool) -> std::io::Result<Prepa
         let dir = cgroup_dir(service);
         std::fs::create_dir_all(&dir)?;
         Some(OwnedFd::from(
-            File::options()
-                .write(true)
-                .open(dir.join("cgroup.procs"))?,
+            File::options().write(true).open(dir.join("cgroup.procs"))?,
         ))
     } else {
         None
@@ -120,7 +118,8 @@ impl Prepared {
         }
         for &cap in &self.drop_bounding {
             // SAFETY: see above.
-            let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+            let rc =
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
             // A capability newer than the running kernel is already absent.
             if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
                 return Err(std::io::Error::last_os_error());
@@ -159,7 +158,11 @@ impl Prepared {
             // SAFETY: see above; header and data are locals with the
             // layout capset(2) documents for version 3 (two data words).
             check(unsafe {
-                libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr())
+                libc::syscall(
+                    libc::SYS_capset,
+                    &mut header as *mut CapHeader,
+                    data.as_ptr(),
+                )
             })?;
             if self.uid.is_some_and(|u| u != 0) {
                 for &cap in &self.keep_caps {
@@ -195,7 +198,10 @@ mod tests {
         assert_eq!(p.keep_mask, Some([(1 << 12) | (1 << 21), 1 << 6]));
         assert!(!p.drop_bounding.contains(&12));
         assert!(p.drop_bounding.contains(&0));
-        assert_eq!(p.drop_bounding.len(), usize::try_from(CAP_LAST + 1 - 3).unwrap());
+        assert_eq!(
+            p.drop_bounding.len(),
+            usize::try_from(CAP_LAST + 1 - 3).unwrap()
+        );
     }
 
     #[test]

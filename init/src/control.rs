@@ -160,10 +160,25 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         assert_eq!(Request::parse("").unwrap_err(), RequestError::Empty);
-        assert_eq!(Request::parse("stop").unwrap_err(), RequestError::MissingName("stop"));
-        assert_eq!(Request::parse("reboot now").unwrap_err(), RequestError::Extra("reboot"));
-        assert!(matches!(Request::parse("stop ../x").unwrap_err(), RequestError::BadName(_)));
-        assert!(matches!(Request::parse("explode").unwrap_err(), RequestError::Unknown(_)));
-        assert!(matches!(Request::parse("stop a b").unwrap_err(), RequestError::Unknown(_)));
+        assert_eq!(
+            Request::parse("stop").unwrap_err(),
+            RequestError::MissingName("stop")
+        );
+        assert_eq!(
+            Request::parse("reboot now").unwrap_err(),
+            RequestError::Extra("reboot")
+        );
+        assert!(matches!(
+            Request::parse("stop ../x").unwrap_err(),
+            RequestError::BadName(_)
+        ));
+        assert!(matches!(
+            Request::parse("explode").unwrap_err(),
+            RequestError::Unknown(_)
+        ));
+        assert!(matches!(
+            Request::parse("stop a b").unwrap_err(),
+            RequestError::Unknown(_)
+        ));
     }
 }

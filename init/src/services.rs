@@ -309,39 +309,50 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
     let ready_key = match (f.ready, f.ready_key) {
         (Readiness::Xenstore, Some(k)) if valid_xenstore_path(&k) => Some(k),
         (Readiness::Xenstore, Some(k)) => {
-            return Err(field("ready_key", format!("`{k}` is not an absolute xenstore path")))
+            return Err(field(
+                "ready_key",
+                format!("`{k}` is not an absolute xenstore path"),
+            ))
         }
         (Readiness::Xenstore, None) => {
-            return Err(field("ready_key", "required when ready = \"xenstore\"".into()))
+            return Err(field(
+                "ready_key",
+                "required when ready = \"xenstore\"".into(),
+            ))
         }
         (_, Some(_)) => {
-            return Err(field("ready_key", "only allowed with ready = \"xenstore\"".into()))
+            return Err(field(
+                "ready_key",
+                "only allowed with ready = \"xenstore\"".into(),
+            ))
         }
         (_, None) => None,
     };
-    let stop_signal: nix::sys::signal::Signal = f
-        .stop_signal
-        .parse()
-        .map_err(|_| field("stop_signal", format!("`{}` is not a signal name", f.stop_signal)))?;
+    let stop_signal: nix::sys::signal::Signal = f.stop_signal.parse().map_err(|_| {
+        field(
+            "stop_signal",
+            format!("`{}` is not a signal name", f.stop_signal),
+        )
+    })?;
     if f.stop_timeout_ms == 0 || f.stop_timeout_ms > 600_000 {
         return Err(field(
             "stop_timeout_ms",
             format!("{} is not in 1..=600000", f.stop_timeout_ms),
         ));
     }
-    let capabilities = match f.capabilities {
-        None => None,
-        Some(list) => {
-            let mut caps = Vec::new();
-            for c in &list {
-                caps.push(
-                    parse_capability(c)
-                        .ok_or_else(|| field("capabilities", format!("`{c}` is not a capability")))?,
-                );
+    let capabilities =
+        match f.capabilities {
+            None => None,
+            Some(list) => {
+                let mut caps = Vec::new();
+                for c in &list {
+                    caps.push(parse_capability(c).ok_or_else(|| {
+                        field("capabilities", format!("`{c}` is not a capability"))
+                    })?);
+                }
+                Some(caps)
             }
-            Some(caps)
-        }
-    };
+        };
     if f.group.is_some() && f.user.is_none() {
         return Err(field("group", "needs `user` as well".into()));
     }

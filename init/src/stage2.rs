@@ -15,6 +15,8 @@ use crate::supervisor::{Hooks, Paths, Shutdown, Supervisor};
 pub const DOM0_MODULES: &str = "/etc/qinit/modules.dom0";
 pub const IMAGE_INFO: &str = "/etc/qinit/image";
 pub const NOTIFY_DIR: &str = "/run/qinit/notify";
+/// Set by the host integration tests; see [`run`].
+pub const SANDBOX_ENV: &str = "QINIT_SANDBOX";
 
 /// Directories on the volatile /run and the persistent /var that Xen's
 /// daemons expect to exist.
@@ -78,8 +80,14 @@ impl Hooks for BootHooks {
 /// Runs stage 2. As PID 1 it never returns: it reboots or powers off.
 pub fn run(offset: Duration) -> ! {
     let started = Instant::now();
-    let pid1 = rustix::process::getpid().is_init();
-    if pid1 {
+    // In a test sandbox (a fresh PID and mount namespace on a build host)
+    // qinit is PID 1 but must not touch the host's mounts, modules or
+    // files, and it leaves by exiting, which ends the namespace.
+    let sandbox = std::env::var_os(SANDBOX_ENV).is_some();
+    let pid1 = rustix::process::getpid().is_init() && !sandbox;
+    if sandbox {
+        log::info!("sandbox mode: no system setup");
+    } else if pid1 {
         if let Err(e) = setup_system() {
             log::error!("system setup: {e}");
         }
@@ -110,8 +118,7 @@ pub fn run(offset: Duration) -> ! {
     let mut set = services::load_dir(&dir);
     if production {
         // A production image has no shell: a service on a terminal is one.
-        let (tty, rest): (Vec<_>, Vec<_>) =
-            set.services.into_iter().partition(|s| s.tty.is_some());
+        let (tty, rest): (Vec<_>, Vec<_>) = set.services.into_iter().partition(|s| s.tty.is_some());
         set.services = rest;
         for s in tty {
             log::error!(
@@ -129,7 +136,11 @@ pub fn run(offset: Duration) -> ! {
     for (name, err) in &set.rejected {
         log::error!("service {name} rejected: {err}");
     }
-    log::info!("{} services loaded from {}", set.services.len(), dir.display());
+    log::info!(
+        "{} services loaded from {}",
+        set.services.len(),
+        dir.display()
+    );
     let paths = Paths {
         notify_dir: env_path("QINIT_NOTIFY_DIR", NOTIFY_DIR),
         control: env_path("QINIT_CONTROL", crate::control::SOCKET),
@@ -205,6 +216,15 @@ fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
 fn finish(kind: Shutdown, pid1: bool) -> ! {
     if !pid1 {
         log::info!("shutdown ({kind:?}) requested; exiting (not PID 1)");
+        // In a sandbox, what services left behind dies with the namespace.
+        // kill(-1) only as the PID 1 of a namespace: anywhere else it
+        // would reach every process the user may signal.
+        if rustix::process::getpid().is_init() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(-1),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         std::process::exit(0);
     }
     log::info!("shutdown: {kind:?}");

@@ -218,10 +218,16 @@ impl Supervisor {
         .map_err(setup("timerfd"))?;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(setup("epoll"))?;
         epoll
-            .add(sigfd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL_TOKEN))
+            .add(
+                sigfd.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, SIGNAL_TOKEN),
+            )
             .map_err(setup("epoll add signalfd"))?;
         epoll
-            .add(timer.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TIMER_TOKEN))
+            .add(
+                timer.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TIMER_TOKEN),
+            )
             .map_err(setup("epoll add timerfd"))?;
         std::fs::create_dir_all(&paths.notify_dir).map_err(|source| SupervisorError::Io {
             what: "create notify directory",
@@ -230,9 +236,12 @@ impl Supervisor {
         })?;
         let control = bind_control(&paths.control)?;
         epoll
-            .add(control.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONTROL_TOKEN))
+            .add(
+                control.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, CONTROL_TOKEN),
+            )
             .map_err(setup("epoll add control socket"))?;
-        let kmsg = std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok();
+        let kmsg = crate::kmsg::open_kmsg();
         let units = services
             .into_iter()
             .map(|svc| Unit {
@@ -384,9 +393,9 @@ impl Supervisor {
                         .requires
                         .iter()
                         .find(|d| {
-                            self.units.iter().any(|u| {
-                                u.svc.name == **d && matches!(u.state, State::Failed(_))
-                            })
+                            self.units
+                                .iter()
+                                .any(|u| u.svc.name == **d && matches!(u.state, State::Failed(_)))
                         })
                         .cloned();
                     if let Some(d) = failed_req {
@@ -431,19 +440,22 @@ impl Supervisor {
 
     fn probe(&mut self, i: usize, now: Instant, hooks: &mut dyn Hooks) {
         let u = &self.units[i];
-        let ready = match u.svc.ready {
-            Readiness::Path => u.svc.ready_path.as_deref().is_some_and(Path::exists),
-            Readiness::Xenstore => u.svc.ready_key.as_deref().is_some_and(|k| {
-                crate::xenstore::exists(&self.paths.xenstore, k).unwrap_or(false)
-            }),
-            _ => false,
-        };
+        let ready =
+            match u.svc.ready {
+                Readiness::Path => u.svc.ready_path.as_deref().is_some_and(Path::exists),
+                Readiness::Xenstore => u.svc.ready_key.as_deref().is_some_and(|k| {
+                    crate::xenstore::exists(&self.paths.xenstore, k).unwrap_or(false)
+                }),
+                _ => false,
+            };
         if ready {
             self.mark_ready(i);
             return;
         }
         let timeout = Duration::from_millis(u.svc.ready_timeout_ms);
-        if u.started_at.is_some_and(|t| now.duration_since(t) > timeout) {
+        if u.started_at
+            .is_some_and(|t| now.duration_since(t) > timeout)
+        {
             let reason = format!("not ready within {} ms", u.svc.ready_timeout_ms);
             if let Some(pid) = u.pid {
                 signal_service(pid, Signal::SIGKILL);
@@ -585,9 +597,7 @@ impl Supervisor {
     fn reap(&mut self, hooks: &mut dyn Hooks) {
         loop {
             match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
-                Ok(WaitStatus::Exited(pid, code)) => {
-                    self.on_exit(pid, ExitKind::Code(code), hooks)
-                }
+                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, ExitKind::Code(code), hooks),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
                     self.on_exit(pid, ExitKind::Signal(sig), hooks)
                 }
@@ -762,7 +772,8 @@ impl Supervisor {
             return Ok(());
         }
         let mut line = String::new();
-        let mut reader = BufReader::new(stream.try_clone()?).take(crate::control::MAX_REQUEST as u64);
+        let mut reader =
+            BufReader::new(stream.try_clone()?).take(crate::control::MAX_REQUEST as u64);
         reader.read_line(&mut line)?;
         let answer = match Request::parse(&line) {
             Err(e) => Err(e.to_string()),
@@ -838,10 +849,13 @@ impl Supervisor {
         u.state = State::Stopped;
         u.start_after_stop = false;
         if let Some(pid) = u.pid {
-            log::info!("{}: stopping (pid {pid}, {})", u.svc.name, u.svc.stop_signal);
+            log::info!(
+                "{}: stopping (pid {pid}, {})",
+                u.svc.name,
+                u.svc.stop_signal
+            );
             signal_service(pid, u.svc.stop_signal);
-            u.stop_deadline =
-                Some(Instant::now() + Duration::from_millis(u.svc.stop_timeout_ms));
+            u.stop_deadline = Some(Instant::now() + Duration::from_millis(u.svc.stop_timeout_ms));
         }
     }
 
@@ -859,7 +873,10 @@ impl Supervisor {
                 self.schedule(hooks);
                 self.arm_timer();
                 let mut events = [EpollEvent::empty(); 16];
-                let n = self.epoll.wait(&mut events, EpollTimeout::NONE).unwrap_or(0);
+                let n = self
+                    .epoll
+                    .wait(&mut events, EpollTimeout::NONE)
+                    .unwrap_or(0);
                 for ev in &events[..n] {
                     match ev.data() {
                         SIGNAL_TOKEN => self.on_signals(hooks),

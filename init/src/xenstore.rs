@@ -45,7 +45,9 @@ pub fn decode_header(h: &[u8; 16]) -> Result<(u32, u32), XsError> {
     let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let (kind, len) = (word(0), word(12));
     if len > XENSTORE_PAYLOAD_MAX {
-        return Err(XsError::Protocol(format!("reply length {len} over the cap")));
+        return Err(XsError::Protocol(format!(
+            "reply length {len} over the cap"
+        )));
     }
     Ok((kind, len))
 }
@@ -57,8 +59,10 @@ pub fn exists(socket: &Path, key: &str) -> Result<bool, XsError> {
         source,
     };
     let mut s = UnixStream::connect(socket).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).map_err(io)?;
-    s.set_write_timeout(Some(Duration::from_secs(1))).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(io)?;
+    s.set_write_timeout(Some(Duration::from_secs(1)))
+        .map_err(io)?;
     let mut payload = key.as_bytes().to_vec();
     payload.push(0);
     s.write_all(&encode(XS_READ, 1, &payload)?).map_err(io)?;
@@ -71,7 +75,9 @@ pub fn exists(socket: &Path, key: &str) -> Result<bool, XsError> {
         XS_READ => Ok(true),
         XS_ERROR if body.starts_with(b"ENOENT") => Ok(false),
         XS_ERROR => Err(XsError::Protocol(
-            String::from_utf8_lossy(&body).trim_end_matches('\0').to_owned(),
+            String::from_utf8_lossy(&body)
+                .trim_end_matches('\0')
+                .to_owned(),
         )),
         other => Err(XsError::Protocol(format!("unexpected reply type {other}"))),
     }
@@ -113,7 +119,8 @@ mod tests {
                 let mut body = vec![0u8; len as usize];
                 c.read_exact(&mut body).unwrap();
                 assert_eq!(body, b"/local/domain/0/name\0");
-                c.write_all(&encode(answer.0, 1, &answer.1).unwrap()).unwrap();
+                c.write_all(&encode(answer.0, 1, &answer.1).unwrap())
+                    .unwrap();
             }
         });
         assert!(!exists(&path, "/local/domain/0/name").unwrap());
