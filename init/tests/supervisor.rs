@@ -3,6 +3,8 @@
 //! scripts: sleepers, crashers, notify senders, slow starters and orphan
 //! makers. Needs root (CI runs as root) and util-linux's `unshare`.
 
+#![allow(clippy::unwrap_used)] // test harness code: a panic is a test failure
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
