@@ -102,6 +102,20 @@ impl Prepared {
         // SAFETY (for every block below): plain syscalls on integer
         // arguments or on pointers to locals that outlive the call; none
         // allocates or takes a lock.
+        //
+        // qinit blocks the signals it reads through its signalfd, and a
+        // child inherits the mask: without this a daemon would never see
+        // SIGTERM.
+        let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: see above; sigemptyset initialises the set.
+        check(unsafe { libc::sigemptyset(empty.as_mut_ptr()) }.into())?;
+        // SAFETY: see above; the set was initialised just before.
+        let rc = unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
         if self.session {
             // SAFETY: see above.
             check(unsafe { libc::setsid() }.into())?;

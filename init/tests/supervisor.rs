@@ -231,6 +231,11 @@ fn notify_readiness_orphans_and_bad_definitions() {
             "fine",
             &(shell("exec sleep 1000") + "ready = \"started\"\n"),
         ),
+        // No shell in between: dash clears its signal mask, grep does not.
+        (
+            "sigs",
+            "exec = [\"/bin/grep\", \"^SigBlk\", \"/proc/self/status\"]\nready = \"exit\"\n",
+        ),
     ]);
     let line = sb.wait_state("notifier", "ready", Duration::from_secs(20));
     assert!(!line.contains("ready_ms=-"), "{line}");
@@ -247,6 +252,8 @@ fn notify_readiness_orphans_and_bad_definitions() {
     std::thread::sleep(Duration::from_millis(800));
     let log = sb.shutdown();
     assert!(log.contains("reaped orphan"), "{log}");
+    // qinit's blocked signals must not leak into services.
+    assert!(log.contains("sigs: SigBlk:\t0000000000000000"), "{log}");
     assert!(log.contains("notifier: warming up"), "{log}");
     assert!(
         log.contains("service broken rejected") && log.contains("broken.toml"),
