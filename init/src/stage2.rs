@@ -227,7 +227,10 @@ fn finish(kind: Shutdown, pid1: bool) -> ! {
         }
         std::process::exit(0);
     }
-    log::info!("shutdown: {kind:?}");
+    // Straight to the console: kernel log lines printed just before
+    // reboot(2) can be lost with the console, and this one tells the lab
+    // the shutdown was orderly.
+    marker(&format!("qinit: shutdown: {kind:?}: services stopped"));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(-1),
         nix::sys::signal::Signal::SIGTERM,
@@ -240,6 +243,8 @@ fn finish(kind: Shutdown, pid1: bool) -> ! {
     crate::power::sync_with_cap(Duration::from_secs(30));
     unmount_all();
     crate::power::sync_with_cap(Duration::from_secs(10));
+    // Let the console drain before the machine goes away.
+    std::thread::sleep(Duration::from_millis(300));
     crate::power::power(kind == Shutdown::Reboot)
 }
 

@@ -41,7 +41,10 @@ fn supervision_reboot_and_poweroff() -> anyhow::Result<()> {
     // A clean reboot: services stop in order, the machine resets and the
     // next boot reaches the ready marker again.
     vm.send_line("qinit ctl reboot")?;
-    vm.wait_for("qinit: shutdown: Reboot", Duration::from_secs(120))?;
+    vm.wait_for(
+        "qinit: shutdown: Reboot: services stopped",
+        Duration::from_secs(120),
+    )?;
     let again = wait_ready(&mut vm)?;
     assert!(again.contains("slot=A"), "{again}");
 
