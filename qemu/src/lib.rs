@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// The CPU model measured to run Xen 4.20 with a PV dom0 under TCG.
-pub const CPU_MODEL: &str = "qemu64,+sse4.2,+popcnt,+ssse3,+sse4.1,+cx16";
+pub const CPU_MODEL: &str = "qemu64,+sse4.2,+popcnt,+ssse3,+sse4.1,+cx16,+rdrand";
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 

@@ -19,6 +19,13 @@ fn supervision_reboot_and_poweroff() -> anyhow::Result<()> {
     }
     assert!(status.contains("xenstored state=ready"), "{status}");
     assert!(status.contains("xen-init-dom0 state=done"), "{status}");
+    assert!(status.contains("dbus state=ready"), "{status}");
+    let sock = sh(&mut vm, "stat -c '%a %U' /run/dbus/system_bus_socket")?;
+    assert_eq!(
+        sock.trim(),
+        "600 root",
+        "system bus socket must be root only"
+    );
 
     // Kill xenconsoled behind qinit's back: it is restarted.
     let before = service_line(&mut vm, "xenconsoled")?;

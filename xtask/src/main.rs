@@ -62,6 +62,7 @@ const HOST_PACKAGES: &[&str] = &[
     "gdisk",
     "debian-archive-keyring",
     "libc6-dev",
+    "python3-minimal",
 ];
 
 fn main() -> ExitCode {
@@ -166,7 +167,7 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
     run_cmd(
         cargo()
             .args(["build", "--release", "--locked", "--target", TARGET])
-            .args(["-p", "qinit", "-p", "qimage"])
+            .args(["-p", "qinit", "-p", "qimage", "-p", "qbus"])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;
     Ok(root.join("target").join(TARGET).join("release"))
