@@ -99,6 +99,8 @@ struct ServiceFile {
     new_session: bool,
     #[serde(default)]
     cgroup: bool,
+    #[serde(default)]
+    boot_complete: bool,
 }
 
 fn default_stop_signal() -> String {
@@ -143,6 +145,9 @@ pub struct Service {
     pub stop_signal: nix::sys::signal::Signal,
     pub stop_timeout_ms: u64,
     pub hardening: Hardening,
+    /// A boot-complete hook: starts only once every boot-critical service
+    /// is ready (the health gate), e.g. the updater's mark-good.
+    pub boot_complete: bool,
 }
 
 /// Optional confinement applied in the child before exec.
@@ -353,6 +358,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
                 Some(caps)
             }
         };
+    if f.boot_complete && f.boot_critical {
+        return Err(field(
+            "boot_complete",
+            "a boot-complete hook runs after the boot-critical services; it cannot be one".into(),
+        ));
+    }
     if f.group.is_some() && f.user.is_none() {
         return Err(field("group", "needs `user` as well".into()));
     }
@@ -397,6 +408,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
         ready_key,
         stop_signal,
         stop_timeout_ms: f.stop_timeout_ms,
+        boot_complete: f.boot_complete,
         hardening: Hardening {
             user: f.user,
             group: f.group,

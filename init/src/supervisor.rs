@@ -380,6 +380,9 @@ impl Supervisor {
         for i in 0..self.units.len() {
             match self.units[i].state {
                 State::Waiting => {
+                    if self.units[i].svc.boot_complete && !self.critical_announced {
+                        continue;
+                    }
                     let after_up = self.units[i].svc.after.iter().all(|d| {
                         self.units
                             .iter()
@@ -434,6 +437,8 @@ impl Supervisor {
             if all {
                 self.critical_announced = true;
                 hooks.all_critical_ready();
+                // Boot-complete hooks may start now.
+                self.schedule(hooks);
             }
         }
     }

@@ -153,7 +153,11 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
         (
             "last",
             &(shell("echo last >> $DIR/log; exec sleep 1000")
-                + "ready = \"started\"\nafter = [\"left\", \"right\"]\n"),
+                + "ready = \"started\"\nafter = [\"left\", \"right\"]\nboot_critical = true\n"),
+        ),
+        (
+            "mark-good",
+            &(shell("echo mark-good >> $DIR/log") + "ready = \"exit\"\nboot_complete = true\n"),
         ),
     ]);
     sb.wait_state("last", "ready", Duration::from_secs(20));
@@ -164,6 +168,11 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
     // Both started before either finished: they ran side by side.
     assert!(pos("left-start") < pos("right-end") && pos("right-start") < pos("left-end"));
     assert!(pos("last") > pos("left-end") && pos("last") > pos("right-end"));
+    // The boot-complete hook ran after the health gate (last is critical).
+    sb.wait_state("mark-good", "done", Duration::from_secs(10));
+    let log = sb.read("log");
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.iter().position(|l| *l == "mark-good").unwrap() > pos("last"), "{lines:?}");
     let status = sb.ctl(Request::Status).unwrap();
     assert!(
         status.iter().any(|l| l.starts_with("left state=done")),
