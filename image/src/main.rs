@@ -35,6 +35,9 @@ enum Command {
         /// Refresh apt's package lists before building.
         #[arg(long)]
         refresh: bool,
+        /// Use this tree as the root instead of composing one (benchmarks).
+        #[arg(long)]
+        root_tree: Option<PathBuf>,
     },
 }
 
@@ -59,6 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cache_dir,
             bin_dir,
             refresh,
+            root_tree,
         } => {
             let name = qimage::profile::load(&profile)?.image.name;
             let out = out.unwrap_or_else(|| source_dir.join("target/images").join(&name));
@@ -76,6 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bin_dir,
                 epoch,
                 refresh,
+                root_tree,
             })?;
             println!(
                 "qimage: built profile {} version {} (kernel {}) into {}",

@@ -39,6 +39,9 @@ pub struct BuildOptions {
     pub epoch: u64,
     /// Refresh apt's package lists.
     pub refresh: bool,
+    /// Use this directory as the root filesystem instead of composing one
+    /// (for benchmarks against a stock Debian root).
+    pub root_tree: Option<PathBuf>,
 }
 
 /// What a build produced.
@@ -127,48 +130,17 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
         &early_names,
     )?;
 
-    // Root tree.
-    let tree_dir = work.join("rootfs");
-    let mut tree = RootTree::create(&tree_dir)?;
-    let mut roots = Vec::new();
-    for (i, f) in profile.root.files.iter().enumerate() {
-        roots.push(set.locate(f, &format!("root.files[{i}]"))?);
-    }
-    for located in elf::closure(&set, &roots)?.values() {
-        tree.add_located(located)?;
-    }
-    for (link, target) in &profile.root.links {
-        tree.symlink(link, target, "profile root.links")?;
-    }
-    for d in &profile.root.dirs {
-        tree.mkdir(d)?;
-    }
-    for b in &profile.root.binaries {
-        tree.add_binary(b, &opts.bin_dir)?;
-    }
-    for ov in &profile.root.overlays {
-        tree.add_overlay(&opts.source_dir.join(ov))?;
-    }
-    tree.add_modules(&kver, &dom0, DOM0_MODULE_LIST)?;
+    // Root tree: composed from the profile, or taken as given (benchmarks
+    // against a stock Debian root).
     let info = image_info(&profile, &kver, opts.epoch);
-    tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
-    tree.write(
-        "/etc/os-release",
-        0o644,
-        format!(
-            "NAME=\"Qubes dom0 appliance\"\nID=qubes-dom0-appliance\nVERSION_ID={}\nVARIANT_ID={}\n",
-            profile.image.version, profile.image.name
-        )
-        .as_bytes(),
-        "generated",
-    )?;
-    tree.write(
-        "/etc/passwd",
-        0o644,
-        b"root:x:0:0:root:/root:/bin/sh\n",
-        "generated",
-    )?;
-    tree.write("/etc/group", 0o644, b"root:x:0:\n", "generated")?;
+    let tree_dir = match &opts.root_tree {
+        Some(dir) => dir.clone(),
+        None => {
+            let tree_dir = work.join("rootfs");
+            compose_root(&tree_dir, &profile, &set, opts, &kver, &dom0, &info)?;
+            tree_dir
+        }
+    };
 
     // Root image with its verity tree.
     let root_img = staging.join(ROOT_IMAGE);
@@ -324,6 +296,59 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
         root_hash: vinfo.root_hash_hex(),
         kernel_version: kver,
     })
+}
+
+/// Lays out the root tree the profile describes.
+fn compose_root(
+    tree_dir: &Path,
+    profile: &Profile,
+    set: &PackageSet,
+    opts: &BuildOptions,
+    kver: &str,
+    dom0: &[Module],
+    info: &str,
+) -> Result<()> {
+    let mut tree = RootTree::create(tree_dir)?;
+    let mut roots = Vec::new();
+    for (i, f) in profile.root.files.iter().enumerate() {
+        roots.push(set.locate(f, &format!("root.files[{i}]"))?);
+    }
+    for located in elf::closure(&set, &roots)?.values() {
+        tree.add_located(located)?;
+    }
+    for (link, target) in &profile.root.links {
+        tree.symlink(link, target, "profile root.links")?;
+    }
+    for d in &profile.root.dirs {
+        tree.mkdir(d)?;
+    }
+    for b in &profile.root.binaries {
+        tree.add_binary(b, &opts.bin_dir)?;
+    }
+    for ov in &profile.root.overlays {
+        tree.add_overlay(&opts.source_dir.join(ov))?;
+    }
+    tree.add_modules(kver, dom0, DOM0_MODULE_LIST)?;
+    tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
+    tree.write(
+        "/etc/os-release",
+        0o644,
+        format!(
+            "NAME=\"Qubes dom0 appliance\"\nID=qubes-dom0-appliance\nVERSION_ID={}\nVARIANT_ID={}\n",
+            profile.image.version, profile.image.name
+        )
+        .as_bytes(),
+        "generated",
+    )?;
+    tree.write(
+        "/etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        "generated",
+    )?;
+    tree.write("/etc/group", 0o644, b"root:x:0:\n", "generated")?;
+
+    Ok(())
 }
 
 /// Identifiers derived from the profile so rebuilding gives the same bytes.

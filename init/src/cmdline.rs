@@ -73,6 +73,9 @@ pub struct Cmdline {
     /// anywhere fails the boot instead of surfacing later as EIO.
     pub verify_full: bool,
     pub debug: bool,
+    /// Another init to hand over to after switch root (benchmarks against
+    /// systemd); honoured only by non-production images.
+    pub init: Option<String>,
 }
 
 impl Cmdline {
@@ -81,6 +84,7 @@ impl Cmdline {
         let mut on_failure = OnFailure::Reboot;
         let mut verify_full = true;
         let mut debug = false;
+        let mut init = None;
         for word in text.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
@@ -113,6 +117,16 @@ impl Cmdline {
                     }
                 }
                 "qinit.debug" => debug = true,
+                "qinit.init" => {
+                    if !value.starts_with('/') || value.contains("..") {
+                        return Err(CmdlineError::BadValue {
+                            key: "qinit.init",
+                            value: value.to_owned(),
+                            allowed: "an absolute path",
+                        });
+                    }
+                    init = Some(value.to_owned());
+                }
                 _ => {}
             }
         }
@@ -121,6 +135,7 @@ impl Cmdline {
             on_failure,
             verify_full,
             debug,
+            init,
         })
     }
 }

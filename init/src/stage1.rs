@@ -19,6 +19,7 @@ pub const EARLY_MODULES: &str = "/etc/qinit/modules.early";
 pub const ROOT_VERITY: &str = "/etc/qinit/root.verity";
 pub const NEW_ROOT: &str = "/newroot";
 pub const STAGE2: &str = "/usr/sbin/qinit";
+pub const IMAGE_INFO: &str = "/etc/qinit/image";
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +145,17 @@ fn run_inner(
         let target = Path::new(NEW_ROOT).join(m.trim_start_matches('/'));
         mount_move(m, &target).map_err(Stage1Error::SwitchRoot)?;
     }
-    switch_root(started)
+    let info = std::fs::read_to_string(IMAGE_INFO).unwrap_or_default();
+    let production = crate::stage2::image_field(&info, "production").as_deref() != Some("false");
+    let other_init = match &cmdline.init {
+        Some(init) if !production => Some(init.clone()),
+        Some(init) => {
+            log::warn!("qinit.init={init} ignored: production image");
+            None
+        }
+        None => None,
+    };
+    switch_root(started, other_init)
 }
 
 /// The data partition holds /var. If it is missing or unreadable dom0
@@ -212,11 +223,23 @@ fn read_all(dev: &Path) -> Result<u64, (u64, std::io::Error)> {
 
 /// Makes /newroot the root and execs stage 2 in it. The initramfs stays
 /// in memory (a few MiB); freeing it would mean deleting its files first.
-fn switch_root(started: Instant) -> Result<std::convert::Infallible, Stage1Error> {
+fn switch_root(
+    started: Instant,
+    other_init: Option<String>,
+) -> Result<std::convert::Infallible, Stage1Error> {
     rustix::process::chdir(NEW_ROOT).map_err(Stage1Error::SwitchRoot)?;
     rustix::mount::mount_move(".", "/").map_err(Stage1Error::SwitchRoot)?;
     rustix::process::chroot(".").map_err(Stage1Error::SwitchRoot)?;
     rustix::process::chdir("/").map_err(Stage1Error::SwitchRoot)?;
+    if let Some(init) = other_init {
+        log::info!("handing over to {init} (qinit.init)");
+        let prog =
+            CString::new(init).map_err(|_| Stage1Error::SwitchRoot(rustix::io::Errno::INVAL))?;
+        let err = nix::unistd::execv(&prog, std::slice::from_ref(&prog))
+            .err()
+            .unwrap_or(nix::errno::Errno::UnknownErrno);
+        return Err(Stage1Error::Exec(err));
+    }
     let prog =
         CString::new(STAGE2).map_err(|_| Stage1Error::SwitchRoot(rustix::io::Errno::INVAL))?;
     // Stage 2 reports time since stage 1 started, as the contract says.

@@ -57,6 +57,17 @@ impl Hooks for BootHooks {
             "QINIT-READY slot={slot} version={} ms={ms}",
             self.version
         ));
+        // For the boot benchmark and the notes: what PID 1 costs.
+        if let Some(rss) = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .map(str::to_owned)
+            })
+        {
+            log::info!("memory: rss={}", rss.trim_start_matches("VmRSS:").trim());
+        }
     }
 
     fn critical_failed(&mut self, service: &str, reason: &str) {

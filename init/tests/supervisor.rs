@@ -172,7 +172,10 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
     sb.wait_state("mark-good", "done", Duration::from_secs(10));
     let log = sb.read("log");
     let lines: Vec<&str> = log.lines().collect();
-    assert!(lines.iter().position(|l| *l == "mark-good").unwrap() > pos("last"), "{lines:?}");
+    assert!(
+        lines.iter().position(|l| *l == "mark-good").unwrap() > pos("last"),
+        "{lines:?}"
+    );
     let status = sb.ctl(Request::Status).unwrap();
     assert!(
         status.iter().any(|l| l.starts_with("left state=done")),

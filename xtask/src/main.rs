@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -36,6 +38,14 @@ enum Cmd {
         /// Skip the nested QEMU scenarios (unit and host tests only).
         #[arg(long)]
         no_vm: bool,
+    },
+    /// Benchmarks (not tests): `boot` compares qinit with systemd.
+    Bench {
+        #[arg(value_parser = ["boot"])]
+        what: String,
+        /// Boots of each variant.
+        #[arg(long, default_value_t = 2)]
+        runs: u32,
     },
     /// Build the images of one profile into target/images/<profile>/.
     Image {
@@ -63,6 +73,8 @@ const HOST_PACKAGES: &[&str] = &[
     "debian-archive-keyring",
     "libc6-dev",
     "python3-minimal",
+    "debootstrap",
+    "kmod",
 ];
 
 fn main() -> ExitCode {
@@ -89,6 +101,7 @@ fn run(cli: Cli) -> Result<()> {
             boot(&root, &dir, &profile, Duration::from_secs(timeout))?;
         }
         Cmd::Test { no_vm } => test(&root, no_vm)?,
+        Cmd::Bench { what: _, runs } => bench::boot(&root, runs)?,
     }
     Ok(())
 }
@@ -197,6 +210,19 @@ fn source_date_epoch(root: &Path) -> String {
 }
 
 fn build_image(root: &Path, profile: &str, refresh: bool) -> Result<PathBuf> {
+    build_image_opts(root, profile, refresh, None)
+}
+
+fn build_image_with(root: &Path, profile: &str, root_tree: Option<&Path>) -> Result<PathBuf> {
+    build_image_opts(root, profile, false, root_tree)
+}
+
+fn build_image_opts(
+    root: &Path,
+    profile: &str,
+    refresh: bool,
+    root_tree: Option<&Path>,
+) -> Result<PathBuf> {
     let bin = build_static_binaries(root)?;
     let profile_path = root.join("image/profiles").join(format!("{profile}.toml"));
     if !profile_path.exists() {
@@ -219,6 +245,9 @@ fn build_image(root: &Path, profile: &str, refresh: bool) -> Result<PathBuf> {
         .env("SOURCE_DATE_EPOCH", source_date_epoch(root));
     if refresh {
         cmd.arg("--refresh");
+    }
+    if let Some(t) = root_tree {
+        cmd.arg("--root-tree").arg(t);
     }
     run_cmd(&mut cmd)?;
     eprintln!(
