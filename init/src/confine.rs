@@ -54,10 +54,15 @@ pub fn cgroup_dir(service: &str) -> PathBuf {
 pub fn prepare(service: &str, h: &Hardening, tty: bool) -> std::io::Result<Prepared> {
     let cgroup_procs = if h.cgroup {
         let dir = cgroup_dir(service);
-        std::fs::create_dir_all(&dir)?;
-        Some(OwnedFd::from(
-            File::options().write(true).open(dir.join("cgroup.procs"))?,
-        ))
+        let ctx = |what: &str, e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{what} {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| ctx("creating cgroup", e))?;
+        let procs = File::options()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+            .map_err(|e| ctx("opening cgroup.procs of", e))?;
+        Some(OwnedFd::from(procs))
     } else {
         None
     };

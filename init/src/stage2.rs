@@ -195,6 +195,17 @@ fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
         nosuid | MountFlags::NODEV,
         "mode=1777",
     )?;
+    // Services that ask for their own cgroup get one under qinit's subtree.
+    match mounts::mount_one(
+        "cgroup2",
+        Path::new("/sys/fs/cgroup"),
+        "cgroup2",
+        nosuid | MountFlags::NODEV,
+        "",
+    ) {
+        Ok(()) => std::fs::create_dir_all(crate::confine::CGROUP_ROOT)?,
+        Err(e) => log::warn!("cgroup2: {e}"),
+    }
     for d in RUNTIME_DIRS {
         std::fs::create_dir_all(d)?;
     }

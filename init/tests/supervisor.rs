@@ -243,6 +243,12 @@ fn notify_readiness_orphans_and_bad_definitions() {
             "fine",
             &(shell("exec sleep 1000") + "ready = \"started\"\n"),
         ),
+        // Confinement: another uid, one capability kept, no_new_privs.
+        (
+            "confined",
+            "exec = [\"/bin/grep\", \"-E\", \"^(Uid|Gid|CapEff|CapBnd|NoNewPrivs)\", \"/proc/self/status\"]\n\
+             ready = \"exit\"\nuser = 65534\ngroup = 65534\ncapabilities = [\"NET_ADMIN\"]\nno_new_privs = true\n",
+        ),
         // No shell in between: dash clears its signal mask, grep does not.
         (
             "sigs",
@@ -264,6 +270,16 @@ fn notify_readiness_orphans_and_bad_definitions() {
     std::thread::sleep(Duration::from_millis(800));
     let log = sb.shutdown();
     assert!(log.contains("reaped orphan"), "{log}");
+    // The confined service ran as nobody with only CAP_NET_ADMIN (bit 12)
+    // and no_new_privs.
+    assert!(
+        log.contains("confined: Uid:\t65534\t65534\t65534\t65534"),
+        "{log}"
+    );
+    assert!(log.contains("confined: Gid:\t65534"), "{log}");
+    assert!(log.contains("confined: CapEff:\t0000000000001000"), "{log}");
+    assert!(log.contains("confined: CapBnd:\t0000000000001000"), "{log}");
+    assert!(log.contains("confined: NoNewPrivs:\t1"), "{log}");
     // qinit's blocked signals must not leak into services.
     assert!(log.contains("sigs: SigBlk:\t0000000000000000"), "{log}");
     assert!(log.contains("notifier: warming up"), "{log}");
