@@ -313,7 +313,7 @@ fn compose_root(
     for (i, f) in profile.root.files.iter().enumerate() {
         roots.push(set.locate(f, &format!("root.files[{i}]"))?);
     }
-    for located in elf::closure(&set, &roots)?.values() {
+    for located in elf::closure(set, &roots)?.values() {
         tree.add_located(located)?;
     }
     for (link, target) in &profile.root.links {
