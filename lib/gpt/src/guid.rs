@@ -97,7 +97,7 @@ impl Guid {
                 b'A'..=b'F' => c - b'A' + 10,
                 _ => return Err(invalid("non-hexadecimal character")),
             };
-            canonical[nibbles / 2] |= if nibbles % 2 == 0 { v << 4 } else { v };
+            canonical[nibbles / 2] |= if nibbles.is_multiple_of(2) { v << 4 } else { v };
             nibbles += 1;
         }
         Ok(Guid::from_canonical(canonical))

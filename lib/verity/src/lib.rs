@@ -219,7 +219,7 @@ impl VerityParams {
 
     fn data_blocks(&self, data_size: u64) -> Result<u64, Error> {
         let block = u64::from(self.data_block_size);
-        if data_size % block != 0 {
+        if !data_size.is_multiple_of(block) {
             return Err(Error::UnalignedDataSize {
                 data_size,
                 data_block_size: self.data_block_size,
@@ -234,7 +234,7 @@ impl VerityParams {
     /// Hash-block index where the tree starts: the first hash block after the
     /// superblock (cryptsetup's `VERITY_hash_offset_block`).
     fn tree_start_block(&self, hash_offset: u64) -> Result<u64, Error> {
-        if hash_offset % SUPERBLOCK_SIZE as u64 != 0 {
+        if !hash_offset.is_multiple_of(SUPERBLOCK_SIZE as u64) {
             return Err(Error::UnalignedHashOffset { hash_offset });
         }
         let block = u64::from(self.hash_block_size);
