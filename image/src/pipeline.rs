@@ -272,9 +272,31 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     )?;
 
     fs::copy(&initrd, staging.join("initrd.gz"))?;
+    if !profile.update.signing_keys.is_empty() {
+        let name = format!("{}-{}.bundle", profile.image.name, profile.image.version);
+        write_update_bundle(
+            &staging.join(&name),
+            &profile,
+            opts,
+            &boot_img,
+            &root_img,
+            &vinfo,
+        )?;
+    }
     let mut artifacts = Vec::new();
-    for f in [DISK_IMAGE, BOOT_IMAGE, ROOT_IMAGE, "initrd.gz"] {
-        artifacts.push((f.to_owned(), fs::metadata(staging.join(f))?.len()));
+    let mut names: Vec<String> = [DISK_IMAGE, BOOT_IMAGE, ROOT_IMAGE, "initrd.gz"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    for e in fs::read_dir(&staging)?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.ends_with(".bundle") {
+            names.push(n);
+        }
+    }
+    for f in names {
+        let len = fs::metadata(staging.join(&f))?.len();
+        artifacts.push((f, len));
     }
     artifacts.push(("root.squashfs (in root.img)".into(), squashfs_size));
     let summary: String = artifacts
@@ -347,7 +369,89 @@ fn compose_root(
         "generated",
     )?;
     tree.write("/etc/group", 0o644, b"root:x:0:\n", "generated")?;
+    if !profile.update.trusted_keys.is_empty() {
+        let mut keys = Vec::new();
+        for k in &profile.update.trusted_keys {
+            let path = opts.source_dir.join(k);
+            let text = fs::read_to_string(&path)
+                .with_context(|| format!("update.trusted_keys: reading {}", path.display()))?;
+            keys.push(qbundle::PublicKey::parse(&path, &text)?);
+        }
+        let trust = qbundle::TrustStore::render(&keys, profile.update.threshold);
+        tree.write(
+            "/etc/qupdate/trust.toml",
+            0o644,
+            trust.as_bytes(),
+            "generated",
+        )?;
+    }
 
+    Ok(())
+}
+
+/// Signs a bundle of this build's boot and root images.
+fn write_update_bundle(
+    out: &Path,
+    profile: &Profile,
+    opts: &BuildOptions,
+    boot_img: &Path,
+    root_img: &Path,
+    vinfo: &verity::VerityInfo,
+) -> Result<()> {
+    let (boot_size, boot_hash) = qbundle::hash_file(boot_img)?;
+    let (root_size, root_hash) = qbundle::hash_file(root_img)?;
+    let manifest = qbundle::Manifest {
+        compatible: profile.image.compatible.clone(),
+        version: profile.image.version.clone(),
+        security_epoch: profile.update.security_epoch,
+        build_id: opts.epoch.to_string(),
+        payloads: vec![
+            qbundle::Payload {
+                kind: qbundle::PayloadKind::Boot,
+                size: boot_size,
+                blake3: boot_hash,
+            },
+            qbundle::Payload {
+                kind: qbundle::PayloadKind::Root,
+                size: root_size,
+                blake3: root_hash,
+            },
+        ],
+        root_verity: qbundle::RootVerity {
+            data_blocks: vinfo.data_blocks,
+            data_block_size: vinfo.data_block_size,
+            hash_block_size: vinfo.hash_block_size,
+            hash_offset: vinfo.hash_offset,
+            salt: vinfo.salt.clone(),
+            root_hash: vinfo.root_hash,
+        },
+    };
+    let mut keys = Vec::new();
+    for k in &profile.update.signing_keys {
+        keys.push(qbundle::PrivateKey::load(&opts.source_dir.join(k))?);
+    }
+    let signers: Vec<&qbundle::PrivateKey> = keys.iter().collect();
+    let mut f = std::io::BufWriter::new(
+        fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+    );
+    qbundle::write_bundle(
+        &mut f,
+        &manifest,
+        &signers,
+        &[
+            qbundle::PayloadSource {
+                kind: qbundle::PayloadKind::Boot,
+                path: boot_img.to_owned(),
+            },
+            qbundle::PayloadSource {
+                kind: qbundle::PayloadKind::Root,
+                path: root_img.to_owned(),
+            },
+        ],
+    )?;
+    f.into_inner()
+        .map_err(|e| anyhow::anyhow!("flushing {}: {e}", out.display()))?
+        .sync_all()?;
     Ok(())
 }
 
@@ -396,8 +500,8 @@ impl Ids {
 
 fn image_info(p: &Profile, kver: &str, epoch: u64) -> String {
     format!(
-        "name={}\nversion={}\ncompatible={}\nkernel={kver}\nbuild_epoch={epoch}\nproduction={}\n",
-        p.image.name, p.image.version, p.image.compatible, p.image.production
+        "name={}\nversion={}\ncompatible={}\nkernel={kver}\nbuild_epoch={epoch}\nproduction={}\nsecurity_epoch={}\n",
+        p.image.name, p.image.version, p.image.compatible, p.image.production, p.update.security_epoch
     )
 }
 

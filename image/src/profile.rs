@@ -50,6 +50,32 @@ pub struct Profile {
     pub modules: ModulesSection,
     pub root: RootSection,
     pub disk: DiskSection,
+    #[serde(default)]
+    pub update: UpdateSection,
+}
+
+/// Update trust and signing. Public keys go into the image; private keys
+/// only sign bundles at build time and never enter an image.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSection {
+    /// Public key files (`qupdate keygen`), repository relative.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Distinct trusted signatures a bundle needs.
+    #[serde(default = "default_threshold")]
+    pub threshold: usize,
+    /// Private keys that sign this profile's bundle (test profiles keep a
+    /// test key in the repository; release keys live elsewhere).
+    #[serde(default)]
+    pub signing_keys: Vec<PathBuf>,
+    /// Anti-rollback epoch of this build.
+    #[serde(default)]
+    pub security_epoch: u64,
+}
+
+fn default_threshold() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -326,6 +352,19 @@ impl Profile {
             if v == 0 || v > 64 * 1024 {
                 return Err(invalid(field, format!("{v} is not in 1..=65536 MiB")));
             }
+        }
+        if !self.update.trusted_keys.is_empty()
+            && (self.update.threshold == 0
+                || self.update.threshold > self.update.trusted_keys.len())
+        {
+            return Err(invalid(
+                "update.threshold",
+                format!(
+                    "{} is not in 1..={}",
+                    self.update.threshold,
+                    self.update.trusted_keys.len()
+                ),
+            ));
         }
         if self.disk.esp_mib < 33 {
             // FAT32 needs at least 65525 clusters; firmware is happiest with FAT32.

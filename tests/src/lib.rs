@@ -65,3 +65,59 @@ pub fn sh(vm: &mut qemu::Vm, command: &str) -> Result<String> {
     }
     Ok(out)
 }
+
+/// A bundle built by `cargo xtask test`, copied into the scenario's work
+/// directory and padded to whole sectors so it can be a virtual drive.
+/// Returns the copy and the bundle's real length.
+pub fn bundle_drive(env: &str, work: &Path) -> Result<(PathBuf, u64)> {
+    let src = std::env::var_os(env).map(PathBuf::from).with_context(|| {
+        format!("{env} is not set: run the scenarios through `cargo xtask test`")
+    })?;
+    let len = std::fs::metadata(&src)
+        .with_context(|| format!("{}", src.display()))?
+        .len();
+    let dst = work.join("bundle.img");
+    std::fs::copy(&src, &dst)?;
+    let padded = len.div_ceil(512) * 512;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dst)?
+        .set_len(padded)?;
+    Ok((dst, len))
+}
+
+/// Like [`start`] with extra raw drives (`/dev/vdb`, ...).
+pub fn start_with(disk: &Path, work: &Path, extra: &[PathBuf]) -> Result<qemu::Vm> {
+    let mut cfg = qemu::VmConfig::new(disk, work);
+    cfg.extra_disks = extra.to_vec();
+    cfg.echo = std::env::var_os("QTEST_ECHO").is_some();
+    Ok(qemu::Vm::start(&cfg)?)
+}
+
+/// Runs a command on the serial shell with its own timeout.
+pub fn sh_long(vm: &mut qemu::Vm, command: &str, timeout: Duration) -> Result<String> {
+    let (out, rc) = vm.shell(command, timeout)?;
+    if rc != 0 {
+        bail!("`{command}` exited {rc}: {out}");
+    }
+    Ok(out)
+}
+
+/// Polls `qupdate status --json` until `pred` holds.
+pub fn wait_status(
+    vm: &mut qemu::Vm,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let s = sh(vm, "qupdate status --json")?;
+        if pred(&s) {
+            return Ok(s);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("status never matched: {s}");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

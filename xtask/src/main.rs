@@ -180,7 +180,7 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
     run_cmd(
         cargo()
             .args(["build", "--release", "--locked", "--target", TARGET])
-            .args(["-p", "qinit", "-p", "qimage", "-p", "qbus"])
+            .args(["-p", "qinit", "-p", "qimage", "-p", "qbus", "-p", "qupdate"])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;
     Ok(root.join("target").join(TARGET).join("release"))
@@ -318,11 +318,22 @@ fn test(root: &Path, no_vm: bool) -> Result<()> {
     )?;
     if !no_vm {
         let image = build_image(root, "qemu-test", false)?;
+        // The update scenarios install the bundles of these two releases.
+        let next = build_image(root, "qemu-test-next", false)?;
+        let broken = build_image(root, "qemu-test-broken", false)?;
         run_tests(
             cargo()
                 .args(["test", "--locked", "-p", "e2e", "--tests"])
                 .args(["--", "--ignored", "--test-threads=1"])
-                .env("QTEST_IMAGE_DIR", &image),
+                .env("QTEST_IMAGE_DIR", &image)
+                .env(
+                    "QTEST_BUNDLE_NEXT",
+                    next.join("qemu-test-next-0.2.0.bundle"),
+                )
+                .env(
+                    "QTEST_BUNDLE_BROKEN",
+                    broken.join("qemu-test-broken-0.2.0-broken.bundle"),
+                ),
             &mut totals,
         )?;
     }

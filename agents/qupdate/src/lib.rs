@@ -1,0 +1,522 @@
+//! qupdate: signed A/B updates.
+//!
+//! `apply` verifies a bundle ([`qbundle`]) before anything is touched,
+//! invalidates the inactive slot in the boot state, streams the payloads
+//! into its partitions while hashing, syncs, reads everything back and
+//! recomputes the blake3 hashes and the dm-verity root hash, and only then
+//! makes the slot bootable with a number of tries and first in the order.
+//! `mark_good` (qinit's boot-complete hook) marks the booted slot good and
+//! only then raises the anti-rollback floor.
+
+pub mod bootenv;
+pub mod disk;
+pub mod state;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use grubenv::Slot;
+use qbundle::{BundleError, KeyError, PayloadKind, TrustStore};
+use serde::Serialize;
+
+use crate::bootenv::BootEnvError;
+use crate::disk::{Disk, DiskError, Part};
+use crate::state::{SlotInfo, State, StateError};
+
+pub const TRUST_STORE: &str = "/etc/qupdate/trust.toml";
+pub const STATE_FILE: &str = "/var/lib/qupdate/state.json";
+pub const IMAGE_INFO: &str = "/etc/qinit/image";
+/// Tries a freshly installed slot gets before the boot loader gives up.
+pub const DEFAULT_TRIES: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("bundle rejected")]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("boot state")]
+    BootEnv(#[from] BootEnvError),
+    #[error("updater state")]
+    State(#[from] StateError),
+    #[error("bundle is for `{found}`, this system is `{expected}`")]
+    Incompatible { expected: String, found: String },
+    #[error("bundle security epoch {epoch} is below the installed floor {floor} (a downgrade)")]
+    BelowFloor { epoch: u64, floor: u64 },
+    #[error("{kind:?} payload of {size} bytes does not fit partition of {partition} bytes")]
+    TooBig {
+        kind: PayloadKind,
+        size: u64,
+        partition: u64,
+    },
+    #[error("{what} on {disk}")]
+    Io {
+        what: String,
+        disk: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read-back of the {kind:?} partition: blake3 {actual}, the bundle says {expected}")]
+    ReadBack {
+        kind: PayloadKind,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "read-back: the written root's verity root hash is {actual}, the bundle says {expected}"
+    )]
+    VerityMismatch { expected: String, actual: String },
+    #[error("verity")]
+    Verity(#[from] verity::Error),
+    #[error("slot {0} is not good; nothing to roll back to")]
+    NotGood(Slot),
+    #[error("system configuration: {0}")]
+    Config(String),
+}
+
+/// Everything the updater needs to know about the system it runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub disk: PathBuf,
+    pub trust: PathBuf,
+    pub state: PathBuf,
+    pub compatible: String,
+    pub booted: Slot,
+    pub image_version: String,
+    pub image_epoch: u64,
+    pub tries: u8,
+}
+
+fn field(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.trim().to_owned())
+}
+
+impl Config {
+    /// The running dom0: slot from the kernel command line, identity from
+    /// /etc/qinit/image, the disk that holds the slots from sysfs.
+    pub fn from_system() -> Result<Self, UpdateError> {
+        let cmdline = std::fs::read_to_string("/proc/cmdline")
+            .map_err(|e| UpdateError::Config(format!("/proc/cmdline: {e}")))?;
+        let booted = cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("qinit.slot="))
+            .ok_or_else(|| UpdateError::Config("no qinit.slot= on the kernel command line".into()))?
+            .parse::<Slot>()
+            .map_err(|e| UpdateError::Config(format!("qinit.slot: {e}")))?;
+        let info = std::fs::read_to_string(IMAGE_INFO)
+            .map_err(|e| UpdateError::Config(format!("{IMAGE_INFO}: {e}")))?;
+        let need = |k: &str| {
+            field(&info, k).ok_or_else(|| UpdateError::Config(format!("{IMAGE_INFO}: no `{k}`")))
+        };
+        Ok(Self {
+            disk: disk::disk_of("root_a")?,
+            trust: TRUST_STORE.into(),
+            state: STATE_FILE.into(),
+            compatible: need("compatible")?,
+            booted,
+            image_version: need("version")?,
+            image_epoch: field(&info, "security_epoch")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            tries: DEFAULT_TRIES,
+        })
+    }
+}
+
+/// Progress of an apply, for a bar or a D-Bus property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub phase: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// The result of a successful apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub slot: String,
+    pub version: String,
+    pub security_epoch: u64,
+    pub signers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotStatus {
+    pub slot: String,
+    /// good | bootable | bad | empty
+    pub state: String,
+    pub tries: u8,
+    pub version: Option<String>,
+    pub security_epoch: Option<u64>,
+    pub root_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub booted: String,
+    pub order: Vec<String>,
+    pub floor: u64,
+    pub slots: Vec<SlotStatus>,
+    pub last_error: Option<String>,
+}
+
+pub struct Updater {
+    cfg: Config,
+    disk: Disk,
+}
+
+impl std::fmt::Debug for Updater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Updater")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Writes into one partition, never past its end.
+struct PartWriter<'a> {
+    file: &'a mut std::fs::File,
+    part: Part,
+    pos: u64,
+}
+
+impl Write for PartWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = self.part.size.saturating_sub(self.pos);
+        if buf.len() as u64 > room {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "payload runs past the end of its partition",
+            ));
+        }
+        self.file
+            .seek(SeekFrom::Start(self.part.offset + self.pos))?;
+        self.file.write_all(buf)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Reads `len` bytes of a partition from its start.
+struct PartReader<'a> {
+    file: &'a mut std::fs::File,
+    part: Part,
+    pos: u64,
+    len: u64,
+}
+
+impl Read for PartReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        if left == 0 {
+            return Ok(0);
+        }
+        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        self.file
+            .seek(SeekFrom::Start(self.part.offset + self.pos))?;
+        let got = self.file.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Updater {
+    pub fn open(cfg: Config) -> Result<Self, UpdateError> {
+        let disk = Disk::open(&cfg.disk)?;
+        Ok(Self { cfg, disk })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn io(&self, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
+        let what = what.into();
+        let disk = self.disk.path.clone();
+        move |source| UpdateError::Io { what, disk, source }
+    }
+
+    /// Installs a bundle into the inactive slot. On any error the running
+    /// slot stays the boot default and the target slot stays unbootable.
+    pub fn apply<R: Read>(
+        &mut self,
+        bundle: &mut R,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Applied, UpdateError> {
+        let result = self.apply_inner(bundle, progress);
+        let mut state = State::load(&self.cfg.state)?;
+        state.last_error = result.as_ref().err().map(error_chain);
+        state.store(&self.cfg.state)?;
+        result
+    }
+
+    fn apply_inner<R: Read>(
+        &mut self,
+        bundle: &mut R,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Applied, UpdateError> {
+        let trust = TrustStore::load(&self.cfg.trust)?;
+        let verified = qbundle::read_verified(bundle, &trust)?;
+        let m = &verified.manifest;
+        if m.compatible != self.cfg.compatible {
+            return Err(UpdateError::Incompatible {
+                expected: self.cfg.compatible.clone(),
+                found: m.compatible.clone(),
+            });
+        }
+        let mut state = State::load(&self.cfg.state)?;
+        if m.security_epoch < state.floor {
+            return Err(UpdateError::BelowFloor {
+                epoch: m.security_epoch,
+                floor: state.floor,
+            });
+        }
+        let target = self.cfg.booted.other();
+        for p in &m.payloads {
+            let part = match p.kind {
+                PayloadKind::Boot => self.disk.boot(target),
+                PayloadKind::Root => self.disk.root(target),
+            };
+            if p.size > part.size {
+                return Err(UpdateError::TooBig {
+                    kind: p.kind,
+                    size: p.size,
+                    partition: part.size,
+                });
+            }
+        }
+
+        // From here on the target slot is touched: make it unbootable first,
+        // so a power cut at any later point leaves the running slot the one
+        // the boot loader picks.
+        let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
+        boot.invalidate(target);
+        bootenv::store(&mut self.disk, &mut env, &boot)?;
+        state.slots.remove(&target.to_string());
+        state.store(&self.cfg.state)?;
+
+        let total: u64 = m.payloads.iter().map(|p| p.size).sum();
+        let mut base = 0u64;
+        for p in &m.payloads {
+            let part = match p.kind {
+                PayloadKind::Boot => self.disk.boot(target),
+                PayloadKind::Root => self.disk.root(target),
+            };
+            let mut w = PartWriter {
+                file: &mut self.disk.file,
+                part,
+                pos: 0,
+            };
+            qbundle::stream_payload(bundle, p, &mut w, &mut |done| {
+                progress(Progress {
+                    phase: "write",
+                    done: base + done,
+                    total,
+                })
+            })?;
+            base += p.size;
+        }
+        qbundle::expect_end(bundle)?;
+        self.disk.file.sync_all().map_err(self.io("fsync"))?;
+
+        // Read back what the disk now holds; only that counts.
+        let mut base = 0u64;
+        let read_back = self.io("read back");
+        let mut read_err = None;
+        for p in &m.payloads {
+            let part = match p.kind {
+                PayloadKind::Boot => self.disk.boot(target),
+                PayloadKind::Root => self.disk.root(target),
+            };
+            let mut r = PartReader {
+                file: &mut self.disk.file,
+                part,
+                pos: 0,
+                len: p.size,
+            };
+            let mut h = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = match r.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        read_err = Some(e);
+                        break;
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                progress(Progress {
+                    phase: "verify",
+                    done: base + r.pos,
+                    total,
+                });
+            }
+            if let Some(e) = read_err.take() {
+                return Err(read_back(e));
+            }
+            if h.finalize().as_bytes() != &p.blake3 {
+                return Err(UpdateError::ReadBack {
+                    kind: p.kind,
+                    expected: hex::encode(p.blake3),
+                    actual: h.finalize().to_hex().to_string(),
+                });
+            }
+            base += p.size;
+        }
+        let v = &m.root_verity;
+        let data_size = v.data_blocks * u64::from(v.data_block_size);
+        let mut params = verity::VerityParams::new(v.salt.clone(), [0; 16])?;
+        params.data_block_size = v.data_block_size;
+        params.hash_block_size = v.hash_block_size;
+        let root_part = self.disk.root(target);
+        let reader = PartReader {
+            file: &mut self.disk.file,
+            part: root_part,
+            pos: 0,
+            len: data_size,
+        };
+        let root_hash = verity::compute_root_hash(reader, data_size, &params)?;
+        if root_hash != v.root_hash {
+            return Err(UpdateError::VerityMismatch {
+                expected: hex::encode(v.root_hash),
+                actual: hex::encode(root_hash),
+            });
+        }
+
+        // Verified: bootable, with tries, first in the order.
+        let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
+        boot.activate(target, self.cfg.tries)
+            .map_err(|e| UpdateError::BootEnv(BootEnvError::Parse(e)))?;
+        bootenv::store(&mut self.disk, &mut env, &boot)?;
+        state.slots.insert(
+            target.to_string(),
+            SlotInfo {
+                version: m.version.clone(),
+                security_epoch: m.security_epoch,
+                build_id: m.build_id.clone(),
+                root_hash: hex::encode(v.root_hash),
+            },
+        );
+        state.store(&self.cfg.state)?;
+        Ok(Applied {
+            slot: target.to_string(),
+            version: m.version.clone(),
+            security_epoch: m.security_epoch,
+            signers: verified.signers.clone(),
+        })
+    }
+
+    fn booted_info(&self, state: &State) -> SlotInfo {
+        state
+            .slots
+            .get(&self.cfg.booted.to_string())
+            .cloned()
+            .unwrap_or_else(|| SlotInfo {
+                version: self.cfg.image_version.clone(),
+                security_epoch: self.cfg.image_epoch,
+                build_id: String::new(),
+                root_hash: String::new(),
+            })
+    }
+
+    /// The boot-complete hook: the booted slot is good; only now does the
+    /// anti-rollback floor rise to its epoch.
+    pub fn mark_good(&mut self) -> Result<(), UpdateError> {
+        let booted = self.cfg.booted;
+        let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
+        boot.mark_good(booted);
+        bootenv::store(&mut self.disk, &mut env, &boot)?;
+        let mut state = State::load(&self.cfg.state)?;
+        let info = self.booted_info(&state);
+        state.floor = state.floor.max(info.security_epoch);
+        state.slots.insert(booted.to_string(), info);
+        state.store(&self.cfg.state)?;
+        Ok(())
+    }
+
+    /// Makes the other slot the default, if it is good.
+    pub fn rollback(&mut self) -> Result<Slot, UpdateError> {
+        let other = self.cfg.booted.other();
+        let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
+        if !boot.slot(other).ok {
+            return Err(UpdateError::NotGood(other));
+        }
+        boot.order = vec![other, self.cfg.booted];
+        bootenv::store(&mut self.disk, &mut env, &boot)?;
+        Ok(other)
+    }
+
+    pub fn status(&mut self) -> Result<Status, UpdateError> {
+        let (_, boot) = bootenv::load(&mut self.disk)?;
+        let state = State::load(&self.cfg.state)?;
+        let mut slots = Vec::new();
+        for s in [Slot::A, Slot::B] {
+            let st = boot.slot(s);
+            let info = if s == self.cfg.booted {
+                Some(self.booted_info(&state))
+            } else {
+                state.slots.get(&s.to_string()).cloned()
+            };
+            let label = if st.ok {
+                "good"
+            } else if st.tries > 0 {
+                "bootable"
+            } else if info.is_some() {
+                "bad"
+            } else {
+                "empty"
+            };
+            slots.push(SlotStatus {
+                slot: s.to_string(),
+                state: label.into(),
+                tries: st.tries,
+                version: info.as_ref().map(|i| i.version.clone()),
+                security_epoch: info.as_ref().map(|i| i.security_epoch),
+                root_hash: info
+                    .as_ref()
+                    .map(|i| i.root_hash.clone())
+                    .filter(|h| !h.is_empty()),
+            });
+        }
+        Ok(Status {
+            booted: self.cfg.booted.to_string(),
+            order: boot.order.iter().map(ToString::to_string).collect(),
+            floor: state.floor,
+            slots,
+            last_error: state.last_error,
+        })
+    }
+}
+
+/// The whole cause chain of an error on one line.
+pub fn error_chain(e: &UpdateError) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Convenience for callers that hold a path to a bundle file.
+pub fn open_bundle(path: &Path) -> Result<std::fs::File, UpdateError> {
+    std::fs::File::open(path).map_err(|source| UpdateError::Io {
+        what: format!("opening bundle {}", path.display()),
+        disk: path.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,409 @@
+//! qupdate against a real GPT disk image with a FAT ESP (file-backed
+//! slots): install, boot-state transitions, mark-good, rollback, and every
+//! kind of bad bundle leaving the running slot the default and untouched.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::type_complexity
+)] // test fixtures
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::process::Command;
+
+use grubenv::{BootState, Env, Slot};
+use qbundle::{Manifest, Payload, PayloadKind, PayloadSource, PrivateKey, RootVerity, TrustStore};
+use qupdate::{Config, UpdateError, Updater};
+
+const COMPATIBLE: &str = "qubes-dom0-appliance-x86_64";
+
+struct World {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    key: PrivateKey,
+}
+
+fn run(cmd: &mut Command) {
+    let st = cmd
+        .status()
+        .expect("dosfstools and mtools are needed: apt-get install dosfstools mtools");
+    assert!(st.success(), "{cmd:?}");
+}
+
+/// A disk like the appliance's, small: GPT, FAT32 ESP with grubenv in its
+/// initial state (A good), slot A filled with a known pattern.
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let esp = dir.path().join("esp.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "32"])
+        .arg(&esp)
+        .arg("40960"));
+    let env_file = dir.path().join("grubenv");
+    let mut env = Env::new();
+    BootState::initial().apply_to(&mut env).unwrap();
+    env.store_new(&env_file).unwrap();
+    for d in ["::/EFI", "::/EFI/BOOT"] {
+        run(Command::new("mmd")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&esp)
+            .arg(d));
+    }
+    run(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(&esp)
+        .arg(&env_file)
+        .arg("::/EFI/BOOT/grubenv"));
+    let mib = 1u64 << 20;
+    let layout = qgpt::Layout::new()
+        .add("esp", qgpt::Guid::ESP, 40 * mib)
+        .add("boot_a", qgpt::Guid::XBOOTLDR, 2 * mib)
+        .add("root_a", qgpt::Guid::ROOT_X86_64, 4 * mib)
+        .add("boot_b", qgpt::Guid::XBOOTLDR, 2 * mib)
+        .add("root_b", qgpt::Guid::ROOT_X86_64, 4 * mib)
+        .add("data", qgpt::Guid::LINUX_DATA, mib);
+    let table = layout
+        .plan(qgpt::Guid::derive("t", "disk"), |n| {
+            qgpt::Guid::derive("t", n)
+        })
+        .unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut f = std::fs::File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    qgpt::write_tables(&mut f, &table).unwrap();
+    let espp = table.find("esp").unwrap();
+    f.seek(SeekFrom::Start(espp.offset())).unwrap();
+    f.write_all(&std::fs::read(&esp).unwrap()).unwrap();
+    for name in ["boot_a", "root_a"] {
+        let p = table.find(name).unwrap();
+        f.seek(SeekFrom::Start(p.offset())).unwrap();
+        f.write_all(&vec![0xA5u8; p.size() as usize]).unwrap();
+    }
+    let key = qbundle::generate_keypair().unwrap();
+    let trust = TrustStore::render(&[key.public("test")], 1);
+    std::fs::write(dir.path().join("trust.toml"), trust).unwrap();
+    World { dir, disk, key }
+}
+
+impl World {
+    fn cfg(&self, booted: Slot) -> Config {
+        Config {
+            disk: self.disk.clone(),
+            trust: self.dir.path().join("trust.toml"),
+            state: self.dir.path().join("state/state.json"),
+            compatible: COMPATIBLE.into(),
+            booted,
+            image_version: "0.1.0".into(),
+            image_epoch: 1,
+            tries: 3,
+        }
+    }
+
+    fn part(&self, name: &str) -> Vec<u8> {
+        let mut f = std::fs::File::open(&self.disk).unwrap();
+        let t = qgpt::read(&mut f).unwrap();
+        let p = t.find(name).unwrap();
+        let mut buf = vec![0u8; p.size() as usize];
+        f.seek(SeekFrom::Start(p.offset())).unwrap();
+        f.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    fn boot_state(&self) -> BootState {
+        let mut d = qupdate::disk::Disk::open(&self.disk).unwrap();
+        qupdate::bootenv::load(&mut d).unwrap().1
+    }
+
+    fn store_boot_state(&self, s: &BootState) {
+        let mut d = qupdate::disk::Disk::open(&self.disk).unwrap();
+        let (mut env, _) = qupdate::bootenv::load(&mut d).unwrap();
+        qupdate::bootenv::store(&mut d, &mut env, s).unwrap();
+    }
+
+    /// A bundle: a boot payload and a root payload with a real verity tree.
+    fn bundle(&self, signers: &[&PrivateKey], edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+        let d = self.dir.path();
+        let boot = d.join("b.img");
+        let root = d.join("r.img");
+        std::fs::write(
+            &boot,
+            (0..1_000_000u32)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        std::fs::write(
+            &root,
+            (0..2 * 1024 * 1024u32)
+                .map(|i| (i % 253) as u8)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let info = verity::append_tree(
+            &root,
+            &verity::VerityParams::new(vec![3; 32], [4; 16]).unwrap(),
+        )
+        .unwrap();
+        let (bs, bh) = qbundle::hash_file(&boot).unwrap();
+        let (rs, rh) = qbundle::hash_file(&root).unwrap();
+        let mut m = Manifest {
+            compatible: COMPATIBLE.into(),
+            version: "0.2.0".into(),
+            security_epoch: 5,
+            build_id: "b2".into(),
+            payloads: vec![
+                Payload {
+                    kind: PayloadKind::Boot,
+                    size: bs,
+                    blake3: bh,
+                },
+                Payload {
+                    kind: PayloadKind::Root,
+                    size: rs,
+                    blake3: rh,
+                },
+            ],
+            root_verity: RootVerity {
+                data_blocks: info.data_blocks,
+                data_block_size: info.data_block_size,
+                hash_block_size: info.hash_block_size,
+                hash_offset: info.hash_offset,
+                salt: info.salt.clone(),
+                root_hash: info.root_hash,
+            },
+        };
+        edit(&mut m);
+        let mut out = Vec::new();
+        qbundle::write_bundle(
+            &mut out,
+            &m,
+            signers,
+            &[
+                PayloadSource {
+                    kind: PayloadKind::Boot,
+                    path: boot,
+                },
+                PayloadSource {
+                    kind: PayloadKind::Root,
+                    path: root,
+                },
+            ],
+        )
+        .unwrap();
+        out
+    }
+}
+
+fn apply(w: &World, booted: Slot, bytes: &[u8]) -> Result<qupdate::Applied, UpdateError> {
+    let mut u = Updater::open(w.cfg(booted)).unwrap();
+    u.apply(&mut std::io::Cursor::new(bytes), &mut |_| {})
+}
+
+#[test]
+fn install_boot_mark_good_and_roll_back() {
+    let w = world();
+    let bundle = w.bundle(&[&w.key], |_| {});
+    let applied = apply(&w, Slot::A, &bundle).unwrap();
+    assert_eq!(applied.slot, "B");
+    // The payloads are on the disk, byte for byte.
+    let boot_b = w.part("boot_b");
+    assert_eq!(
+        &boot_b[..1000],
+        &(0..1000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>()[..]
+    );
+    let s = w.boot_state();
+    assert_eq!(s.order, vec![Slot::B, Slot::A]);
+    assert_eq!((s.b.ok, s.b.tries), (false, 3));
+    let mut u = Updater::open(w.cfg(Slot::A)).unwrap();
+    let st = u.status().unwrap();
+    assert_eq!(st.slots[1].state, "bootable");
+    assert_eq!(st.slots[1].version.as_deref(), Some("0.2.0"));
+    assert_eq!(
+        st.floor, 0,
+        "the floor must not rise before the new slot is good"
+    );
+
+    // GRUB spends a try and boots B; B's boot-complete hook marks it good.
+    let mut s = w.boot_state();
+    assert_eq!(s.spend_try(), Some(Slot::B));
+    w.store_boot_state(&s);
+    let mut u = Updater::open(w.cfg(Slot::B)).unwrap();
+    u.mark_good().unwrap();
+    let st = u.status().unwrap();
+    assert_eq!(st.floor, 5);
+    assert_eq!(st.slots[1].state, "good");
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+
+    // Roll back to A (good since the first boot).
+    assert_eq!(u.rollback().unwrap(), Slot::A);
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::A));
+}
+
+#[test]
+fn a_failing_new_slot_falls_back_after_its_tries() {
+    let w = world();
+    apply(&w, Slot::A, &w.bundle(&[&w.key], |_| {})).unwrap();
+    let mut s = w.boot_state();
+    // Three boots of B that never reach mark-good, then A again.
+    for _ in 0..3 {
+        assert_eq!(s.spend_try(), Some(Slot::B));
+    }
+    assert_eq!(s.spend_try(), Some(Slot::A));
+    w.store_boot_state(&s);
+    let st = Updater::open(w.cfg(Slot::A)).unwrap().status().unwrap();
+    assert_eq!(st.slots[1].state, "bad");
+}
+
+#[test]
+fn bad_bundles_leave_slot_a_the_default_and_untouched() {
+    let w = world();
+    let stranger = qbundle::generate_keypair().unwrap();
+    let good = w.bundle(&[&w.key], |_| {});
+    let manifest_at = qbundle::HEADER_LEN + 96;
+    let mut bad_sig = good.clone();
+    bad_sig[manifest_at + 2] ^= 1;
+    let mut bad_payload = good.clone();
+    let n = bad_payload.len();
+    bad_payload[n - 100] ^= 1;
+    let mut over_cap = good.clone();
+    over_cap[16..20].copy_from_slice(&(qbundle::MAX_MANIFEST_LEN + 1).to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>, fn(&UpdateError) -> bool)> = vec![
+        ("bad signature", bad_sig, |e| {
+            matches!(
+                e,
+                UpdateError::Bundle(qbundle::BundleError::BadSignature { .. })
+            )
+        }),
+        ("unknown key", w.bundle(&[&stranger], |_| {}), |e| {
+            matches!(
+                e,
+                UpdateError::Bundle(qbundle::BundleError::UnknownKey { .. })
+            )
+        }),
+        ("truncated header", good[..30].to_vec(), |e| {
+            matches!(
+                e,
+                UpdateError::Bundle(qbundle::BundleError::Truncated { .. })
+            )
+        }),
+        (
+            "truncated manifest",
+            good[..manifest_at + 5].to_vec(),
+            |e| {
+                matches!(
+                    e,
+                    UpdateError::Bundle(qbundle::BundleError::Truncated { .. })
+                )
+            },
+        ),
+        (
+            "truncated payload",
+            good[..good.len() - 4096].to_vec(),
+            |e| {
+                matches!(
+                    e,
+                    UpdateError::Bundle(qbundle::BundleError::Truncated { .. })
+                )
+            },
+        ),
+        ("header over cap", over_cap, |e| {
+            matches!(e, UpdateError::Bundle(qbundle::BundleError::Header(_)))
+        }),
+        ("payload hash", bad_payload, |e| {
+            matches!(
+                e,
+                UpdateError::Bundle(qbundle::BundleError::PayloadHash { .. })
+            )
+        }),
+        (
+            "wrong compatible",
+            w.bundle(&[&w.key], |m| m.compatible = "other-product".into()),
+            |e| matches!(e, UpdateError::Incompatible { .. }),
+        ),
+    ];
+    let a_before = (w.part("boot_a"), w.part("root_a"));
+    let mut messages = Vec::new();
+    for (what, bytes, is_expected) in cases {
+        let err = apply(&w, Slot::A, &bytes).unwrap_err();
+        assert!(is_expected(&err), "{what}: {err:?}");
+        let s = w.boot_state();
+        assert_eq!(
+            s.next_boot(),
+            Some(Slot::A),
+            "{what}: A must stay the default"
+        );
+        assert!(!s.b.ok && s.b.tries == 0, "{what}: B must not be bootable");
+        assert_eq!(
+            (w.part("boot_a"), w.part("root_a")),
+            a_before,
+            "{what}: slot A changed"
+        );
+        let st = Updater::open(w.cfg(Slot::A)).unwrap().status().unwrap();
+        let msg = st.last_error.unwrap();
+        messages.push(msg);
+    }
+    // Each failure reads differently.
+    let mut unique = messages.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), messages.len(), "{messages:#?}");
+
+    // Too few signatures for a threshold of two.
+    let second = qbundle::generate_keypair().unwrap();
+    std::fs::write(
+        w.dir.path().join("trust.toml"),
+        TrustStore::render(&[w.key.public("a"), second.public("b")], 2),
+    )
+    .unwrap();
+    let err = apply(&w, Slot::A, &good).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Bundle(qbundle::BundleError::TooFewSignatures {
+                valid: 1,
+                threshold: 2
+            })
+        ),
+        "{err:?}"
+    );
+    apply(&w, Slot::A, &w.bundle(&[&w.key, &second], |_| {})).unwrap();
+}
+
+#[test]
+fn epoch_below_the_floor_is_a_downgrade() {
+    let w = world();
+    apply(&w, Slot::A, &w.bundle(&[&w.key], |_| {})).unwrap();
+    let mut s = w.boot_state();
+    s.spend_try();
+    w.store_boot_state(&s);
+    Updater::open(w.cfg(Slot::B)).unwrap().mark_good().unwrap();
+    let old = w.bundle(&[&w.key], |m| m.security_epoch = 4);
+    let err = apply(&w, Slot::B, &old).unwrap_err();
+    assert!(
+        matches!(err, UpdateError::BelowFloor { epoch: 4, floor: 5 }),
+        "{err:?}"
+    );
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+}
+
+/// A power cut after the target was invalidated and half written: the
+/// running slot still boots, and the same apply then succeeds.
+#[test]
+fn an_interrupted_install_leaves_the_running_slot_and_can_be_redone() {
+    let w = world();
+    let bundle = w.bundle(&[&w.key], |_| {});
+    // Stop the stream in the middle of the root payload.
+    let cut = bundle.len() - 1_000_000;
+    assert!(apply(&w, Slot::A, &bundle[..cut]).is_err());
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::A));
+    apply(&w, Slot::A, &bundle).unwrap();
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+}
