@@ -26,6 +26,8 @@ use crate::state::{SlotInfo, State, StateError};
 pub const TRUST_STORE: &str = "/etc/qupdate/trust.toml";
 pub const STATE_FILE: &str = "/var/lib/qupdate/state.json";
 pub const IMAGE_INFO: &str = "/etc/qinit/image";
+/// How long to wait for another updater to finish.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Tries a freshly installed slot gets before the boot loader gives up.
 pub const DEFAULT_TRIES: u8 = 3;
 
@@ -74,6 +76,8 @@ pub enum UpdateError {
     NotGood(Slot),
     #[error("system configuration: {0}")]
     Config(String),
+    #[error("another qupdate holds {0}; try again when it is done")]
+    Busy(PathBuf),
 }
 
 /// Everything the updater needs to know about the system it runs on.
@@ -87,6 +91,8 @@ pub struct Config {
     pub image_version: String,
     pub image_epoch: u64,
     pub tries: u8,
+    /// How long to wait for another updater ([`LOCK_WAIT`] by default).
+    pub lock_wait: std::time::Duration,
 }
 
 fn field(text: &str, key: &str) -> Option<String> {
@@ -124,6 +130,7 @@ impl Config {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             tries: DEFAULT_TRIES,
+            lock_wait: LOCK_WAIT,
         })
     }
 }
@@ -168,6 +175,9 @@ pub struct Status {
 pub struct Updater {
     cfg: Config,
     disk: Disk,
+    /// Held for the updater's lifetime: one apply, mark-good or rollback at
+    /// a time (the boot-complete hook may run while a user applies).
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Updater {
@@ -231,8 +241,42 @@ impl Read for PartReader<'_> {
 
 impl Updater {
     pub fn open(cfg: Config) -> Result<Self, UpdateError> {
+        let lock_path = cfg.state.with_extension("lock");
+        let lock_err = |source| UpdateError::Io {
+            what: format!("locking {}", lock_path.display()),
+            disk: cfg.disk.clone(),
+            source,
+        };
+        if let Some(dir) = lock_path.parent() {
+            std::fs::create_dir_all(dir).map_err(lock_err)?;
+        }
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(lock_err)?;
+        // Waits a while for another updater (mark-good is quick), but never
+        // forever: a stuck holder must be an error someone sees.
+        let deadline = std::time::Instant::now() + cfg.lock_wait;
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => break,
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(UpdateError::Busy(lock_path.clone()));
+                }
+                Err(e) => return Err(lock_err(e.into())),
+            }
+        }
         let disk = Disk::open(&cfg.disk)?;
-        Ok(Self { cfg, disk })
+        Ok(Self {
+            cfg,
+            disk,
+            _lock: lock,
+        })
     }
 
     pub fn config(&self) -> &Config {

@@ -88,6 +88,7 @@ fn config(s: &SystemArgs) -> anyhow::Result<Config> {
             image_version: "unknown".into(),
             image_epoch: 0,
             tries: qupdate::DEFAULT_TRIES,
+            lock_wait: qupdate::LOCK_WAIT,
         },
     };
     if let Some(t) = &s.trust {

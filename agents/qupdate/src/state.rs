@@ -68,7 +68,7 @@ impl State {
         };
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io("create directory"))?;
-        let tmp = path.with_extension("tmp");
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         let text = serde_json::to_string_pretty(self).map_err(|e| StateError::Malformed {
             path: path.to_owned(),
             reason: e.to_string(),

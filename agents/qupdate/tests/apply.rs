@@ -104,6 +104,7 @@ impl World {
             image_version: "0.1.0".into(),
             image_epoch: 1,
             tries: 3,
+            lock_wait: std::time::Duration::from_millis(300),
         }
     }
 
@@ -222,8 +223,7 @@ fn install_boot_mark_good_and_roll_back() {
     let s = w.boot_state();
     assert_eq!(s.order, vec![Slot::B, Slot::A]);
     assert_eq!((s.b.ok, s.b.tries), (false, 3));
-    let mut u = Updater::open(w.cfg(Slot::A)).unwrap();
-    let st = u.status().unwrap();
+    let st = Updater::open(w.cfg(Slot::A)).unwrap().status().unwrap();
     assert_eq!(st.slots[1].state, "bootable");
     assert_eq!(st.slots[1].version.as_deref(), Some("0.2.0"));
     assert_eq!(
@@ -245,6 +245,16 @@ fn install_boot_mark_good_and_roll_back() {
     // Roll back to A (good since the first boot).
     assert_eq!(u.rollback().unwrap(), Slot::A);
     assert_eq!(w.boot_state().next_boot(), Some(Slot::A));
+}
+
+#[test]
+fn a_second_updater_waits_for_the_first_and_gives_up_with_busy() {
+    let w = world();
+    let _first = Updater::open(w.cfg(Slot::A)).unwrap();
+    let err = Updater::open(w.cfg(Slot::A)).unwrap_err();
+    assert!(matches!(err, UpdateError::Busy(_)), "{err:?}");
+    drop(_first);
+    Updater::open(w.cfg(Slot::A)).unwrap();
 }
 
 #[test]
