@@ -108,7 +108,9 @@ pub fn marker(line: &str) {
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
     if let Some(mut f) = open_kmsg() {
-        let _ = f.write_all(format_record(2, "qinit", line).as_bytes());
+        // INFO: kept in the kernel log, but not printed a second time on
+        // the console (loglevel=6), so each marker appears there once.
+        let _ = f.write_all(format_record(6, "qinit", line).as_bytes());
     }
 }
 

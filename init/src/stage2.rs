@@ -57,6 +57,13 @@ impl Hooks for BootHooks {
             "QINIT-READY slot={slot} version={} ms={ms}",
             self.version
         ));
+        // For the boot benchmark: the kernel's uptime at ready.
+        if let Some(up) = std::fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|u| u.split_whitespace().next().map(str::to_owned))
+        {
+            log::info!("ready at uptime={up}");
+        }
         // For the boot benchmark and the notes: what PID 1 costs.
         if let Some(rss) = std::fs::read_to_string("/proc/self/status")
             .ok()

@@ -111,19 +111,18 @@ fn boot_once(root: &Path, image_dir: &Path, name: &str, marker: &str) -> Result<
     std::thread::sleep(Duration::from_secs(2));
     let out = vm.output();
     vm.quit();
-    let guest = guest_seconds(&out, marker, &line).unwrap_or(f64::NAN);
+    let guest = guest_seconds(&out, &line).unwrap_or(f64::NAN);
     Ok((Sample { wall, guest }, out))
 }
 
-/// The guest's uptime at the marker: systemd's line carries it, qinit's
-/// kernel-log copy of the marker carries a printk timestamp.
-fn guest_seconds(out: &str, marker: &str, line: &str) -> Option<f64> {
+/// The guest's uptime at the marker: systemd's line carries it, qinit
+/// logs it right after its marker.
+fn guest_seconds(out: &str, line: &str) -> Option<f64> {
     if let Some(up) = line.split("uptime=").nth(1) {
         return up.trim().parse().ok();
     }
     out.lines()
-        .find(|l| l.starts_with('[') && l.contains(marker))
-        .and_then(|l| l.trim_start_matches('[').split(']').next())
+        .find_map(|l| l.split("qinit: ready at uptime=").nth(1))
         .and_then(|t| t.trim().parse().ok())
 }
 
