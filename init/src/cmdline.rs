@@ -1,8 +1,5 @@
 //! The kernel command line: the slot GRUB booted and qinit's switches.
 
-use std::fmt;
-use std::str::FromStr;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {
     #[error("kernel command line has no qinit.slot= (GRUB passes it)")]
@@ -17,42 +14,9 @@ pub enum CmdlineError {
     },
 }
 
-/// One of the two A/B slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    /// GPT partition name of this slot's root.
-    pub fn root_partition(self) -> &'static str {
-        match self {
-            Slot::A => "root_a",
-            Slot::B => "root_b",
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        })
-    }
-}
-
-impl FromStr for Slot {
-    type Err = CmdlineError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "A" | "a" => Ok(Slot::A),
-            "B" | "b" => Ok(Slot::B),
-            other => Err(CmdlineError::BadSlot(other.to_owned())),
-        }
-    }
-}
+/// The A/B slot type is the boot state's own (one definition for GRUB's
+/// contract, the updater and PID 1).
+pub use grubenv::Slot;
 
 /// What to do when boot cannot complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +52,13 @@ impl Cmdline {
         for word in text.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
-                "qinit.slot" => slot = Some(value.parse()?),
+                "qinit.slot" => {
+                    slot = Some(
+                        value
+                            .parse()
+                            .map_err(|_| CmdlineError::BadSlot(value.to_owned()))?,
+                    )
+                }
                 "qinit.on_failure" => {
                     on_failure = match value {
                         "reboot" => OnFailure::Reboot,

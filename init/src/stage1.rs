@@ -82,7 +82,7 @@ fn run_inner(
     log::info!("loaded {n} early modules");
 
     let sys = Path::new("/sys/class/block");
-    let root_part = blockdev::wait_for(sys, cmdline.slot.root_partition(), DEVICE_TIMEOUT)?;
+    let root_part = blockdev::wait_for(sys, cmdline.slot.root_name(), DEVICE_TIMEOUT)?;
     log::info!("root of slot {} is {}", cmdline.slot, root_part.kname);
 
     let params = RootVerity::load(Path::new(ROOT_VERITY))?;
