@@ -92,6 +92,14 @@ impl Disk {
     pub fn root(&self, slot: Slot) -> Part {
         self.root[idx(slot)]
     }
+
+    /// The partition a bundle payload of `kind` goes to in `slot`.
+    pub fn payload_part(&self, slot: Slot, kind: qbundle::PayloadKind) -> Part {
+        match kind {
+            qbundle::PayloadKind::Boot => self.boot(slot),
+            qbundle::PayloadKind::Root => self.root(slot),
+        }
+    }
 }
 
 /// The whole-disk device holding the partition named `partname`, found

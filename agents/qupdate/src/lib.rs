@@ -326,10 +326,7 @@ impl Updater {
         }
         let target = self.cfg.booted.other();
         for p in &m.payloads {
-            let part = match p.kind {
-                PayloadKind::Boot => self.disk.boot(target),
-                PayloadKind::Root => self.disk.root(target),
-            };
+            let part = self.disk.payload_part(target, p.kind);
             if p.size > part.size {
                 return Err(UpdateError::TooBig {
                     kind: p.kind,
@@ -351,10 +348,7 @@ impl Updater {
         let total: u64 = m.payloads.iter().map(|p| p.size).sum();
         let mut base = 0u64;
         for p in &m.payloads {
-            let part = match p.kind {
-                PayloadKind::Boot => self.disk.boot(target),
-                PayloadKind::Root => self.disk.root(target),
-            };
+            let part = self.disk.payload_part(target, p.kind);
             let mut w = PartWriter {
                 file: &mut self.disk.file,
                 part,
@@ -377,10 +371,7 @@ impl Updater {
         let read_back = self.io("read back");
         let mut read_err = None;
         for p in &m.payloads {
-            let part = match p.kind {
-                PayloadKind::Boot => self.disk.boot(target),
-                PayloadKind::Root => self.disk.root(target),
-            };
+            let part = self.disk.payload_part(target, p.kind);
             let mut r = PartReader {
                 file: &mut self.disk.file,
                 part,
