@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use crate::packages::{resolve_link_target, Located, PackageError, PackageSet};
+use crate::rootfs::usrmerge_spellings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -73,24 +74,9 @@ const DEFAULT_DIRS: &[&str] = &[
     "/lib",
 ];
 
-/// With merged /usr, `/lib/x` and `/usr/lib/x` are the same file; packages
-/// may ship either spelling.
-fn usrmerge_variants(path: &str) -> Vec<String> {
-    for top in ["/lib64/", "/lib/", "/bin/", "/sbin/"] {
-        if let Some(rest) = path.strip_prefix(top) {
-            return vec![path.to_owned(), format!("/usr{top}{rest}")];
-        }
-    }
-    for top in ["/usr/lib64/", "/usr/lib/", "/usr/bin/", "/usr/sbin/"] {
-        if let Some(rest) = path.strip_prefix(top) {
-            return vec![path.to_owned(), format!("{}{rest}", &top[4..])];
-        }
-    }
-    vec![path.to_owned()]
-}
-
 fn locate_any(set: &PackageSet, path: &str) -> Result<Option<Located>, ElfError> {
-    for variant in usrmerge_variants(path) {
+    // Packages may ship either spelling of a merged-/usr path.
+    for variant in usrmerge_spellings(path) {
         if let Some(mut l) = set.try_locate(&variant)? {
             // Keep the spelling the loader uses; the root has usrmerge links.
             l.image_path = variant;
@@ -303,15 +289,15 @@ mod tests {
     }
 
     #[test]
-    fn usrmerge_variants_cover_both_spellings() {
+    fn usrmerge_spellings_cover_both_forms() {
         assert_eq!(
-            usrmerge_variants("/lib64/ld.so"),
+            usrmerge_spellings("/lib64/ld.so"),
             vec!["/lib64/ld.so", "/usr/lib64/ld.so"]
         );
         assert_eq!(
-            usrmerge_variants("/usr/lib/x/libc.so.6"),
+            usrmerge_spellings("/usr/lib/x/libc.so.6"),
             vec!["/usr/lib/x/libc.so.6", "/lib/x/libc.so.6"]
         );
-        assert_eq!(usrmerge_variants("/etc/x"), vec!["/etc/x"]);
+        assert_eq!(usrmerge_spellings("/etc/x"), vec!["/etc/x"]);
     }
 }

@@ -250,14 +250,27 @@ impl RootTree {
     }
 }
 
-/// `/lib/x` and `/usr/lib/x` are one file on a merged-/usr root.
-fn canonical(image_path: &str) -> String {
-    for top in ["/lib64/", "/lib/", "/bin/", "/sbin/"] {
-        if let Some(rest) = image_path.strip_prefix(top) {
-            return format!("/usr{top}{rest}");
+/// Both spellings of a path on a merged-/usr root, where `/lib/x` and
+/// `/usr/lib/x` are one file (the links are [`USRMERGE_LINKS`]): the path
+/// as given first, then the other spelling if it has one.
+pub fn usrmerge_spellings(path: &str) -> Vec<String> {
+    for (link, target) in USRMERGE_LINKS {
+        if let Some(rest) = path.strip_prefix(&format!("/{link}/")) {
+            return vec![path.to_owned(), format!("/{target}/{rest}")];
+        }
+        if let Some(rest) = path.strip_prefix(&format!("/{target}/")) {
+            return vec![path.to_owned(), format!("/{link}/{rest}")];
         }
     }
-    image_path.to_owned()
+    vec![path.to_owned()]
+}
+
+/// The `/usr` spelling: the key under which a file is owned once.
+fn canonical(image_path: &str) -> String {
+    usrmerge_spellings(image_path)
+        .into_iter()
+        .find(|p| p.starts_with("/usr/"))
+        .unwrap_or_else(|| image_path.to_owned())
 }
 
 #[cfg(test)]

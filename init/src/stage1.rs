@@ -19,7 +19,6 @@ pub const EARLY_MODULES: &str = "/etc/qinit/modules.early";
 pub const ROOT_VERITY: &str = "/etc/qinit/root.verity";
 pub const NEW_ROOT: &str = "/newroot";
 pub const STAGE2: &str = "/usr/sbin/qinit";
-pub const IMAGE_INFO: &str = "/etc/qinit/image";
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +144,7 @@ fn run_inner(
         let target = Path::new(NEW_ROOT).join(m.trim_start_matches('/'));
         mount_move(m, &target).map_err(Stage1Error::SwitchRoot)?;
     }
-    let info = std::fs::read_to_string(IMAGE_INFO).unwrap_or_default();
+    let info = std::fs::read_to_string(crate::stage2::IMAGE_INFO).unwrap_or_default();
     let production = crate::stage2::image_field(&info, "production").as_deref() != Some("false");
     let other_init = match &cmdline.init {
         Some(init) if !production => Some(init.clone()),

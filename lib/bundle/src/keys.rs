@@ -71,6 +71,24 @@ fn parse_hex32(path: &Path, what: &str, s: &str) -> Result<[u8; 32], KeyError> {
     })
 }
 
+/// Splits `<tag> <64 hex> [rest...]`, returning the 32 bytes and the rest.
+fn parse_key_line<'a>(
+    path: &Path,
+    text: &'a str,
+    tag: &str,
+    what: &str,
+) -> Result<([u8; 32], std::str::SplitWhitespace<'a>), KeyError> {
+    let mut words = text.split_whitespace();
+    if words.next() != Some(tag) {
+        return Err(KeyError::Format {
+            path: path.to_owned(),
+            reason: format!("does not start with `{tag}`"),
+        });
+    }
+    let bytes = parse_hex32(path, what, words.next().unwrap_or(""))?;
+    Ok((bytes, words))
+}
+
 impl PrivateKey {
     pub fn public(&self, name: &str) -> PublicKey {
         PublicKey {
@@ -84,14 +102,7 @@ impl PrivateKey {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, KeyError> {
-        let mut words = text.split_whitespace();
-        if words.next() != Some(PRIVATE_TAG) {
-            return Err(KeyError::Format {
-                path: path.to_owned(),
-                reason: format!("does not start with `{PRIVATE_TAG}`"),
-            });
-        }
-        let seed = parse_hex32(path, "private key", words.next().unwrap_or(""))?;
+        let (seed, _) = parse_key_line(path, text, PRIVATE_TAG, "private key")?;
         Ok(Self(SigningKey::from_bytes(&seed)))
     }
 
@@ -127,14 +138,7 @@ impl PrivateKey {
 
 impl PublicKey {
     pub fn parse(path: &Path, text: &str) -> Result<Self, KeyError> {
-        let mut words = text.split_whitespace();
-        if words.next() != Some(PUBLIC_TAG) {
-            return Err(KeyError::Format {
-                path: path.to_owned(),
-                reason: format!("does not start with `{PUBLIC_TAG}`"),
-            });
-        }
-        let bytes = parse_hex32(path, "public key", words.next().unwrap_or(""))?;
+        let (bytes, mut words) = parse_key_line(path, text, PUBLIC_TAG, "public key")?;
         let key = VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::Format {
             path: path.to_owned(),
             reason: format!("public key: {e}"),
