@@ -5,9 +5,11 @@
 //! fetches it, [`packages`] and [`elf`] pick files and their libraries,
 //! [`kmod`] resolves kernel modules, [`rootfs`] lays out the root tree,
 //! [`cpio`] writes the initramfs, [`fsimage`] makes filesystems, [`grub`]
-//! the boot loader configuration, and [`pipeline`] runs it all.
+//! the boot loader configuration, and [`pipeline`] runs it all; [`bundle`]
+//! signs update bundles of built slots.
 
 pub mod apt;
+pub mod bundle;
 pub mod cpio;
 pub mod elf;
 pub mod fsimage;

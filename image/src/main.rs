@@ -39,6 +39,19 @@ enum Command {
         #[arg(long)]
         root_tree: Option<PathBuf>,
     },
+    /// Sign an update bundle of a built slot (a `build` output directory).
+    Bundle {
+        /// The build's output directory (boot.img, root.img, root.verity,
+        /// image.info).
+        #[arg(long)]
+        image_dir: PathBuf,
+        /// Private key file (`qupdate keygen`); repeat for several signers.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Output file (default: <image-dir>/<name>-<version>.bundle).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +68,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bundle {
+            image_dir,
+            keys,
+            out,
+        } => {
+            let out = qimage::bundle::from_image_dir(&image_dir, &keys, out.as_deref())?;
+            let len = std::fs::metadata(&out)?.len();
+            println!("{}  {:.1} MiB", out.display(), len as f64 / 1048576.0);
+            Ok(())
+        }
         Command::Build {
             profile,
             out,

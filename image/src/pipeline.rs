@@ -272,15 +272,29 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     )?;
 
     fs::copy(&initrd, staging.join("initrd.gz"))?;
+    // What `qimage bundle` needs to sign this slot later.
+    fs::write(staging.join(crate::bundle::ROOT_VERITY), vinfo.to_text())?;
+    fs::write(staging.join(crate::bundle::IMAGE_INFO_FILE), &info)?;
     if !profile.update.signing_keys.is_empty() {
         let name = format!("{}-{}.bundle", profile.image.name, profile.image.version);
-        write_update_bundle(
+        let keys: Vec<PathBuf> = profile
+            .update
+            .signing_keys
+            .iter()
+            .map(|k| opts.source_dir.join(k))
+            .collect();
+        crate::bundle::write_signed(
             &staging.join(&name),
-            &profile,
-            opts,
+            &crate::bundle::Release {
+                compatible: profile.image.compatible.clone(),
+                version: profile.image.version.clone(),
+                security_epoch: profile.update.security_epoch,
+                build_id: opts.epoch.to_string(),
+            },
             &boot_img,
             &root_img,
             &vinfo,
+            &keys,
         )?;
     }
     let mut artifacts = Vec::new();
@@ -386,72 +400,6 @@ fn compose_root(
         )?;
     }
 
-    Ok(())
-}
-
-/// Signs a bundle of this build's boot and root images.
-fn write_update_bundle(
-    out: &Path,
-    profile: &Profile,
-    opts: &BuildOptions,
-    boot_img: &Path,
-    root_img: &Path,
-    vinfo: &verity::VerityInfo,
-) -> Result<()> {
-    let (boot_size, boot_hash) = qbundle::hash_file(boot_img)?;
-    let (root_size, root_hash) = qbundle::hash_file(root_img)?;
-    let manifest = qbundle::Manifest {
-        compatible: profile.image.compatible.clone(),
-        version: profile.image.version.clone(),
-        security_epoch: profile.update.security_epoch,
-        build_id: opts.epoch.to_string(),
-        payloads: vec![
-            qbundle::Payload {
-                kind: qbundle::PayloadKind::Boot,
-                size: boot_size,
-                blake3: boot_hash,
-            },
-            qbundle::Payload {
-                kind: qbundle::PayloadKind::Root,
-                size: root_size,
-                blake3: root_hash,
-            },
-        ],
-        root_verity: qbundle::RootVerity {
-            data_blocks: vinfo.data_blocks,
-            data_block_size: vinfo.data_block_size,
-            hash_block_size: vinfo.hash_block_size,
-            hash_offset: vinfo.hash_offset,
-            salt: vinfo.salt.clone(),
-            root_hash: vinfo.root_hash,
-        },
-    };
-    let mut keys = Vec::new();
-    for k in &profile.update.signing_keys {
-        keys.push(qbundle::PrivateKey::load(&opts.source_dir.join(k))?);
-    }
-    let signers: Vec<&qbundle::PrivateKey> = keys.iter().collect();
-    let mut f = std::io::BufWriter::new(
-        fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
-    );
-    qbundle::write_bundle(
-        &mut f,
-        &manifest,
-        &signers,
-        &[
-            qbundle::PayloadSource {
-                kind: qbundle::PayloadKind::Boot,
-                path: boot_img.to_owned(),
-            },
-            qbundle::PayloadSource {
-                kind: qbundle::PayloadKind::Root,
-                path: root_img.to_owned(),
-            },
-        ],
-    )?;
-    f.into_inner()
-        .map_err(|e| anyhow::anyhow!("flushing {}: {e}", out.display()))?
-        .sync_all()?;
     Ok(())
 }
 

@@ -32,6 +32,8 @@ fn update_a_to_b_reboot_and_mark_good() -> anyhow::Result<()> {
         APPLY_TIMEOUT,
     )?;
     assert!(out.contains("into slot B"), "{out}");
+    // The CLI found qupdated on the bus and handed it the pipe.
+    assert!(out.contains("through qupdated"), "{out}");
     let st = sh(&mut vm, "qupdate status --json")?;
     assert_eq!(slot_state(&st, "B"), "bootable", "{st}");
     let compact: String = st.split_whitespace().collect();

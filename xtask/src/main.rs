@@ -39,13 +39,17 @@ enum Cmd {
         #[arg(long)]
         no_vm: bool,
     },
-    /// Benchmarks (not tests): `boot` compares qinit with systemd.
+    /// Benchmarks (not tests): `boot` compares qinit with systemd, `update`
+    /// qupdate with a plain copy and RAUC.
     Bench {
-        #[arg(value_parser = ["boot"])]
+        #[arg(value_parser = ["boot", "update"])]
         what: String,
-        /// Boots of each variant.
+        /// Runs of each variant.
         #[arg(long, default_value_t = 2)]
         runs: u32,
+        /// `update`: size of the root image in MiB (at least 256).
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
     },
     /// Build the images of one profile into target/images/<profile>/.
     Image {
@@ -101,7 +105,14 @@ fn run(cli: Cli) -> Result<()> {
             boot(&root, &dir, &profile, Duration::from_secs(timeout))?;
         }
         Cmd::Test { no_vm } => test(&root, no_vm)?,
-        Cmd::Bench { what: _, runs } => bench::boot(&root, runs)?,
+        Cmd::Bench {
+            what,
+            runs,
+            size_mib,
+        } => match what.as_str() {
+            "update" => bench::update::run(&root, runs, size_mib)?,
+            _ => bench::boot::run(&root, runs)?,
+        },
     }
     Ok(())
 }
@@ -124,11 +135,11 @@ fn installed(pkg: &str) -> bool {
 
 /// Installs missing host packages when root; otherwise prints the command.
 fn ensure_host_packages() -> Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
+    ensure_packages(HOST_PACKAGES)
+}
+
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -183,7 +194,11 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
             .args(["-p", "qinit", "-p", "qimage", "-p", "qbus", "-p", "qupdate"])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;
-    Ok(root.join("target").join(TARGET).join("release"))
+    Ok(static_bin_dir(root))
+}
+
+fn static_bin_dir(root: &Path) -> PathBuf {
+    root.join("target").join(TARGET).join("release")
 }
 
 fn cache_dir() -> PathBuf {

@@ -77,17 +77,6 @@ impl SystemBus {
     }
 }
 
-/// Tells the supervisor we are ready (sd_notify `READY=1`), if it asked.
-pub fn notify_ready() -> Result<()> {
-    let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
-    let s = std::os::unix::net::UnixDatagram::unbound().context("notify socket")?;
-    s.send_to(b"READY=1\nSTATUS=system bus up", &sock)
-        .with_context(|| format!("sending READY=1 to {sock:?}"))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,7 +93,6 @@ mod tests {
             let _ = bus.run().await;
         });
         let conn = zbus::connection::Builder::address(address.as_str())
-            .unwrap()
             .build()
             .await
             .unwrap();

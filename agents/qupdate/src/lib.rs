@@ -8,8 +8,12 @@
 //! `mark_good` (qinit's boot-complete hook) marks the booted slot good and
 //! only then raises the anti-rollback floor.
 
+pub mod args;
 pub mod bootenv;
+pub mod client;
+pub mod dbus;
 pub mod disk;
+pub mod service;
 pub mod state;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use grubenv::Slot;
 use qbundle::{BundleError, KeyError, PayloadKind, TrustStore};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bootenv::BootEnvError;
 use crate::disk::{Disk, DiskError, Part};
@@ -135,16 +139,43 @@ impl Config {
     }
 }
 
+/// What an apply is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Streaming the payloads into the inactive slot.
+    Write,
+    /// Reading them back and checking hashes.
+    Verify,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Verify => "verify",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "write" => Some(Self::Write),
+            "verify" => Some(Self::Verify),
+            _ => None,
+        }
+    }
+}
+
 /// Progress of an apply, for a bar or a D-Bus property.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Progress {
-    pub phase: &'static str,
+    pub phase: Phase,
     pub done: u64,
     pub total: u64,
 }
 
 /// The result of a successful apply.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Applied {
     pub slot: String,
     pub version: String,
@@ -152,7 +183,7 @@ pub struct Applied {
     pub signers: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SlotStatus {
     pub slot: String,
     /// good | bootable | bad | empty
@@ -163,7 +194,7 @@ pub struct SlotStatus {
     pub root_hash: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub booted: String,
     pub order: Vec<String>,
@@ -356,7 +387,7 @@ impl Updater {
             };
             qbundle::stream_payload(bundle, p, &mut w, &mut |done| {
                 progress(Progress {
-                    phase: "write",
+                    phase: Phase::Write,
                     done: base + done,
                     total,
                 })
@@ -393,7 +424,7 @@ impl Updater {
                 }
                 h.update(&buf[..n]);
                 progress(Progress {
-                    phase: "verify",
+                    phase: Phase::Verify,
                     done: base + r.pos,
                     total,
                 });

@@ -4,8 +4,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use qupdate::{Config, Progress, Updater};
+mod serve;
+
+use clap::{Parser, Subcommand};
+use qupdate::args::SystemArgs;
+use qupdate::client::Client;
+use qupdate::{Progress, Updater};
 
 /// Signed A/B updates of the dom0 appliance.
 #[derive(Debug, Parser)]
@@ -15,28 +19,6 @@ struct Cli {
     command: Cmd,
     #[command(flatten)]
     system: SystemArgs,
-}
-
-/// Overrides for working on a disk image instead of the running system
-/// (host tests, image preparation). Without `--disk` everything comes from
-/// the running dom0.
-#[derive(Debug, Args)]
-struct SystemArgs {
-    /// Disk (device or image file) holding the slots.
-    #[arg(long, global = true)]
-    disk: Option<PathBuf>,
-    /// The slot treated as booted (A or B); with --disk.
-    #[arg(long, global = true)]
-    booted: Option<String>,
-    /// The system's compatible string; with --disk.
-    #[arg(long, global = true)]
-    compatible: Option<String>,
-    /// Trust store (default /etc/qupdate/trust.toml).
-    #[arg(long, global = true)]
-    trust: Option<PathBuf>,
-    /// State file (default /var/lib/qupdate/state.json).
-    #[arg(long, global = true)]
-    state: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,6 +42,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve org.qubesos.Update1 on the system bus (qinit runs this as
+    /// the `qupdated` service).
+    Service,
     /// Make a signing key pair: <name>.key (private, 0600) and <name>.pub.
     Keygen {
         #[arg(long)]
@@ -69,35 +54,17 @@ enum Cmd {
     },
 }
 
-fn config(s: &SystemArgs) -> anyhow::Result<Config> {
-    let mut cfg = match &s.disk {
-        None => Config::from_system()?,
-        Some(disk) => Config {
-            disk: disk.clone(),
-            trust: qupdate::TRUST_STORE.into(),
-            state: qupdate::STATE_FILE.into(),
-            compatible: s
-                .compatible
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("--disk needs --compatible"))?,
-            booted: s
-                .booted
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("--disk needs --booted"))?
-                .parse()?,
-            image_version: "unknown".into(),
-            image_epoch: 0,
-            tries: qupdate::DEFAULT_TRIES,
-            lock_wait: qupdate::LOCK_WAIT,
-        },
-    };
-    if let Some(t) = &s.trust {
-        cfg.trust = t.clone();
+/// The running `qupdated`, unless the slots were named on the command line
+/// (`--disk`) or no service is on the system bus.
+fn service(system: &SystemArgs) -> anyhow::Result<Option<Client>> {
+    if system.disk.is_some() {
+        return Ok(None);
     }
-    if let Some(st) = &s.state {
-        cfg.state = st.clone();
+    let client = Client::connect()?;
+    if client.is_some() {
+        eprintln!("qupdate: through qupdated ({})", qupdate::dbus::BUS_NAME);
     }
-    Ok(cfg)
+    Ok(client)
 }
 
 fn main() -> ExitCode {
@@ -116,13 +83,14 @@ fn progress_printer() -> impl FnMut(Progress) {
     let mut last = (String::new(), u64::MAX);
     move |p: Progress| {
         let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
-        if (p.phase.to_owned(), pct) == last {
+        let phase = p.phase.as_str();
+        if (phase.to_owned(), pct) == last {
             return;
         }
         if tty {
             eprint!(
                 "\r{:<7} [{:<40}] {pct:>3}%  {} / {} MiB",
-                p.phase,
+                phase,
                 "#".repeat(usize::try_from(pct * 40 / 100).unwrap_or(0)),
                 p.done >> 20,
                 p.total >> 20
@@ -131,14 +99,15 @@ fn progress_printer() -> impl FnMut(Progress) {
                 eprintln!();
             }
         } else if pct.is_multiple_of(10) {
-            eprintln!("qupdate: {} {pct}%", p.phase);
+            eprintln!("qupdate: {phase} {pct}%");
         }
-        last = (p.phase.to_owned(), pct);
+        last = (phase.to_owned(), pct);
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Cmd::Service => serve::run(cli.system.config()?),
         Cmd::Keygen { name, out } => {
             let key = qbundle::generate_keypair()?;
             std::fs::create_dir_all(&out)?;
@@ -155,45 +124,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tries,
             json,
         } => {
-            let mut cfg = config(&cli.system)?;
-            cfg.tries = tries;
-            let mut updater = Updater::open(cfg)?;
             let mut progress = progress_printer();
-            let applied = if bundle == "-" {
-                updater.apply(&mut std::io::stdin().lock(), &mut progress)?
+            let file = (bundle != "-")
+                .then(|| qupdate::open_bundle(std::path::Path::new(&bundle)))
+                .transpose()?;
+            let applied = if let Some(service) = service(&cli.system)? {
+                match &file {
+                    Some(f) => service.apply(f, tries, &mut progress)?,
+                    None => service.apply(std::io::stdin(), tries, &mut progress)?,
+                }
             } else {
-                let mut f = qupdate::open_bundle(std::path::Path::new(&bundle))?;
-                updater.apply(&mut f, &mut progress)?
+                let mut cfg = cli.system.config()?;
+                cfg.tries = tries;
+                let mut updater = Updater::open(cfg)?;
+                match file {
+                    Some(mut f) => updater.apply(&mut f, &mut progress)?,
+                    None => updater.apply(&mut std::io::stdin().lock(), &mut progress)?,
+                }
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&applied)?);
             } else {
                 println!(
-                    "installed {} (epoch {}) into slot {}, signed by {}; it boots next, with {} tries",
+                    "installed {} (epoch {}) into slot {}, signed by {}; it boots next, with {tries} tries",
                     applied.version,
                     applied.security_epoch,
                     applied.slot,
                     applied.signers.join(", "),
-                    updater.config().tries
                 );
             }
             Ok(())
         }
         Cmd::MarkGood => {
-            let mut updater = Updater::open(config(&cli.system)?)?;
-            updater.mark_good()?;
-            println!("slot {} marked good", updater.config().booted);
+            let booted = if let Some(service) = service(&cli.system)? {
+                service.mark_good()?
+            } else {
+                let mut updater = Updater::open(cli.system.config()?)?;
+                updater.mark_good()?;
+                updater.config().booted.to_string()
+            };
+            println!("slot {booted} marked good");
             Ok(())
         }
         Cmd::Rollback => {
-            let mut updater = Updater::open(config(&cli.system)?)?;
-            let slot = updater.rollback()?;
+            let slot = if let Some(service) = service(&cli.system)? {
+                service.rollback()?
+            } else {
+                Updater::open(cli.system.config()?)?.rollback()?.to_string()
+            };
             println!("slot {slot} is the default from the next boot");
             Ok(())
         }
         Cmd::Status { json } => {
-            let mut updater = Updater::open(config(&cli.system)?)?;
-            let st = updater.status()?;
+            let st = match service(&cli.system)? {
+                Some(service) => service.status()?,
+                None => Updater::open(cli.system.config()?)?.status()?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {

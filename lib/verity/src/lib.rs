@@ -162,6 +162,16 @@ pub enum Error {
         /// The block size it was multiplied with.
         data_block_size: u32,
     },
+    /// A line of a `root.verity` file ([`VerityInfo::from_text`]) is wrong.
+    #[error("root.verity line {line}: `{field}`: {reason}")]
+    InfoText {
+        /// 1-based line number (0: the file as a whole).
+        line: usize,
+        /// The key, or the line's text when it has none.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 pub(crate) fn check_block_size(field: &'static str, value: u32) -> Result<(), Error> {
@@ -271,7 +281,128 @@ pub struct VerityInfo {
     pub tree_size: u64,
 }
 
+/// Keys of the `root.verity` text form, in the order written.
+const INFO_KEYS: [&str; 9] = [
+    "root_hash",
+    "salt",
+    "uuid",
+    "data_blocks",
+    "data_block_size",
+    "hash_block_size",
+    "hash_offset",
+    "hash_start_block",
+    "tree_size",
+];
+
 impl VerityInfo {
+    /// The text form kept next to a built root image (`root.verity`):
+    /// `key=value` lines, hex for byte strings.
+    pub fn to_text(&self) -> String {
+        let values = [
+            hex::encode(self.root_hash),
+            hex::encode(&self.salt),
+            hex::encode(self.uuid),
+            self.data_blocks.to_string(),
+            self.data_block_size.to_string(),
+            self.hash_block_size.to_string(),
+            self.hash_offset.to_string(),
+            self.hash_start_block.to_string(),
+            self.tree_size.to_string(),
+        ];
+        INFO_KEYS
+            .iter()
+            .zip(values)
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect()
+    }
+
+    /// Parses [`VerityInfo::to_text`]'s output: every key exactly once,
+    /// nothing else, and block sizes and salt as `VerityParams` allows.
+    pub fn from_text(text: &str) -> Result<Self, Error> {
+        let mut found: [Option<(usize, &str)>; INFO_KEYS.len()] = [None; INFO_KEYS.len()];
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let err = |field: &str, reason: &str| Error::InfoText {
+                line,
+                field: field.to_owned(),
+                reason: reason.to_owned(),
+            };
+            if raw.trim().is_empty() {
+                continue;
+            }
+            let (k, v) = raw
+                .split_once('=')
+                .ok_or_else(|| err(raw, "not key=value"))?;
+            let slot = INFO_KEYS
+                .iter()
+                .position(|known| *known == k)
+                .ok_or_else(|| err(k, "unknown key"))?;
+            if found[slot].replace((line, v)).is_some() {
+                return Err(err(k, "given twice"));
+            }
+        }
+        let get = |idx: usize| {
+            found[idx].ok_or_else(|| Error::InfoText {
+                line: 0,
+                field: INFO_KEYS[idx].to_owned(),
+                reason: "missing".into(),
+            })
+        };
+        let num = |idx: usize| -> Result<u64, Error> {
+            let (line, v) = get(idx)?;
+            v.parse().map_err(|_| Error::InfoText {
+                line,
+                field: INFO_KEYS[idx].to_owned(),
+                reason: format!("{v:?} is not a number"),
+            })
+        };
+        let bytes = |idx: usize, len: Option<usize>| -> Result<Vec<u8>, Error> {
+            let (line, v) = get(idx)?;
+            let b = hex::decode(v).map_err(|e| Error::InfoText {
+                line,
+                field: INFO_KEYS[idx].to_owned(),
+                reason: format!("not hex: {e}"),
+            })?;
+            match len {
+                Some(n) if b.len() != n => Err(Error::InfoText {
+                    line,
+                    field: INFO_KEYS[idx].to_owned(),
+                    reason: format!("{} bytes, expected {n}", b.len()),
+                }),
+                _ => Ok(b),
+            }
+        };
+        let small = |idx: usize| -> Result<u32, Error> {
+            let v = num(idx)?;
+            let v = u32::try_from(v).map_err(|_| Error::InfoText {
+                line: get(idx).map_or(0, |(l, _)| l),
+                field: INFO_KEYS[idx].to_owned(),
+                reason: format!("{v} does not fit 32 bits"),
+            })?;
+            check_block_size(INFO_KEYS[idx], v)?;
+            Ok(v)
+        };
+        let mut root_hash = [0u8; 32];
+        root_hash.copy_from_slice(&bytes(0, Some(32))?);
+        let salt = bytes(1, None)?;
+        if salt.len() > MAX_SALT_SIZE {
+            return Err(Error::SaltTooLong { len: salt.len() });
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&bytes(2, Some(16))?);
+        Ok(Self {
+            root_hash,
+            salt,
+            uuid,
+            data_blocks: num(3)?,
+            data_block_size: small(4)?,
+            hash_block_size: small(5)?,
+            hash_offset: num(6)?,
+            hash_start_block: num(7)?,
+            tree_size: num(8)?,
+        })
+    }
+
     /// The root hash in lowercase hex.
     pub fn root_hash_hex(&self) -> String {
         hex::encode(self.root_hash)
@@ -937,5 +1068,76 @@ mod tests {
         let missing = append_tree(&dir.path().join("nope"), &params).unwrap_err();
         assert!(matches!(missing, Error::File { op: "open", .. }));
         assert!(missing.to_string().contains("nope"), "{missing}");
+    }
+
+    fn sample_info() -> VerityInfo {
+        VerityInfo {
+            root_hash: [7; 32],
+            salt: vec![1, 2, 3],
+            uuid: [9; 16],
+            data_blocks: 100,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash_offset: 409_600,
+            hash_start_block: 101,
+            tree_size: 8192,
+        }
+    }
+
+    #[test]
+    fn info_text_round_trips() {
+        let info = sample_info();
+        assert_eq!(VerityInfo::from_text(&info.to_text()).unwrap(), info);
+        let empty_salt = VerityInfo {
+            salt: Vec::new(),
+            ..info
+        };
+        assert_eq!(
+            VerityInfo::from_text(&empty_salt.to_text()).unwrap(),
+            empty_salt
+        );
+    }
+
+    #[test]
+    fn bad_info_text_names_line_field_and_reason() {
+        let good = sample_info().to_text();
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                good.replace("data_blocks=100", "data_blocks=x"),
+                "data_blocks",
+                "not a number",
+            ),
+            (
+                good.replace("root_hash=07", "root_hash=zz"),
+                "root_hash",
+                "not hex",
+            ),
+            (
+                good.replace(&"07".repeat(32), &"07".repeat(31)),
+                "root_hash",
+                "31 bytes",
+            ),
+            (
+                good.replace("data_block_size=4096", "data_block_size=4000"),
+                "data_block_size",
+                "power of two",
+            ),
+            (good.replace("tree_size=8192\n", ""), "tree_size", "missing"),
+            (format!("{good}tree_size=1\n"), "tree_size", "twice"),
+            (format!("{good}colour=blue\n"), "colour", "unknown key"),
+            (format!("{good}garbage\n"), "garbage", "not key=value"),
+            (
+                good.replace("salt=010203", &format!("salt={}", "00".repeat(257))),
+                "salt",
+                "256",
+            ),
+        ];
+        for (text, field, reason) in cases {
+            let e = VerityInfo::from_text(&text).unwrap_err().to_string();
+            assert!(
+                e.contains(field) && e.contains(reason),
+                "{field}/{reason}: {e}"
+            );
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 const SYSTEMD_MARKER: &str = "SYSTEMD-READY";
 
@@ -37,7 +37,7 @@ fn systemd_root(cache: &Path, kernel_modules: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)?;
     eprintln!("xtask: debootstrapping a trixie root with systemd and xen-utils (once)");
-    super::run_cmd(
+    crate::run_cmd(
         Command::new("debootstrap")
             .args([
                 "--variant=minbase",
@@ -56,13 +56,13 @@ fn systemd_root(cache: &Path, kernel_modules: &Path) -> Result<PathBuf> {
         .into_owned();
     let target = dir.join("usr/lib/modules");
     std::fs::create_dir_all(&target)?;
-    super::run_cmd(
+    crate::run_cmd(
         Command::new("cp")
             .arg("-a")
             .arg(kernel_modules)
             .arg(&target),
     )?;
-    super::run_cmd(Command::new("depmod").arg("-b").arg(&dir).arg(&kver))?;
+    crate::run_cmd(Command::new("depmod").arg("-b").arg(&dir).arg(&kver))?;
     let units = dir.join("etc/systemd/system");
     std::fs::write(units.join("qbench-ready.service"), READY_UNIT)?;
     let wants = units.join("multi-user.target.wants");
@@ -72,23 +72,6 @@ fn systemd_root(cache: &Path, kernel_modules: &Path) -> Result<PathBuf> {
     std::os::unix::fs::symlink("/etc/systemd/system/qbench-ready.service", link)?;
     std::fs::write(done, "")?;
     Ok(dir)
-}
-
-fn kernel_modules_dir(cache: &Path) -> Result<PathBuf> {
-    let extract = cache.join("apt-trixie/extract");
-    for e in std::fs::read_dir(&extract)
-        .with_context(|| format!("{}: build an image first", extract.display()))?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("linux-image-") && e.path().is_dir() {
-            let mods = e.path().join("usr/lib/modules");
-            if let Some(k) = std::fs::read_dir(&mods)?.flatten().next() {
-                return Ok(k.path());
-            }
-        }
-    }
-    bail!("no unpacked kernel package under {}", extract.display())
 }
 
 struct Sample {
@@ -126,15 +109,11 @@ fn guest_seconds(out: &str, line: &str) -> Option<f64> {
         .and_then(|t| t.trim().parse().ok())
 }
 
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
-}
-
-pub fn boot(root: &Path, runs: u32) -> Result<()> {
-    let cache = super::cache_dir();
-    let qinit_image = super::build_image(root, "qemu", false)?;
-    let systemd_tree = systemd_root(&cache, &kernel_modules_dir(&cache)?)?;
-    let systemd_image = super::build_image_with(root, "bench-systemd", Some(&systemd_tree))?;
+pub fn run(root: &Path, runs: u32) -> Result<()> {
+    let cache = crate::cache_dir();
+    let qinit_image = crate::build_image(root, "qemu", false)?;
+    let systemd_tree = systemd_root(&cache, &super::kernel_modules_dir(&cache)?)?;
+    let systemd_image = crate::build_image_with(root, "bench-systemd", Some(&systemd_tree))?;
     let mut q = Vec::new();
     let mut s = Vec::new();
     let mut rss = String::from("?");
@@ -149,10 +128,10 @@ pub fn boot(root: &Path, runs: u32) -> Result<()> {
         let (sample, _) = boot_once(root, &systemd_image, "systemd", SYSTEMD_MARKER)?;
         s.push(sample);
     }
-    let qw = mean(&q.iter().map(|x| x.wall).collect::<Vec<_>>());
-    let sw = mean(&s.iter().map(|x| x.wall).collect::<Vec<_>>());
-    let qg = mean(&q.iter().map(|x| x.guest).collect::<Vec<_>>());
-    let sg = mean(&s.iter().map(|x| x.guest).collect::<Vec<_>>());
+    let qw = super::mean(&q.iter().map(|x| x.wall).collect::<Vec<_>>());
+    let sw = super::mean(&s.iter().map(|x| x.wall).collect::<Vec<_>>());
+    let qg = super::mean(&q.iter().map(|x| x.guest).collect::<Vec<_>>());
+    let sg = super::mean(&s.iter().map(|x| x.guest).collect::<Vec<_>>());
     println!("boot to Xen daemons ready, {runs} run(s) each, nested QEMU (TCG):");
     println!("                      QEMU start -> ready    dom0 kernel uptime at ready");
     println!("  qinit               {qw:8.1} s              {qg:8.2} s");

@@ -1,0 +1,154 @@
+//! The CLI's side of `org.qubesos.Update1`: when `qupdated` owns its name on
+//! the system bus, `qupdate` asks it instead of opening the slots itself.
+
+use std::os::fd::AsFd;
+
+use futures_util::StreamExt;
+
+use crate::dbus::{ServiceError, Update1Proxy, BUS_NAME, INTERFACE, OBJECT_PATH};
+use crate::{Applied, Phase, Progress, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("starting the D-Bus client")]
+    Runtime(#[source] std::io::Error),
+    #[error("system bus")]
+    Bus(#[from] zbus::Error),
+    #[error("qupdated")]
+    Service(#[from] ServiceError),
+    #[error("{0}")]
+    Failed(String),
+    #[error("qupdated left the bus before apply #{0} completed")]
+    Gone(u64),
+    #[error("qupdated answered {what} that is not valid JSON")]
+    Reply {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A connection to a running `qupdated`.
+pub struct Client {
+    rt: tokio::runtime::Runtime,
+    proxy: Update1Proxy<'static>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// The service, if the system bus is up and `qupdated` is on it. No bus
+    /// or no service is not an error: the caller works on the slots itself.
+    /// The bus is `$DBUS_SYSTEM_BUS_ADDRESS` or the standard socket.
+    pub fn connect() -> Result<Option<Self>, ClientError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClientError::Runtime)?;
+        let proxy = rt.block_on(async {
+            let Ok(conn) = zbus::connection::Builder::system().build().await else {
+                return Ok(None);
+            };
+            let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+            let name = zbus::names::BusName::try_from(BUS_NAME)?;
+            if !dbus.name_has_owner(name).await.map_err(zbus::Error::from)? {
+                return Ok(None);
+            }
+            Ok::<_, ClientError>(Some(Update1Proxy::new(&conn).await?))
+        })?;
+        Ok(proxy.map(|proxy| Self { rt, proxy }))
+    }
+
+    /// Installs the bundle behind `bundle` (a file or a pipe; the service
+    /// reads it) and waits for the result, reporting progress on the way.
+    pub fn apply(
+        &self,
+        bundle: impl AsFd,
+        tries: u8,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Applied, ClientError> {
+        let p = &self.proxy;
+        self.rt.block_on(async {
+            // Subscribe before the call, so nothing is missed.
+            let mut completed = p.receive_completed().await?;
+            // The raw PropertiesChanged signals, not a property stream: that
+            // keeps only the latest value, and a short apply would show none.
+            let props = zbus::fdo::PropertiesProxy::builder(p.inner().connection())
+                .destination(BUS_NAME)
+                .path(OBJECT_PATH)
+                .build()
+                .await?;
+            let mut changes = props.receive_properties_changed().await?;
+            let mut owner = p.inner().receive_owner_changed().await?;
+            let id = p.apply(zbus::Fd::from(bundle.as_fd()), tries).await?;
+            loop {
+                // Progress first: the changes queued before the signal are
+                // shown before the result.
+                tokio::select! {
+                    biased;
+                    Some(change) = changes.next() => {
+                        if let Some(p) = progress_of(&change) {
+                            progress(p);
+                        }
+                    }
+                    Some(sig) = completed.next() => {
+                        let args = sig.args()?;
+                        if *args.id() != id {
+                            continue;
+                        }
+                        if !*args.success() {
+                            return Err(ClientError::Failed(args.result().clone()));
+                        }
+                        return serde_json::from_str(args.result())
+                            .map_err(|source| ClientError::Reply { what: "an install", source });
+                    }
+                    Some(new_owner) = owner.next() => {
+                        if new_owner.is_none() {
+                            return Err(ClientError::Gone(id));
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Returns the slot marked good (the booted one).
+    pub fn mark_good(&self) -> Result<String, ClientError> {
+        Ok(self.rt.block_on(self.proxy.mark_good())?)
+    }
+
+    pub fn rollback(&self) -> Result<String, ClientError> {
+        Ok(self.rt.block_on(self.proxy.rollback())?)
+    }
+
+    pub fn status(&self) -> Result<Status, ClientError> {
+        let json = self.rt.block_on(self.proxy.status())?;
+        serde_json::from_str(&json).map_err(|source| ClientError::Reply {
+            what: "a status",
+            source,
+        })
+    }
+}
+
+/// The `Progress` value in a PropertiesChanged signal of our interface.
+fn progress_of(change: &zbus::fdo::PropertiesChanged) -> Option<Progress> {
+    let args = change.args().ok()?;
+    if args.interface_name().as_str() != INTERFACE {
+        return None;
+    }
+    let value = args
+        .changed_properties()
+        .get("Progress")?
+        .try_clone()
+        .ok()?;
+    let (phase, done, total) = <(String, u64, u64)>::try_from(value).ok()?;
+    Some(Progress {
+        phase: Phase::from_name(&phase)?,
+        done,
+        total,
+    })
+}

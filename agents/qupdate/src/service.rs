@@ -1,0 +1,400 @@
+//! The server side of `org.qubesos.Update1` (see [`crate::dbus`]), run by
+//! `qupdated`. Every operation opens its own [`Updater`], so the service and
+//! a direct `qupdate` share one lock and never work on the slots at once.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use zbus::message::Header;
+use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::Connection;
+
+use crate::dbus::{ServiceError, OBJECT_PATH};
+use crate::{error_chain, Config, Progress, Status, UpdateError, Updater};
+
+/// Tries are a GRUB counter spent one per boot; more than this is a typo.
+pub const MAX_TRIES: u8 = 9;
+
+/// How long a `Status` read waits for the lock before it answers with the
+/// last status it saw (an apply holds the lock for minutes).
+const STATUS_LOCK_WAIT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Idle,
+    Apply,
+    MarkGood,
+    Rollback,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Apply => "apply",
+            Self::MarkGood => "mark-good",
+            Self::Rollback => "rollback",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    operation: Operation,
+    /// Numbers each apply, so a client matches `Completed` to its call.
+    next_id: u64,
+    progress: (String, u64, u64),
+    last_error: String,
+    status: Option<Status>,
+}
+
+#[derive(Debug)]
+pub struct UpdateService {
+    cfg: Config,
+    /// Only this uid may call (the service's own: root in dom0).
+    uid: u32,
+    shared: Arc<Mutex<Shared>>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A panic while holding it is a bug, but the data stays usable.
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn failed(e: &UpdateError) -> ServiceError {
+    match e {
+        UpdateError::Busy(_) => ServiceError::Busy(error_chain(e)),
+        _ => ServiceError::Failed(error_chain(e)),
+    }
+}
+
+/// Runs blocking updater work off the bus's thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, UpdateError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::Failed(format!("updater task: {e}")))?
+        .map_err(|e| failed(&e))
+}
+
+impl UpdateService {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            uid: rustix::process::geteuid().as_raw(),
+            shared: Arc::new(Mutex::new(Shared {
+                operation: Operation::Idle,
+                next_id: 1,
+                progress: (String::new(), 0, 0),
+                last_error: String::new(),
+                status: None,
+            })),
+        }
+    }
+
+    async fn authorize(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), ServiceError> {
+        let sender = hdr
+            .sender()
+            .ok_or_else(|| ServiceError::AccessDenied("a call without a sender".into()))?;
+        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        let uid = dbus
+            .get_connection_unix_user(sender.clone().into())
+            .await
+            .map_err(|e| ServiceError::AccessDenied(format!("the caller's uid: {e}")))?;
+        check_uid(uid, self.uid)
+    }
+
+    /// Claims the service for a short operation (mark-good, rollback),
+    /// waiting for the one under way as a direct `qupdate` waits for the
+    /// lock: the boot-complete hook may well come during a user's apply.
+    async fn begin_after_current(&self, op: Operation) -> Result<u64, ServiceError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.lock_wait;
+        loop {
+            match self.begin(op) {
+                Err(ServiceError::Busy(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Claims the service for one operation, or says who has it.
+    fn begin(&self, op: Operation) -> Result<u64, ServiceError> {
+        let mut s = lock(&self.shared);
+        if s.operation != Operation::Idle {
+            return Err(ServiceError::Busy(format!(
+                "qupdated is busy with {}",
+                s.operation.as_str()
+            )));
+        }
+        s.operation = op;
+        let id = s.next_id;
+        s.next_id += 1;
+        Ok(id)
+    }
+
+    fn end(&self) {
+        lock(&self.shared).operation = Operation::Idle;
+    }
+
+    /// Reads the status once before serving, so a `Status` read during the
+    /// first apply has something to answer with.
+    pub fn prime_status(&self) {
+        let mut cfg = self.cfg.clone();
+        cfg.lock_wait = STATUS_LOCK_WAIT;
+        match Updater::open(cfg).and_then(|mut u| u.status()) {
+            Ok(st) => lock(&self.shared).status = Some(st),
+            Err(e) => eprintln!("qupdated: first status read: {}", error_chain(&e)),
+        }
+    }
+
+    async fn iface(conn: &Connection) -> zbus::Result<InterfaceRef<Self>> {
+        conn.object_server().interface(OBJECT_PATH).await
+    }
+}
+
+fn check_uid(caller: u32, allowed: u32) -> Result<(), ServiceError> {
+    if caller == allowed {
+        Ok(())
+    } else {
+        Err(ServiceError::AccessDenied(format!(
+            "uid {caller} may not use org.qubesos.Update1 (only uid {allowed})"
+        )))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Prop {
+    Operation,
+    Progress,
+    LastError,
+    Status,
+}
+
+/// Emits the property changes after an operation; a failure to emit is
+/// logged, the operation's result stands.
+async fn announce(conn: &Connection, what: &[Prop]) {
+    let r: zbus::Result<()> = async {
+        let iface = UpdateService::iface(conn).await?;
+        let e = iface.signal_emitter();
+        let me = iface.get().await;
+        for w in what {
+            match w {
+                Prop::Operation => me.operation_changed(e).await?,
+                Prop::Progress => me.progress_changed(e).await?,
+                Prop::LastError => me.last_error_changed(e).await?,
+                Prop::Status => me.status_invalidate(e).await?,
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = r {
+        eprintln!("qupdated: emitting property changes: {e}");
+    }
+}
+
+/// One apply, from the fd to the `Completed` signal.
+async fn run_apply(
+    conn: Connection,
+    shared: Arc<Mutex<Shared>>,
+    cfg: Config,
+    id: u64,
+    bundle: zbus::OwnedFd,
+) {
+    announce(&conn, &[Prop::Operation]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+    let job = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::from(std::os::fd::OwnedFd::from(bundle));
+        let mut updater = Updater::open(cfg)?;
+        // A message per percent and phase, not per chunk.
+        let mut last = None;
+        let mut progress = |p: Progress| {
+            let key = (p.phase, (p.done * 100).checked_div(p.total).unwrap_or(100));
+            if last != Some(key) {
+                last = Some(key);
+                let _ = tx.send(p);
+            }
+        };
+        updater.apply(&mut file, &mut progress)
+    });
+    while let Some(p) = rx.recv().await {
+        lock(&shared).progress = (p.phase.as_str().to_owned(), p.done, p.total);
+        announce(&conn, &[Prop::Progress]).await;
+    }
+    let result = match job.await {
+        Ok(r) => r.map_err(|e| error_chain(&e)),
+        Err(e) => Err(format!("updater task: {e}")),
+    };
+    let (success, detail) = match &result {
+        Ok(applied) => {
+            eprintln!(
+                "qupdated: apply #{id}: installed {} into slot {}",
+                applied.version, applied.slot
+            );
+            (true, serde_json::to_string(applied).unwrap_or_default())
+        }
+        Err(e) => {
+            eprintln!("qupdated: apply #{id} failed: {e}");
+            (false, e.clone())
+        }
+    };
+    {
+        let mut s = lock(&shared);
+        s.last_error = if success {
+            String::new()
+        } else {
+            detail.clone()
+        };
+        s.operation = Operation::Idle;
+    }
+    announce(&conn, &[Prop::Operation, Prop::LastError, Prop::Status]).await;
+    match UpdateService::iface(&conn).await {
+        Ok(iface) => {
+            if let Err(e) =
+                UpdateService::completed(iface.signal_emitter(), id, success, &detail).await
+            {
+                eprintln!("qupdated: emitting Completed: {e}");
+            }
+        }
+        Err(e) => eprintln!("qupdated: emitting Completed: {e}"),
+    }
+}
+
+#[zbus::interface(name = "org.qubesos.Update1")]
+impl UpdateService {
+    /// Starts installing the bundle read from `bundle`; returns the id that
+    /// the `Completed` signal carries.
+    async fn apply(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        bundle: zbus::OwnedFd,
+        tries: u8,
+    ) -> Result<u64, ServiceError> {
+        self.authorize(conn, &hdr).await?;
+        if tries == 0 || tries > MAX_TRIES {
+            return Err(ServiceError::InvalidArgs(format!(
+                "tries {tries}: must be 1 to {MAX_TRIES}"
+            )));
+        }
+        let id = self.begin(Operation::Apply)?;
+        eprintln!(
+            "qupdated: apply #{id} for {}",
+            hdr.sender().map_or("?".into(), ToString::to_string)
+        );
+        lock(&self.shared).progress = (String::new(), 0, 0);
+        let mut cfg = self.cfg.clone();
+        cfg.tries = tries;
+        tokio::spawn(run_apply(
+            conn.clone(),
+            self.shared.clone(),
+            cfg,
+            id,
+            bundle,
+        ));
+        Ok(id)
+    }
+
+    /// Marks the booted slot good; returns its name.
+    async fn mark_good(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, ServiceError> {
+        self.authorize(conn, &hdr).await?;
+        self.begin_after_current(Operation::MarkGood).await?;
+        let cfg = self.cfg.clone();
+        let booted = cfg.booted;
+        let r = blocking(move || Updater::open(cfg)?.mark_good()).await;
+        self.end();
+        announce(conn, &[Prop::Status]).await;
+        r.map(|()| booted.to_string())
+    }
+
+    async fn rollback(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, ServiceError> {
+        self.authorize(conn, &hdr).await?;
+        self.begin_after_current(Operation::Rollback).await?;
+        let cfg = self.cfg.clone();
+        let r = blocking(move || Updater::open(cfg)?.rollback()).await;
+        self.end();
+        announce(conn, &[Prop::Status]).await;
+        r.map(|slot| slot.to_string())
+    }
+
+    #[zbus(property)]
+    fn operation(&self) -> String {
+        lock(&self.shared).operation.as_str().to_owned()
+    }
+
+    #[zbus(property)]
+    fn progress(&self) -> (String, u64, u64) {
+        lock(&self.shared).progress.clone()
+    }
+
+    #[zbus(property)]
+    fn last_error(&self) -> String {
+        lock(&self.shared).last_error.clone()
+    }
+
+    /// The JSON of `qupdate status --json`. While an operation holds the
+    /// slots, the last status read.
+    #[zbus(property(emits_changed_signal = "invalidates"))]
+    async fn status(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        if let Some(hdr) = &hdr {
+            self.authorize(conn, hdr)
+                .await
+                .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))?;
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.lock_wait = STATUS_LOCK_WAIT;
+        let fresh = blocking(move || Updater::open(cfg)?.status()).await;
+        let status = match fresh {
+            Ok(st) => {
+                lock(&self.shared).status = Some(st.clone());
+                st
+            }
+            Err(ServiceError::Busy(_)) => lock(&self.shared)
+                .status
+                .clone()
+                .ok_or_else(|| zbus::fdo::Error::Failed("busy, and no status read yet".into()))?,
+            Err(e) => return Err(zbus::fdo::Error::Failed(e.to_string())),
+        };
+        serde_json::to_string(&status).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    }
+
+    #[zbus(signal)]
+    async fn completed(
+        emitter: &SignalEmitter<'_>,
+        id: u64,
+        success: bool,
+        result: &str,
+    ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_services_own_uid_may_call() {
+        assert!(check_uid(0, 0).is_ok());
+        let e = check_uid(1000, 0).unwrap_err();
+        assert!(
+            matches!(&e, ServiceError::AccessDenied(m) if m.contains("uid 1000")),
+            "{e:?}"
+        );
+    }
+}

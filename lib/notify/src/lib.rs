@@ -1,0 +1,67 @@
+//! The client side of the sd_notify protocol, as qinit speaks it: one
+//! datagram of `KEY=value` lines to the socket named by `$NOTIFY_SOCKET`.
+//! Agents call [`ready`] once they serve; without the variable (run by hand,
+//! or in a test) it does nothing.
+
+use std::ffi::OsString;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("creating a datagram socket for $NOTIFY_SOCKET")]
+    Socket(#[source] std::io::Error),
+    #[error("sending to $NOTIFY_SOCKET {socket:?}")]
+    Send {
+        socket: OsString,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sends `READY=1` and a status line, if a supervisor asked for it.
+pub fn ready(status: &str) -> Result<(), NotifyError> {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    send_to(&socket, &message(status))
+}
+
+fn message(status: &str) -> String {
+    // A newline would start a new assignment: keep the status one line.
+    let status: String = status
+        .chars()
+        .map(|c| if c == '\n' { ' ' } else { c })
+        .collect();
+    format!("READY=1\nSTATUS={status}")
+}
+
+fn send_to(socket: &OsString, msg: &str) -> Result<(), NotifyError> {
+    let s = std::os::unix::net::UnixDatagram::unbound().map_err(NotifyError::Socket)?;
+    s.send_to(msg.as_bytes(), socket)
+        .map_err(|source| NotifyError::Send {
+            socket: socket.clone(),
+            source,
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sends_ready_and_a_one_line_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        send_to(&path.clone().into_os_string(), &message("up\nREADY=0")).unwrap();
+        let mut buf = [0u8; 256];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=up READY=0");
+    }
+
+    #[test]
+    fn a_missing_socket_is_an_error_naming_it() {
+        let err = send_to(&"/nonexistent/notify".into(), "x").unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/notify"), "{err}");
+    }
+}
