@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask boot [--profile P]`: build and boot the disk image in
 //!   nested QEMU; without a terminal, exit 0 once dom0 is ready.
-//! - `cargo xtask test`: the whole suite, nested QEMU scenarios included.
+//! - `cargo xtask test`: the whole suite, nested QEMU scenarios included
+//!   (and the fuzz targets for a short while, where nightly is installed).
 //! - `cargo xtask image --profile P`: build the images of profile P into
 //!   `target/images/P/`.
 
@@ -15,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -50,6 +52,12 @@ enum Cmd {
         /// `update`: size of the root image in MiB (at least 256).
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
+    },
+    /// Run every fuzz target for a while (needs a nightly toolchain).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Build the images of one profile into target/images/<profile>/.
     Image {
@@ -105,6 +113,9 @@ fn run(cli: Cli) -> Result<()> {
             boot(&root, &dir, &profile, Duration::from_secs(timeout))?;
         }
         Cmd::Test { no_vm } => test(&root, no_vm)?,
+        Cmd::Fuzz { seconds } => {
+            fuzz::run(&root, seconds)?;
+        }
         Cmd::Bench {
             what,
             runs,
@@ -324,6 +335,10 @@ fn forward_stdin(vm: &mut qemu::Vm) -> Result<()> {
     Ok(())
 }
 
+/// Seconds per fuzz target in the suite: a smoke run that finds shallow
+/// crashes; `cargo xtask fuzz --seconds N` goes deeper.
+const FUZZ_SECONDS: u64 = 30;
+
 fn test(root: &Path, no_vm: bool) -> Result<()> {
     let t = Instant::now();
     let mut totals = TestTotals::default();
@@ -331,6 +346,7 @@ fn test(root: &Path, no_vm: bool) -> Result<()> {
         cargo().args(["test", "--workspace", "--locked"]),
         &mut totals,
     )?;
+    totals.passed += fuzz::run(root, FUZZ_SECONDS)?;
     if !no_vm {
         let image = build_image(root, "qemu-test", false)?;
         // The update scenarios install the bundles of these two releases.

@@ -247,6 +247,24 @@ impl Write for PartWriter<'_> {
     }
 }
 
+/// Hashes what passes through it and reports how far it got.
+struct HashingReader<'a, R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    done: u64,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.done += n as u64;
+        (self.progress)(self.done);
+        Ok(n)
+    }
+}
+
 /// Reads `len` bytes of a partition from its start.
 struct PartReader<'a> {
     file: &'a mut std::fs::File,
@@ -397,63 +415,76 @@ impl Updater {
         qbundle::expect_end(bundle)?;
         self.disk.file.sync_all().map_err(self.io("fsync"))?;
 
-        // Read back what the disk now holds; only that counts.
+        // Read back what the disk now holds; only that counts. The cached
+        // pages are dropped first, so the reads come from the device.
+        for p in &m.payloads {
+            let part = self.disk.payload_part(target, p.kind);
+            rustix::fs::fadvise(
+                &self.disk.file,
+                part.offset,
+                std::num::NonZeroU64::new(p.size),
+                rustix::fs::Advice::DontNeed,
+            )
+            .map_err(|e| self.io("dropping cached pages before the read-back")(e.into()))?;
+        }
+        let v = &m.root_verity;
+        let mut root_hash = None;
         let mut base = 0u64;
         let read_back = self.io("read back");
         let mut read_err = None;
         for p in &m.payloads {
             let part = self.disk.payload_part(target, p.kind);
-            let mut r = PartReader {
-                file: &mut self.disk.file,
-                part,
-                pos: 0,
-                len: p.size,
-            };
-            let mut h = blake3::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = match r.read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        read_err = Some(e);
-                        break;
-                    }
-                };
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
+            let mut report = |done| {
                 progress(Progress {
                     phase: Phase::Verify,
-                    done: base + r.pos,
+                    done: base + done,
                     total,
-                });
+                })
+            };
+            // Large reads underneath, whatever size the verity code asks for.
+            let mut r = std::io::BufReader::with_capacity(
+                1 << 20,
+                HashingReader {
+                    inner: PartReader {
+                        file: &mut self.disk.file,
+                        part,
+                        pos: 0,
+                        len: p.size,
+                    },
+                    hasher: blake3::Hasher::new(),
+                    done: 0,
+                    progress: &mut report,
+                },
+            );
+            // One pass per partition: the root's verity tree is recomputed
+            // from the same reads that feed blake3.
+            if p.kind == PayloadKind::Root {
+                let data_size = v.data_blocks * u64::from(v.data_block_size);
+                let mut params = verity::VerityParams::new(v.salt.clone(), [0; 16])?;
+                params.data_block_size = v.data_block_size;
+                params.hash_block_size = v.hash_block_size;
+                root_hash = Some(verity::compute_root_hash(&mut r, data_size, &params)?);
             }
-            if let Some(e) = read_err.take() {
-                return Err(read_back(e));
+            if let Err(e) = std::io::copy(&mut r, &mut std::io::sink()) {
+                read_err = Some(e);
+                break;
             }
-            if h.finalize().as_bytes() != &p.blake3 {
+            let actual = r.get_ref().hasher.finalize();
+            if actual.as_bytes() != &p.blake3 {
                 return Err(UpdateError::ReadBack {
                     kind: p.kind,
                     expected: hex::encode(p.blake3),
-                    actual: h.finalize().to_hex().to_string(),
+                    actual: actual.to_hex().to_string(),
                 });
             }
             base += p.size;
         }
-        let v = &m.root_verity;
-        let data_size = v.data_blocks * u64::from(v.data_block_size);
-        let mut params = verity::VerityParams::new(v.salt.clone(), [0; 16])?;
-        params.data_block_size = v.data_block_size;
-        params.hash_block_size = v.hash_block_size;
-        let root_part = self.disk.root(target);
-        let reader = PartReader {
-            file: &mut self.disk.file,
-            part: root_part,
-            pos: 0,
-            len: data_size,
-        };
-        let root_hash = verity::compute_root_hash(reader, data_size, &params)?;
+        if let Some(e) = read_err {
+            return Err(read_back(e));
+        }
+        let root_hash = root_hash.ok_or_else(|| {
+            UpdateError::Config("the bundle has no root payload to verify".into())
+        })?;
         if root_hash != v.root_hash {
             return Err(UpdateError::VerityMismatch {
                 expected: hex::encode(v.root_hash),

@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-/// Where the guest mounts the tools disk.
-const TOOLS: &str = "/mnt/t";
+/// Where the guest mounts the tools disk (the root is read-only; /run is
+/// tmpfs).
+const TOOLS: &str = "/run/bench-tools";
 /// Bytes of boot payload in the qupdate bundle (the comparison is the root).
 const BOOT_PAYLOAD: usize = 4096;
 const RUN_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -38,6 +39,45 @@ format=verity
 [image.rootfs]
 filename=root.img
 ";
+
+/// The guest side, kept on the tools disk: commands typed on the serial
+/// console stay short (a long line can lose characters on a busy guest).
+fn guest_script() -> String {
+    format!(
+        r#"#!/bin/sh
+# cargo xtask bench update: the guest side.
+T={TOOLS}
+export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/run/dbus/system_bus_socket
+rauc() {{ $T/rauc/lib/ld-linux-x86-64.so.2 --library-path $T/rauc/lib $T/rauc/rauc --conf=$T/system.conf "$@"; }}
+case "$1" in
+setup)
+    test ! -s $T/loop.ko || busybox insmod $T/loop.ko 2>/dev/null || true
+    rauc --override-boot-slot=A service > /tmp/rauc-service.log 2>&1 &
+    i=0
+    until rauc status > /tmp/rauc-status.log 2>&1; do
+        i=$((i + 1))
+        if [ $i -ge 60 ]; then cat /tmp/rauc-status.log /tmp/rauc-service.log; exit 1; fi
+        sleep 1
+    done
+    qupdate status > /dev/null ;;
+plain)
+    dd if=$T/root.img of=/dev/vdd bs=1M conv=fsync 2>/dev/null ;;
+qupdate)
+    qupdate apply $T/qupdate.bundle > /tmp/qupdate.log 2>&1 || {{ cat /tmp/qupdate.log; exit 1; }} ;;
+rauc)
+    rauc install $T/rauc.raucb > /tmp/rauc.log 2>&1 || {{ cat /tmp/rauc.log /tmp/rauc-service.log; exit 1; }} ;;
+time)
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    read a b < /proc/uptime
+    sh $0 "$2"; rc=$?
+    read c d < /proc/uptime
+    echo "BENCH $2 rc=$rc start=$a end=$c" ;;
+*)
+    echo "usage: $0 setup|plain|qupdate|rauc|time VARIANT" >&2; exit 2 ;;
+esac
+"#
+    )
+}
 
 fn rauc_system_conf() -> String {
     format!(
@@ -188,7 +228,7 @@ fn prepare(root: &Path, image: &Path, work: &Path, size_mib: u64) -> Result<Prep
     // RAUC's bundle of the same root image.
     let key = work.join("rauc.key.pem");
     let cert = tools.join("rauc.cert.pem");
-    crate::run_cmd(
+    run_quiet(
         Command::new("openssl")
             .args([
                 "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
@@ -210,6 +250,7 @@ fn prepare(root: &Path, image: &Path, work: &Path, size_mib: u64) -> Result<Prep
             .arg(tools.join("rauc.raucb")),
     )?;
     fs::write(tools.join("system.conf"), rauc_system_conf())?;
+    fs::write(tools.join("bench.sh"), guest_script())?;
     copy_rauc(&tools.join("rauc"))?;
     copy_loop_module(&tools.join("loop.ko"))?;
 
@@ -245,13 +286,22 @@ fn prepare(root: &Path, image: &Path, work: &Path, size_mib: u64) -> Result<Prep
     })
 }
 
-/// One timed command in the guest, from a cold page cache.
-fn timed(vm: &mut qemu::Vm, name: &str, command: &str) -> Result<f64> {
-    let script = format!(
-        "sync; echo 3 > /proc/sys/vm/drop_caches; read a b < /proc/uptime; \
-         {command}; rc=$?; read c d < /proc/uptime; echo \"BENCH {name} rc=$rc start=$a end=$c\""
-    );
-    let (out, _) = vm.shell(&script, RUN_TIMEOUT)?;
+/// Runs a chatty tool, showing its output only when it fails.
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// One variant, timed in the guest from a cold page cache.
+fn timed(vm: &mut qemu::Vm, name: &str) -> Result<f64> {
+    let (out, _) = vm.shell(&format!("sh {TOOLS}/bench.sh time {name}"), RUN_TIMEOUT)?;
     let line = out
         .lines()
         .rev()
@@ -268,6 +318,24 @@ fn timed(vm: &mut qemu::Vm, name: &str, command: &str) -> Result<f64> {
     let start: f64 = field("start=")?.parse()?;
     let end: f64 = field("end=")?.parse()?;
     Ok(end - start)
+}
+
+/// Whether `disk` begins with the bytes of `file`.
+fn starts_with_file(disk: &Path, file: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut a = std::io::BufReader::new(fs::File::open(disk)?);
+    let mut b = std::io::BufReader::new(fs::File::open(file)?);
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = b.read(&mut y)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        a.read_exact(&mut x[..n])?;
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+    }
 }
 
 fn mbps(bytes: u64, secs: f64) -> f64 {
@@ -290,17 +358,8 @@ pub fn run(root: &Path, runs: u32, size_mib: u64) -> Result<()> {
         (0, _) => {}
         (_, line) => bail!("bench image failed to boot: {line}"),
     }
-    let rauc = format!(
-        "{TOOLS}/rauc/lib/ld-linux-x86-64.so.2 --library-path {TOOLS}/rauc/lib {TOOLS}/rauc/rauc --conf={TOOLS}/system.conf"
-    );
     let setup = format!(
-        "mkdir -p {TOOLS} && mount -t ext4 -o ro /dev/vdb {TOOLS} && \
-         (test ! -s {TOOLS}/loop.ko || busybox insmod {TOOLS}/loop.ko || true) && \
-         export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/run/dbus/system_bus_socket && \
-         ({rauc} --override-boot-slot=A service > /tmp/rauc-service.log 2>&1 &) && \
-         sleep 3 && {rauc} status > /tmp/rauc-status.log 2>&1; \
-         rc=$?; cat /tmp/rauc-status.log /tmp/rauc-service.log; \
-         qupdate status >/dev/null 2>&1; exit_rc=$rc; test $exit_rc = 0"
+        "mkdir -p {TOOLS} && mount -t ext4 -o ro /dev/vdb {TOOLS} && sh {TOOLS}/bench.sh setup"
     );
     let (out, rc) = vm.shell(&setup, Duration::from_secs(300))?;
     if rc != 0 {
@@ -313,26 +372,22 @@ pub fn run(root: &Path, runs: u32, size_mib: u64) -> Result<()> {
     let result = (|| -> Result<()> {
         for i in 0..runs {
             eprintln!("xtask: bench update run {}/{runs}", i + 1);
-            plain.push(timed(
-                &mut vm,
-                "plain",
-                &format!("dd if={TOOLS}/root.img of=/dev/vdd bs=1M conv=fsync 2>/dev/null"),
-            )?);
-            qupd.push(timed(
-                &mut vm,
-                "qupdate",
-                &format!("qupdate apply {TOOLS}/qupdate.bundle > /tmp/qupdate.log 2>&1 || (cat /tmp/qupdate.log; false)"),
-            )?);
-            rauc_t.push(timed(
-                &mut vm,
-                "rauc",
-                &format!("{rauc} install {TOOLS}/rauc.raucb > /tmp/rauc.log 2>&1 || (cat /tmp/rauc.log /tmp/rauc-service.log; false)"),
-            )?);
+            plain.push(timed(&mut vm, "plain")?);
+            qupd.push(timed(&mut vm, "qupdate")?);
+            rauc_t.push(timed(&mut vm, "rauc")?);
         }
         Ok(())
     })();
     vm.quit();
     result?;
+    // A number only counts if the bytes arrived: RAUC's slot and the plain
+    // copy must hold the root image (qupdate reads its own slot back).
+    let image = work.join("slot/root.img");
+    for (name, disk) in [("RAUC", &p.extra[1]), ("plain copy", &p.extra[2])] {
+        if !starts_with_file(disk, &image)? {
+            bail!("{name}: {} does not hold the root image", disk.display());
+        }
+    }
 
     let (tp, tq, tr) = (
         super::mean(&plain),
