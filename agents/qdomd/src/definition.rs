@@ -1,0 +1,588 @@
+//! Domain definitions: one TOML file per VM shipped in the image
+//! (`/etc/qdomd/domains/<name>.toml`), with machine-local overrides on the
+//! data partition (`/var/lib/qdomd/domains/<name>.toml`) merged key by key
+//! over the shipped file. An override without a shipped file defines a
+//! local domain. A file that fails to parse or validate is reported with
+//! its path and field and skipped; the other domains still load.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Shipped definitions (read-only root).
+pub const SHIPPED_DIR: &str = "/etc/qdomd/domains";
+/// Machine-local overrides and additions (data partition).
+pub const LOCAL_DIR: &str = "/var/lib/qdomd/domains";
+
+/// Definition files larger than this are refused unread.
+const MAX_FILE_LEN: u64 = 64 * 1024;
+const MAX_MEMORY_MIB: u64 = 1 << 20;
+const MAX_VCPUS: u32 = 128;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DefinitionError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Syntax { path: PathBuf, reason: String },
+    #[error("{path}: field `{field}`: {reason}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    Pv,
+    Pvh,
+    Hvm,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pv => "pv",
+            Self::Pvh => "pvh",
+            Self::Hvm => "hvm",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The GUI VM: started at boot, kept alive, its readiness announced.
+    Gui,
+    /// No special role.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart on its own.
+    Never,
+    /// Restart when it crashed or was destroyed, not after a clean shutdown.
+    OnFailure,
+    /// Restart whenever it goes away, unless qdomd was asked to stop it.
+    Always,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// Block device or image file in dom0.
+    pub target: String,
+    /// Guest device name (xvda, xvdb, ...).
+    pub vdev: String,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    #[serde(default = "default_policy")]
+    pub policy: RestartPolicy,
+    /// First delay before a restart; doubles up to `max_delay_ms`.
+    #[serde(default = "default_initial_delay")]
+    pub initial_delay_ms: u64,
+    #[serde(default = "default_max_delay")]
+    pub max_delay_ms: u64,
+}
+
+fn default_policy() -> RestartPolicy {
+    RestartPolicy::OnFailure
+}
+fn default_initial_delay() -> u64 {
+    1000
+}
+fn default_max_delay() -> u64 {
+    60_000
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_role() -> Role {
+    Role::None
+}
+
+impl Default for Restart {
+    fn default() -> Self {
+        Self {
+            policy: default_policy(),
+            initial_delay_ms: default_initial_delay(),
+            max_delay_ms: default_max_delay(),
+        }
+    }
+}
+
+/// One VM, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    /// From the file name; a `name` key, if given, must agree.
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: DomainType,
+    pub kernel: Option<String>,
+    pub ramdisk: Option<String>,
+    pub cmdline: Option<String>,
+    pub memory_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    /// PCI devices to pass through, as `DDDD:BB:DD.F`.
+    #[serde(default)]
+    pub pci: Vec<String>,
+    #[serde(default = "default_role")]
+    pub role: Role,
+    #[serde(default)]
+    pub autostart: bool,
+    #[serde(default)]
+    pub restart: Restart,
+}
+
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !s.starts_with('.')
+}
+
+/// Text that goes into xl's configuration inside double quotes: no quotes,
+/// backslashes, commas (xl's disk and PCI specs split on them) or control
+/// characters.
+fn safe_text(s: &str) -> bool {
+    !s.chars()
+        .any(|c| c.is_control() || c == '"' || c == '\\' || c == ',' || c == '\'')
+}
+
+fn valid_bdf(s: &str) -> bool {
+    let b = s.as_bytes();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
+    b.len() == 12
+        && hex(0..4)
+        && b[4] == b':'
+        && hex(5..7)
+        && b[7] == b':'
+        && hex(8..10)
+        && b[10] == b'.'
+        && (b'0'..=b'7').contains(&b[11])
+}
+
+fn valid_vdev(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("xvd")
+        .or_else(|| s.strip_prefix("hd"))
+        .or_else(|| s.strip_prefix("sd"));
+    matches!(rest, Some(r) if !r.is_empty() && r.len() <= 2 && r.chars().all(|c| c.is_ascii_lowercase()))
+}
+
+impl Domain {
+    fn validate(&mut self, path: &Path, name: &str) -> Result<(), DefinitionError> {
+        let field = |f: &str, reason: String| DefinitionError::Field {
+            path: path.to_owned(),
+            field: f.to_owned(),
+            reason,
+        };
+        if self.name.is_empty() {
+            self.name = name.to_owned();
+        } else if self.name != name {
+            return Err(field(
+                "name",
+                format!("`{}` differs from the file name `{name}`", self.name),
+            ));
+        }
+        for (f, value) in [("kernel", &self.kernel), ("ramdisk", &self.ramdisk)] {
+            if let Some(v) = value {
+                if !v.starts_with('/') || !safe_text(v) {
+                    return Err(field(
+                        f,
+                        format!("`{v}` must be an absolute path without quotes, commas or control characters"),
+                    ));
+                }
+            }
+        }
+        if let Some(c) = &self.cmdline {
+            if c.chars()
+                .any(|ch| ch.is_control() || ch == '"' || ch == '\\')
+            {
+                return Err(field(
+                    "cmdline",
+                    "must not hold quotes, backslashes or control characters".into(),
+                ));
+            }
+        }
+        match self.kind {
+            DomainType::Pv | DomainType::Pvh if self.kernel.is_none() => {
+                return Err(field(
+                    "kernel",
+                    format!("required for type = \"{}\"", self.kind.as_str()),
+                ));
+            }
+            DomainType::Hvm if self.kernel.is_some() || self.ramdisk.is_some() => {
+                return Err(field(
+                    if self.kernel.is_some() {
+                        "kernel"
+                    } else {
+                        "ramdisk"
+                    },
+                    "not used with type = \"hvm\" (it boots from its disks)".into(),
+                ));
+            }
+            DomainType::Hvm if self.disks.is_empty() => {
+                return Err(field(
+                    "disks",
+                    "type = \"hvm\" needs a disk to boot from".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.ramdisk.is_some() && self.kernel.is_none() {
+            return Err(field("ramdisk", "needs a kernel".into()));
+        }
+        if !(32..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(field(
+                "memory_mib",
+                format!("{} is outside 32..={MAX_MEMORY_MIB}", self.memory_mib),
+            ));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(field(
+                "vcpus",
+                format!("{} is outside 1..={MAX_VCPUS}", self.vcpus),
+            ));
+        }
+        let mut vdevs = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            if !d.target.starts_with('/') || !safe_text(&d.target) {
+                return Err(field(
+                    &format!("disks[{i}].target"),
+                    format!("`{}` must be an absolute path without quotes, commas or control characters", d.target),
+                ));
+            }
+            if !valid_vdev(&d.vdev) {
+                return Err(field(
+                    &format!("disks[{i}].vdev"),
+                    format!("`{}` is not a device name like xvda", d.vdev),
+                ));
+            }
+            if vdevs.contains(&&d.vdev) {
+                return Err(field(
+                    &format!("disks[{i}].vdev"),
+                    format!("`{}` is used twice", d.vdev),
+                ));
+            }
+            vdevs.push(&d.vdev);
+        }
+        for (i, p) in self.pci.iter().enumerate() {
+            if !valid_bdf(p) {
+                return Err(field(
+                    &format!("pci[{i}]"),
+                    format!("`{p}` is not a PCI address like 0000:00:02.0"),
+                ));
+            }
+        }
+        let r = &self.restart;
+        if r.initial_delay_ms == 0 || r.initial_delay_ms > r.max_delay_ms {
+            return Err(field(
+                "restart.initial_delay_ms",
+                format!(
+                    "{} must be at least 1 and at most restart.max_delay_ms ({})",
+                    r.initial_delay_ms, r.max_delay_ms
+                ),
+            ));
+        }
+        if r.max_delay_ms > 3_600_000 {
+            return Err(field(
+                "restart.max_delay_ms",
+                format!("{} is more than an hour", r.max_delay_ms),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn syntax(path: &Path, e: &dyn std::fmt::Display) -> DefinitionError {
+    DefinitionError::Syntax {
+        path: path.to_owned(),
+        reason: e.to_string().trim().replace('\n', " "),
+    }
+}
+
+fn name_of(path: &Path) -> Result<String, DefinitionError> {
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if valid_name(&name) {
+        Ok(name)
+    } else {
+        Err(DefinitionError::File {
+            path: path.to_owned(),
+            reason: format!("`{name}` is not a valid domain name ([A-Za-z0-9._-], at most 64)"),
+        })
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Parses a definition, with an optional override (path and text) merged
+/// over it. Errors name the file that holds the bad field: the override if
+/// it set the field, the shipped file otherwise.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    local: Option<(&Path, &str)>,
+) -> Result<Domain, DefinitionError> {
+    let name = name_of(path)?;
+    let mut table: toml::Table = text.parse().map_err(|e| syntax(path, &e))?;
+    let mut blame = path;
+    if let Some((lpath, ltext)) = local {
+        let over: toml::Table = ltext.parse().map_err(|e| syntax(lpath, &e))?;
+        blame = lpath;
+        merge(&mut table, over);
+    }
+    let mut d: Domain = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| syntax(blame, &e))?;
+    d.validate(blame, &name)?;
+    Ok(d)
+}
+
+fn read_limited(path: &Path) -> Result<String, DefinitionError> {
+    let err = |reason: String| DefinitionError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.len() > MAX_FILE_LEN {
+        return Err(err(format!("{} bytes; at most {MAX_FILE_LEN}", meta.len())));
+    }
+    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
+}
+
+fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every domain of `shipped` and `local`, and the errors of those that did
+/// not load.
+#[derive(Debug, Default)]
+pub struct DomainSet {
+    pub domains: BTreeMap<String, Domain>,
+    pub errors: Vec<DefinitionError>,
+}
+
+pub fn load(shipped: &Path, local: &Path) -> DomainSet {
+    let mut set = DomainSet::default();
+    let locals = toml_files(local);
+    let local_of = |name: &std::ffi::OsStr| locals.iter().find(|p| p.file_name() == Some(name));
+    let shipped_files = toml_files(shipped);
+    let mut seen = Vec::new();
+    for path in &shipped_files {
+        let Some(fname) = path.file_name() else {
+            continue;
+        };
+        seen.push(fname.to_owned());
+        let result = read_limited(path).and_then(|text| match local_of(fname) {
+            Some(lp) => {
+                let ltext = read_limited(lp)?;
+                parse(path, &text, Some((lp, &ltext)))
+            }
+            None => parse(path, &text, None),
+        });
+        match result {
+            Ok(d) => {
+                set.domains.insert(d.name.clone(), d);
+            }
+            Err(e) => set.errors.push(e),
+        }
+    }
+    for lp in &locals {
+        if lp.file_name().is_some_and(|f| seen.iter().any(|s| s == f)) {
+            continue;
+        }
+        match read_limited(lp).and_then(|t| parse(lp, &t, None)) {
+            Ok(d) => {
+                set.domains.insert(d.name.clone(), d);
+            }
+            Err(e) => set.errors.push(e),
+        }
+    }
+    set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+type = "pv"
+kernel = "/usr/lib/qdomd/guivm/vmlinuz"
+ramdisk = "/usr/lib/qdomd/guivm/initrd.gz"
+cmdline = "console=hvc0"
+memory_mib = 256
+role = "gui"
+autostart = true
+[restart]
+policy = "always"
+"#;
+
+    fn shipped() -> PathBuf {
+        PathBuf::from("/etc/qdomd/domains/gui.toml")
+    }
+
+    #[test]
+    fn a_good_definition_with_defaults() {
+        let d = parse(&shipped(), GOOD, None).unwrap();
+        assert_eq!(d.name, "gui");
+        assert_eq!((d.kind, d.vcpus, d.role), (DomainType::Pv, 1, Role::Gui));
+        assert_eq!(d.restart.policy, RestartPolicy::Always);
+        assert_eq!(
+            (d.restart.initial_delay_ms, d.restart.max_delay_ms),
+            (1000, 60_000)
+        );
+    }
+
+    /// Each malformed field: the error names the file and the field.
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("type = \"pv\"\nmemory_mib = 256\n", "kernel", "required"),
+            ("type = \"xen\"\nmemory_mib = 256\n", "type", "unknown variant"),
+            (&GOOD.replace("memory_mib = 256", "memory_mib = 8"), "memory_mib", "outside"),
+            (&GOOD.replace("memory_mib = 256", "memory_mib = \"lots\""), "memory_mib", "invalid type"),
+            (&GOOD.replace("memory_mib = 256\n", ""), "memory_mib", "missing field"),
+            (&format!("{GOOD}\n"), "", ""),
+            (&GOOD.replace("role = \"gui\"", "vcpus = 0"), "vcpus", "outside"),
+            (&GOOD.replace("/usr/lib/qdomd/guivm/vmlinuz", "vmlinuz"), "kernel", "absolute"),
+            (&GOOD.replace("/usr/lib/qdomd/guivm/initrd.gz", "/a\\\",b"), "ramdisk", "quotes"),
+            (&GOOD.replace("console=hvc0", "a\\\"b"), "cmdline", "quotes"),
+            (&GOOD.replace("role = \"gui\"", "role = \"admin\""), "role", "unknown variant"),
+            (&GOOD.replace("autostart = true", "colour = \"blue\""), "colour", "unknown field"),
+            (&GOOD.replace("role = \"gui\"", "name = \"other\""), "name", "differs"),
+            (&GOOD.replace("role = \"gui\"", "pci = [\"00:02.0\"]"), "pci[0]", "PCI address"),
+            (&GOOD.replace("role = \"gui\"", "disks = [{ target = \"/dev/x\", vdev = \"vda\" }]"), "disks[0].vdev", "device name"),
+            (&GOOD.replace("role = \"gui\"", "disks = [{ target = \"x\", vdev = \"xvda\" }]"), "disks[0].target", "absolute"),
+            (&GOOD.replace("role = \"gui\"", "disks = [{ target = \"/a\", vdev = \"xvda\" }, { target = \"/b\", vdev = \"xvda\" }]"), "disks[1].vdev", "twice"),
+            (&GOOD.replace("policy = \"always\"", "policy = \"sometimes\""), "policy", "unknown variant"),
+            (&GOOD.replace("policy = \"always\"", "initial_delay_ms = 0"), "restart.initial_delay_ms", "at least 1"),
+            (&GOOD.replace("policy = \"always\"", "max_delay_ms = 99999999"), "restart.max_delay_ms", "more than an hour"),
+            (&GOOD.replace("policy = \"always\"", "max_delay_ms = 10"), "restart.initial_delay_ms", "at most"),
+            ("type = \"hvm\"\nmemory_mib = 512\n", "disks", "needs a disk"),
+            ("type = \"hvm\"\nmemory_mib = 512\nkernel = \"/k\"\n", "kernel", "not used"),
+            ("type = \"pv\"\nmemory_mib = 256\nkernel = \"/k\"\nmemory_mib = 3\n", "memory_mib", "duplicate"),
+            ("type = \"pv\"\n[[[", "", "invalid"),
+        ];
+        for (text, field, reason) in cases {
+            let r = parse(&shipped(), text, None);
+            if field.is_empty() && reason.is_empty() {
+                assert!(r.is_ok(), "{text}: {r:?}");
+                continue;
+            }
+            let e = r.unwrap_err().to_string();
+            assert!(e.starts_with("/etc/qdomd/domains/gui.toml"), "{e}");
+            assert!(
+                e.contains(field) && e.contains(reason),
+                "{field}/{reason}: {e}"
+            );
+        }
+        let e = parse(Path::new("/etc/qdomd/domains/bad name.toml"), GOOD, None).unwrap_err();
+        assert!(e.to_string().contains("not a valid domain name"), "{e}");
+    }
+
+    #[test]
+    fn a_local_override_merges_key_by_key_and_takes_the_blame() {
+        let local = PathBuf::from("/var/lib/qdomd/domains/gui.toml");
+        let d = parse(
+            &shipped(),
+            GOOD,
+            Some((
+                &local,
+                "memory_mib = 1024\npci = [\"0000:01:00.0\"]\n[restart]\nmax_delay_ms = 5000\n",
+            )),
+        )
+        .unwrap();
+        assert_eq!(d.memory_mib, 1024);
+        assert_eq!(d.pci, vec!["0000:01:00.0".to_owned()]);
+        // The rest of [restart] stays as shipped.
+        assert_eq!(
+            (d.restart.policy, d.restart.max_delay_ms),
+            (RestartPolicy::Always, 5000)
+        );
+        assert_eq!(d.kernel.as_deref(), Some("/usr/lib/qdomd/guivm/vmlinuz"));
+
+        let e = parse(&shipped(), GOOD, Some((&local, "vcpus = 500\n"))).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/var/lib/qdomd/domains/gui.toml: field `vcpus`"),
+            "{e}"
+        );
+        let e = parse(&shipped(), GOOD, Some((&local, "vcpus = [\n"))).unwrap_err();
+        assert!(
+            e.to_string().starts_with("/var/lib/qdomd/domains/gui.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_file_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (etc, var) = (dir.path().join("etc"), dir.path().join("var"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&var).unwrap();
+        std::fs::write(etc.join("gui.toml"), GOOD).unwrap();
+        std::fs::write(etc.join("broken.toml"), "type = \"pv\"\n").unwrap();
+        std::fs::write(etc.join("notes.txt"), "not a definition").unwrap();
+        std::fs::write(var.join("gui.toml"), "vcpus = 2\n").unwrap();
+        std::fs::write(
+            var.join("local.toml"),
+            "type = \"pvh\"\nkernel = \"/k\"\nmemory_mib = 64\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("huge.toml"), "#".repeat(70_000)).unwrap();
+        let set = load(&etc, &var);
+        let names: Vec<&String> = set.domains.keys().collect();
+        assert_eq!(names, ["gui", "local"]);
+        assert_eq!(set.domains["gui"].vcpus, 2);
+        assert_eq!(set.errors.len(), 2, "{:?}", set.errors);
+        assert!(
+            set.errors[0]
+                .to_string()
+                .contains("broken.toml: missing field `memory_mib`"),
+            "{:?}",
+            set.errors
+        );
+        assert!(
+            set.errors[1].to_string().contains("huge.toml"),
+            "{:?}",
+            set.errors
+        );
+    }
+}

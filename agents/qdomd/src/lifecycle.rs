@@ -1,0 +1,367 @@
+//! The domain state machine, free of I/O: events in (requests, xl results,
+//! what the xenstore watches saw, timers), actions out (run xl, arm a timer,
+//! watch a readiness key, announce). The daemon executes the actions; tests
+//! drive it directly or through [`crate::xs::Tracker`] over a fake store.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::backoff::Backoff;
+use crate::definition::{Domain, RestartPolicy, Role};
+
+/// How long a clean shutdown may take before the domain is destroyed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Stopped,
+    /// `xl create` is running or the domain has not shown up yet.
+    Starting,
+    /// The domain exists; its readiness key is not written yet.
+    Running,
+    /// The guest wrote its readiness key.
+    Ready,
+    /// A shutdown was asked for.
+    Stopping,
+    /// Gone without being asked; a restart is due after a delay.
+    Backoff,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Ready => "ready",
+            Self::Stopping => "stopping",
+            Self::Backoff => "backoff",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    Restart,
+    StopTimeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A user (D-Bus, CLI) or autostart asks for the domain.
+    Start(String),
+    /// A user asks for a clean shutdown.
+    Stop(String),
+    /// A user asks for it to be destroyed now.
+    Kill(String),
+    /// `xl create` finished.
+    Created {
+        name: String,
+        result: Result<(), String>,
+    },
+    /// The domain list in xenstore has `name` as `domid`.
+    Appeared { name: String, domid: u32 },
+    /// `domid` left the domain list.
+    Gone { domid: u32 },
+    /// `domid` wrote its readiness key.
+    ReadyKey { domid: u32 },
+    /// A timer armed by [`Action::Timer`] fired.
+    Timer {
+        name: String,
+        kind: TimerKind,
+        generation: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Create {
+        name: String,
+    },
+    Shutdown {
+        name: String,
+        domid: u32,
+    },
+    Destroy {
+        name: String,
+        domid: u32,
+    },
+    Timer {
+        name: String,
+        kind: TimerKind,
+        generation: u64,
+        after: Duration,
+    },
+    WatchReady {
+        name: String,
+        domid: u32,
+    },
+    /// The phase changed (for the D-Bus signal and the log).
+    Changed {
+        name: String,
+        phase: Phase,
+        domid: Option<u32>,
+    },
+    /// The guest is ready; for the GUI VM this is the console marker.
+    Ready {
+        name: String,
+        domid: u32,
+        gui: bool,
+    },
+}
+
+#[derive(Debug)]
+pub struct DomainState {
+    pub def: Domain,
+    pub phase: Phase,
+    pub domid: Option<u32>,
+    /// Whether it should be running: set by start, cleared by stop and kill.
+    pub wanted: bool,
+    backoff: Backoff,
+    up_since: Option<Instant>,
+    timer_generation: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Supervisor {
+    domains: BTreeMap<String, DomainState>,
+}
+
+impl Supervisor {
+    pub fn new(defs: impl IntoIterator<Item = Domain>) -> Self {
+        let domains = defs
+            .into_iter()
+            .map(|d| {
+                let backoff = Backoff::new(&d.restart);
+                (
+                    d.name.clone(),
+                    DomainState {
+                        def: d,
+                        phase: Phase::Stopped,
+                        domid: None,
+                        wanted: false,
+                        backoff,
+                        up_since: None,
+                        timer_generation: 0,
+                    },
+                )
+            })
+            .collect();
+        Self { domains }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&DomainState> {
+        self.domains.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &DomainState> {
+        self.domains.values()
+    }
+
+    /// Start events for every `autostart` domain.
+    pub fn autostart(&self) -> Vec<Event> {
+        self.domains
+            .values()
+            .filter(|d| d.def.autostart)
+            .map(|d| Event::Start(d.def.name.clone()))
+            .collect()
+    }
+
+    /// Start events for every running domain's stop, for qdomd's own stop.
+    pub fn stop_all(&self) -> Vec<Event> {
+        self.domains
+            .values()
+            .filter(|d| d.domid.is_some() || d.phase == Phase::Backoff)
+            .map(|d| Event::Stop(d.def.name.clone()))
+            .collect()
+    }
+
+    /// Whether nothing is left running (every domain stopped).
+    pub fn all_stopped(&self) -> bool {
+        self.domains
+            .values()
+            .all(|d| d.domid.is_none() && d.phase != Phase::Starting)
+    }
+
+    fn by_domid(&mut self, domid: u32) -> Option<&mut DomainState> {
+        self.domains.values_mut().find(|d| d.domid == Some(domid))
+    }
+
+    pub fn handle(&mut self, ev: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match ev {
+            Event::Start(name) => {
+                if let Some(d) = self.domains.get_mut(&name) {
+                    d.wanted = true;
+                    if matches!(d.phase, Phase::Stopped | Phase::Backoff) {
+                        d.timer_generation += 1;
+                        set(d, Phase::Starting, &mut out);
+                        out.push(Action::Create { name });
+                    }
+                }
+            }
+            Event::Stop(name) => {
+                if let Some(d) = self.domains.get_mut(&name) {
+                    d.wanted = false;
+                    match (d.phase, d.domid) {
+                        (Phase::Backoff, _) => {
+                            d.timer_generation += 1;
+                            set(d, Phase::Stopped, &mut out);
+                        }
+                        (Phase::Running | Phase::Ready | Phase::Starting, Some(domid)) => {
+                            set(d, Phase::Stopping, &mut out);
+                            out.push(Action::Shutdown {
+                                name: name.clone(),
+                                domid,
+                            });
+                            out.push(arm(d, TimerKind::StopTimeout, STOP_TIMEOUT));
+                        }
+                        // Starting without a domid yet: stopped when it
+                        // appears (wanted is false now).
+                        _ => {}
+                    }
+                }
+            }
+            Event::Kill(name) => {
+                if let Some(d) = self.domains.get_mut(&name) {
+                    d.wanted = false;
+                    d.timer_generation += 1;
+                    match d.domid {
+                        Some(domid) => {
+                            set(d, Phase::Stopping, &mut out);
+                            out.push(Action::Destroy { name, domid });
+                        }
+                        None if d.phase == Phase::Backoff => set(d, Phase::Stopped, &mut out),
+                        None => {}
+                    }
+                }
+            }
+            Event::Created { name, result } => {
+                if let Some(d) = self.domains.get_mut(&name) {
+                    if let Err(reason) = result {
+                        log::warn!("{name}: xl create failed: {reason}");
+                        if d.phase == Phase::Starting && d.domid.is_none() {
+                            failed(d, &mut out);
+                        }
+                    }
+                }
+            }
+            Event::Appeared { name, domid } => {
+                if let Some(d) = self.domains.get_mut(&name) {
+                    if d.domid == Some(domid) {
+                        return out;
+                    }
+                    d.domid = Some(domid);
+                    d.up_since = Some(now);
+                    if d.wanted || d.phase == Phase::Starting {
+                        set(d, Phase::Running, &mut out);
+                        out.push(Action::WatchReady {
+                            name: name.clone(),
+                            domid,
+                        });
+                        if !d.wanted {
+                            // Stopped while it was being created.
+                            set(d, Phase::Stopping, &mut out);
+                            out.push(Action::Shutdown {
+                                name: name.clone(),
+                                domid,
+                            });
+                            out.push(arm(d, TimerKind::StopTimeout, STOP_TIMEOUT));
+                        }
+                    } else {
+                        // Created by hand (`xl create`): follow it, and
+                        // treat it as wanted until someone stops it.
+                        d.wanted = true;
+                        set(d, Phase::Running, &mut out);
+                        out.push(Action::WatchReady { name, domid });
+                    }
+                }
+            }
+            Event::ReadyKey { domid } => {
+                if let Some(d) = self.by_domid(domid) {
+                    if d.phase == Phase::Running {
+                        set(d, Phase::Ready, &mut out);
+                        out.push(Action::Ready {
+                            name: d.def.name.clone(),
+                            domid,
+                            gui: d.def.role == Role::Gui,
+                        });
+                    }
+                }
+            }
+            Event::Gone { domid } => {
+                if let Some(d) = self.by_domid(domid) {
+                    d.domid = None;
+                    if let Some(t) = d.up_since.take() {
+                        d.backoff.ran_for(now.saturating_duration_since(t));
+                    }
+                    if d.phase == Phase::Stopping || !d.wanted {
+                        d.timer_generation += 1;
+                        set(d, Phase::Stopped, &mut out);
+                    } else {
+                        failed(d, &mut out);
+                    }
+                }
+            }
+            Event::Timer {
+                name,
+                kind,
+                generation,
+            } => {
+                if let Some(d) = self.domains.get_mut(&name) {
+                    if generation != d.timer_generation {
+                        return out;
+                    }
+                    match (kind, d.phase, d.domid) {
+                        (TimerKind::Restart, Phase::Backoff, _) if d.wanted => {
+                            set(d, Phase::Starting, &mut out);
+                            out.push(Action::Create { name });
+                        }
+                        (TimerKind::StopTimeout, Phase::Stopping, Some(domid)) => {
+                            log::warn!(
+                                "{name}: no clean shutdown within {STOP_TIMEOUT:?}; destroying"
+                            );
+                            out.push(Action::Destroy { name, domid });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn set(d: &mut DomainState, phase: Phase, out: &mut Vec<Action>) {
+    if d.phase != phase {
+        d.phase = phase;
+        out.push(Action::Changed {
+            name: d.def.name.clone(),
+            phase,
+            domid: d.domid,
+        });
+    }
+}
+
+fn arm(d: &mut DomainState, kind: TimerKind, after: Duration) -> Action {
+    d.timer_generation += 1;
+    Action::Timer {
+        name: d.def.name.clone(),
+        kind,
+        generation: d.timer_generation,
+        after,
+    }
+}
+
+/// Gone or failed to start without being asked: restart after a delay,
+/// unless the policy says never.
+fn failed(d: &mut DomainState, out: &mut Vec<Action>) {
+    if d.def.restart.policy == RestartPolicy::Never || !d.wanted {
+        d.wanted = false;
+        set(d, Phase::Stopped, out);
+        return;
+    }
+    let delay = d.backoff.next_delay();
+    set(d, Phase::Backoff, out);
+    out.push(arm(d, TimerKind::Restart, delay));
+}
