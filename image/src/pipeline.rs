@@ -137,7 +137,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
         Some(dir) => dir.clone(),
         None => {
             let tree_dir = work.join("rootfs");
-            compose_root(&tree_dir, &profile, &set, opts, &kver, &dom0, &info)?;
+            let kernel = KernelFiles {
+                version: &kver,
+                vmlinuz: &vmlinuz,
+                dom0_modules: &dom0,
+            };
+            compose_root(&tree_dir, &profile, &set, opts, &kernel, &info)?;
             tree_dir
         }
     };
@@ -252,7 +257,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     if data_tree.exists() {
         fs::remove_dir_all(&data_tree)?;
     }
-    for d in ["lib/xen", "lib/xenstored", "log/xen", "lib/qupdate"] {
+    for d in [
+        "lib/xen",
+        "lib/xenstored",
+        "log/xen",
+        "log/xen/console",
+        "lib/qupdate",
+        "lib/qdomd/domains",
+    ] {
         fs::create_dir_all(data_tree.join(d))?;
     }
     let data_img = work.join("data.img");
@@ -335,15 +347,66 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
 }
 
 /// Lays out the root tree the profile describes.
+/// The GUI VM stand-in's kernel (dom0's own) and initramfs (the agent as
+/// `/init`, nothing else) into `g.dir`.
+fn add_guivm(
+    tree: &mut RootTree,
+    g: &crate::profile::GuiVmSection,
+    opts: &BuildOptions,
+    vmlinuz: &Path,
+) -> Result<()> {
+    let field = "profile guivm.dir";
+    if !g.dir.starts_with('/') {
+        bail!("{field}: `{}` must be an absolute path", g.dir);
+    }
+    let kernel = fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
+    tree.write(&format!("{}/vmlinuz", g.dir), 0o644, &kernel, field)?;
+    let agent_path = opts.bin_dir.join(&g.agent);
+    let agent = fs::read(&agent_path).with_context(|| {
+        format!(
+            "profile guivm.agent: reading {} (build it first)",
+            agent_path.display()
+        )
+    })?;
+    let mtime =
+        u32::try_from(opts.epoch).context("SOURCE_DATE_EPOCH does not fit cpio's 32-bit mtime")?;
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::best());
+    let mut w = CpioWriter::new(gz, mtime);
+    for d in ["dev", "proc", "sys", "sbin"] {
+        w.dir(d, 0o755)?;
+    }
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    w.file("init", 0o755, &agent)?;
+    w.symlink("sbin/poweroff", "/init")?;
+    let initrd = w.finish()?.finish()?;
+    tree.write(&format!("{}/initrd.gz", g.dir), 0o644, &initrd, field)?;
+    Ok(())
+}
+
+/// The kernel's pieces the root needs.
+#[derive(Clone, Copy)]
+struct KernelFiles<'a> {
+    version: &'a str,
+    vmlinuz: &'a Path,
+    /// Modules stage 2 loads.
+    dom0_modules: &'a [Module],
+}
+
 fn compose_root(
     tree_dir: &Path,
     profile: &Profile,
     set: &PackageSet,
     opts: &BuildOptions,
-    kver: &str,
-    dom0: &[Module],
+    kernel: &KernelFiles<'_>,
     info: &str,
 ) -> Result<()> {
+    let KernelFiles {
+        version: kver,
+        vmlinuz,
+        dom0_modules: dom0,
+    } = *kernel;
     let mut tree = RootTree::create(tree_dir)?;
     let mut roots = Vec::new();
     for (i, f) in profile.root.files.iter().enumerate() {
@@ -366,6 +429,9 @@ fn compose_root(
     }
     tree.add_modules(kver, dom0, DOM0_MODULE_LIST)?;
     tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
+    if let Some(g) = &profile.guivm {
+        add_guivm(&mut tree, g, opts, vmlinuz)?;
+    }
     tree.write(
         "/etc/os-release",
         0o644,

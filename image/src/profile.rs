@@ -52,6 +52,21 @@ pub struct Profile {
     pub disk: DiskSection,
     #[serde(default)]
     pub update: UpdateSection,
+    /// The GUI VM stand-in's boot files, shipped in the dom0 root.
+    #[serde(default)]
+    pub guivm: Option<GuiVmSection>,
+}
+
+/// The GUI VM stand-in: the dom0 kernel again, and an initramfs whose only
+/// program is a workspace binary as `/init` (and `/sbin/poweroff`, so Xen's
+/// shutdown request works). qdomd's definition points at `dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuiVmSection {
+    /// Workspace binary that is the guest's PID 1.
+    pub agent: String,
+    /// Absolute directory in the dom0 root for `vmlinuz` and `initrd.gz`.
+    pub dir: String,
 }
 
 /// Update trust and signing. Public keys go into the image; private keys

@@ -203,6 +203,7 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
         cargo()
             .args(["build", "--release", "--locked", "--target", TARGET])
             .args(["-p", "qinit", "-p", "qimage", "-p", "qbus", "-p", "qupdate"])
+            .args(["-p", "qdomd", "-p", "qguest"])
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;
     Ok(static_bin_dir(root))

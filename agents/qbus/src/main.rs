@@ -11,7 +11,7 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|| qbus::SYSTEM_BUS_SOCKET.into());
     let mut bus = qbus::SystemBus::bind(&path).await?;
     eprintln!("system bus listening on {}", bus.address());
-    qnotify::ready("system bus up")?;
+    qagent::notify::ready("system bus up")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = bus.run() => r?,

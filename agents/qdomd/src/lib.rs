@@ -4,10 +4,14 @@
 //! [`xl`] turns one into the configuration Xen's `xl create` takes,
 //! [`lifecycle`] is the state machine that starts, watches and restarts
 //! domains (with [`backoff`]), and [`xs`] turns xenstore watch firings into
-//! its events.
+//! its events; [`daemon`] runs it against xenstore and `xl`, and
+//! [`service`] serves `org.qubesos.Domains1` ([`dbus`]).
 
 pub mod backoff;
+pub mod daemon;
+pub mod dbus;
 pub mod definition;
 pub mod lifecycle;
+pub mod service;
 pub mod xl;
 pub mod xs;

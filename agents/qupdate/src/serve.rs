@@ -31,7 +31,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("owning {BUS_NAME} on the system bus"))?;
     eprintln!("qupdated: serving {BUS_NAME} (booted slot {booted})");
-    qnotify::ready(&format!("serving {BUS_NAME}"))?;
+    qagent::notify::ready(&format!("serving {BUS_NAME}"))?;
     // An apply cut short here is safe by design: its slot was made
     // unbootable before the first byte was written.
     term.recv().await;

@@ -84,7 +84,7 @@ impl UpdateService {
     pub fn new(cfg: Config) -> Self {
         Self {
             cfg,
-            uid: rustix::process::geteuid().as_raw(),
+            uid: qagent::peer::own_uid(),
             shared: Arc::new(Mutex::new(Shared {
                 operation: Operation::Idle,
                 next_id: 1,
@@ -96,15 +96,9 @@ impl UpdateService {
     }
 
     async fn authorize(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), ServiceError> {
-        let sender = hdr
-            .sender()
-            .ok_or_else(|| ServiceError::AccessDenied("a call without a sender".into()))?;
-        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-        let uid = dbus
-            .get_connection_unix_user(sender.clone().into())
+        qagent::peer::authorize(conn, hdr, self.uid, crate::dbus::INTERFACE)
             .await
-            .map_err(|e| ServiceError::AccessDenied(format!("the caller's uid: {e}")))?;
-        check_uid(uid, self.uid)
+            .map_err(|e| ServiceError::AccessDenied(e.to_string()))
     }
 
     /// Claims the service for a short operation (mark-good, rollback),
@@ -154,16 +148,6 @@ impl UpdateService {
 
     async fn iface(conn: &Connection) -> zbus::Result<InterfaceRef<Self>> {
         conn.object_server().interface(OBJECT_PATH).await
-    }
-}
-
-fn check_uid(caller: u32, allowed: u32) -> Result<(), ServiceError> {
-    if caller == allowed {
-        Ok(())
-    } else {
-        Err(ServiceError::AccessDenied(format!(
-            "uid {caller} may not use org.qubesos.Update1 (only uid {allowed})"
-        )))
     }
 }
 
@@ -382,19 +366,4 @@ impl UpdateService {
         success: bool,
         result: &str,
     ) -> zbus::Result<()>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_services_own_uid_may_call() {
-        assert!(check_uid(0, 0).is_ok());
-        let e = check_uid(1000, 0).unwrap_err();
-        assert!(
-            matches!(&e, ServiceError::AccessDenied(m) if m.contains("uid 1000")),
-            "{e:?}"
-        );
-    }
 }

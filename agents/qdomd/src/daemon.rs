@@ -1,0 +1,330 @@
+//! `qdom service` (run by qinit as `qdomd`): executes the [`Supervisor`]'s
+//! actions. Domains are created with Xen's own `xl`, followed with xenstore
+//! watches (`@introduceDomain`, `@releaseDomain`, each guest's readiness
+//! key) through xenstore-rs, restarted with backoff, and shut down (then
+//! destroyed after a timeout) when qinit stops the service.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use xenstore_rs::tokio::XsTokio;
+use xenstore_rs::AsyncWatch;
+
+use crate::definition::DomainSet;
+use crate::lifecycle::{Action, Event, Phase, Supervisor, STOP_TIMEOUT};
+use crate::xs::{self, Tracker};
+
+/// Where the generated xl configurations go.
+pub const RUN_DIR: &str = "/run/qdomd";
+
+/// One domain as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub name: String,
+    pub state: &'static str,
+    /// 0 when it has none (dom0's id is never a guest's).
+    pub domid: u32,
+}
+
+/// What the API asks of the daemon.
+#[derive(Debug)]
+pub enum Request {
+    Start(String),
+    Shutdown(String),
+    Kill(String),
+}
+
+/// Shared with the D-Bus side: the domain list after every change, and the
+/// changes themselves for the signal.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub domains: Vec<DomainInfo>,
+}
+
+pub struct Daemon {
+    sup: Supervisor,
+    tracker: Tracker,
+    xs: XsTokio,
+    events_tx: mpsc::UnboundedSender<Event>,
+    ready_watches: HashMap<u32, tokio::task::JoinHandle<()>>,
+    started: Instant,
+    run_dir: PathBuf,
+    xl: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+    changes: mpsc::UnboundedSender<DomainInfo>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").finish_non_exhaustive()
+    }
+}
+
+fn infos(sup: &Supervisor) -> Vec<DomainInfo> {
+    sup.iter()
+        .map(|d| DomainInfo {
+            name: d.def.name.clone(),
+            state: d.phase.as_str(),
+            domid: d.domid.unwrap_or(0),
+        })
+        .collect()
+}
+
+impl Daemon {
+    /// Runs until `stop` resolves, then shuts every domain down and returns.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        set: DomainSet,
+        xl: PathBuf,
+        shared: Arc<Mutex<Shared>>,
+        changes: mpsc::UnboundedSender<DomainInfo>,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        ready: impl FnOnce(),
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        for e in &set.errors {
+            log::error!("skipping a domain: {e}");
+        }
+        let xs = XsTokio::new().await.context("connecting to xenstore")?;
+        let mut introduce = xs
+            .watch(xs::INTRODUCE_DOMAIN)
+            .await
+            .context("watching @introduceDomain")?;
+        let mut release = xs
+            .watch(xs::RELEASE_DOMAIN)
+            .await
+            .context("watching @releaseDomain")?;
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let mut d = Daemon {
+            sup: Supervisor::new(set.domains.into_values()),
+            tracker: Tracker::default(),
+            xs,
+            events_tx,
+            ready_watches: HashMap::new(),
+            started: Instant::now(),
+            run_dir: RUN_DIR.into(),
+            xl,
+            shared,
+            changes,
+        };
+        std::fs::create_dir_all(&d.run_dir)
+            .with_context(|| format!("creating {}", d.run_dir.display()))?;
+        d.publish();
+        // Domains already running (qdomd restarted) are adopted first.
+        d.resync().await;
+        for ev in d.sup.autostart() {
+            d.feed(ev).await;
+        }
+        ready();
+        tokio::pin!(stop);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if deadline.is_some() && d.sup.all_stopped() {
+                log::info!("every domain is stopped");
+                return Ok(());
+            }
+            let until = deadline
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
+            tokio::select! {
+                Some(_) = introduce.next() => d.resync().await,
+                Some(_) = release.next() => d.resync().await,
+                Some(ev) = events.recv() => d.feed(ev).await,
+                Some(req) = requests.recv() => {
+                    let ev = match req {
+                        Request::Start(n) => Event::Start(n),
+                        Request::Shutdown(n) => Event::Stop(n),
+                        Request::Kill(n) => Event::Kill(n),
+                    };
+                    d.feed(ev).await;
+                }
+                () = &mut stop, if deadline.is_none() => {
+                    log::info!("stopping: shutting every domain down");
+                    deadline = Some(tokio::time::Instant::now() + STOP_TIMEOUT + Duration::from_secs(10));
+                    for ev in d.sup.stop_all() {
+                        d.feed(ev).await;
+                    }
+                }
+                () = tokio::time::sleep_until(until), if deadline.is_some() => {
+                    log::warn!("domains still up after the stop timeout; leaving them");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let list = infos(&self.sup);
+        if let Ok(mut s) = self.shared.lock() {
+            s.domains = list;
+        }
+    }
+
+    /// The domain list changed (a watch fired): feed what is new or gone.
+    async fn resync(&mut self) {
+        match xs::snapshot(&self.xs).await {
+            Ok(snap) => {
+                for ev in self.tracker.update(snap) {
+                    if let Event::Gone { domid } = &ev {
+                        if let Some(h) = self.ready_watches.remove(domid) {
+                            h.abort();
+                        }
+                    }
+                    Box::pin(self.feed(ev)).await;
+                }
+            }
+            Err(e) => log::error!("reading the domain list: {e}"),
+        }
+    }
+
+    async fn feed(&mut self, ev: Event) {
+        let actions = self.sup.handle(ev, Instant::now());
+        for a in actions {
+            self.execute(a).await;
+        }
+    }
+
+    async fn execute(&mut self, a: Action) {
+        match a {
+            Action::Create { name } => self.create(name),
+            Action::Shutdown { name, domid } => {
+                log::info!("{name}: shutting down domain {domid}");
+                self.xl(vec!["shutdown".into(), domid.to_string()]);
+            }
+            Action::Destroy { name, domid } => {
+                log::info!("{name}: destroying domain {domid}");
+                self.xl(vec!["destroy".into(), domid.to_string()]);
+            }
+            Action::Timer {
+                name,
+                kind,
+                generation,
+                after,
+            } => {
+                let tx = self.events_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    let _ = tx.send(Event::Timer {
+                        name,
+                        kind,
+                        generation,
+                    });
+                });
+            }
+            Action::WatchReady { name, domid } => self.watch_ready(name, domid).await,
+            Action::Changed { name, phase, domid } => {
+                log::info!(
+                    "{name}: {}{}",
+                    phase.as_str(),
+                    domid.map_or(String::new(), |d| format!(" (domain {d})"))
+                );
+                if phase == Phase::Backoff {
+                    if let Some(s) = self.sup.get(&name) {
+                        log::warn!(
+                            "{name}: gone; restarting after backoff (wanted: {})",
+                            s.wanted
+                        );
+                    }
+                }
+                self.publish();
+                let _ = self.changes.send(DomainInfo {
+                    name,
+                    state: phase.as_str(),
+                    domid: domid.unwrap_or(0),
+                });
+            }
+            Action::Ready { name, domid, gui } => {
+                let ms = self.started.elapsed().as_millis();
+                if gui {
+                    // The console contract (design.md): tests and the lab
+                    // wait for this line.
+                    println!("QDOMD-GUIVM-READY name={name} domid={domid} ms={ms}");
+                } else {
+                    log::info!("{name}: ready (domain {domid}) after {ms} ms");
+                }
+            }
+        }
+    }
+
+    fn create(&mut self, name: String) {
+        let Some(state) = self.sup.get(&name) else {
+            return;
+        };
+        let cfg_path = self.run_dir.join(format!("{name}.cfg"));
+        let tx = self.events_tx.clone();
+        if let Err(e) = std::fs::write(&cfg_path, crate::xl::config(&state.def)) {
+            let _ = tx.send(Event::Created {
+                name,
+                result: Err(format!("writing {}: {e}", cfg_path.display())),
+            });
+            return;
+        }
+        log::info!("{name}: xl create {}", cfg_path.display());
+        let xl = self.xl.clone();
+        tokio::spawn(async move {
+            let result = run_xl(&xl, &["create".into(), cfg_path.display().to_string()]).await;
+            let _ = tx.send(Event::Created { name, result });
+        });
+    }
+
+    fn xl(&self, args: Vec<String>) {
+        let xl = self.xl.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run_xl(&xl, &args).await {
+                log::warn!("xl {}: {e}", args.join(" "));
+            }
+        });
+    }
+
+    async fn watch_ready(&mut self, name: String, domid: u32) {
+        let xs = self.xs.clone();
+        let tx = self.events_tx.clone();
+        let path = xs::ready_path(domid);
+        let handle = tokio::spawn(async move {
+            let mut w = match xs.watch(&path).await {
+                Ok(w) => w,
+                Err(e) => {
+                    log::error!("{name}: watching {path}: {e}");
+                    return;
+                }
+            };
+            // A new watch fires once at once, so a key written before the
+            // watch was set is seen too.
+            while w.next().await.is_some() {
+                match xs::is_ready(&xs, domid).await {
+                    Ok(true) => {
+                        let _ = tx.send(Event::ReadyKey { domid });
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(e) => log::warn!("{name}: reading {path}: {e}"),
+                }
+            }
+        });
+        if let Some(old) = self.ready_watches.insert(domid, handle) {
+            old.abort();
+        }
+    }
+}
+
+async fn run_xl(xl: &std::path::Path, args: &[String]) -> Result<(), String> {
+    let out = tokio::process::Command::new(xl)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("spawning {}: {e}", xl.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} ({})",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ))
+    }
+}

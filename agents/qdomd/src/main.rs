@@ -1,0 +1,160 @@
+//! `qdom`: the domain agent's command line, and (`qdom service`) the agent
+//! itself, which qinit runs as the `qdomd` service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use qdomd::daemon::{Daemon, Shared};
+use qdomd::dbus::{Domains1Proxy, BUS_NAME, OBJECT_PATH};
+use qdomd::definition;
+use qdomd::service::DomainsService;
+
+/// Dom0's domains: the GUI VM and the others defined in /etc/qdomd/domains.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Every defined domain, its state and domid.
+    List,
+    /// Start a domain.
+    Start { name: String },
+    /// Ask a domain to shut down (destroyed if it does not within 30 s).
+    Shutdown { name: String },
+    /// Destroy a domain now.
+    Kill { name: String },
+    /// Run the agent (qinit's `qdomd` service).
+    Service {
+        /// Shipped definitions.
+        #[arg(long, default_value = definition::SHIPPED_DIR)]
+        definitions: PathBuf,
+        /// Machine-local overrides.
+        #[arg(long, default_value = definition::LOCAL_DIR)]
+        local: PathBuf,
+        /// Xen's toolstack.
+        #[arg(long, default_value = "/usr/sbin/xl")]
+        xl: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qdom: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qdom: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let name = match cli.command {
+        Cmd::Service {
+            definitions,
+            local,
+            xl,
+        } => return serve(definitions, local, xl).await,
+        Cmd::List => None,
+        Cmd::Start { ref name } | Cmd::Shutdown { ref name } | Cmd::Kill { ref name } => {
+            Some(name.clone())
+        }
+    };
+    let conn = zbus::connection::Builder::system()
+        .build()
+        .await
+        .context("connecting to the system bus")?;
+    let proxy = Domains1Proxy::new(&conn).await?;
+    match (cli.command, name) {
+        (Cmd::List, _) => {
+            println!("{:<20} {:<10} {:>5}", "NAME", "STATE", "DOMID");
+            for (name, state, domid) in proxy.list().await.context("qdomd")? {
+                let id = if domid == 0 {
+                    "-".into()
+                } else {
+                    domid.to_string()
+                };
+                println!("{name:<20} {state:<10} {id:>5}");
+            }
+        }
+        (Cmd::Start { .. }, Some(n)) => proxy.start(&n).await.context("qdomd")?,
+        (Cmd::Shutdown { .. }, Some(n)) => proxy.shutdown(&n).await.context("qdomd")?,
+        (Cmd::Kill { .. }, Some(n)) => proxy.kill(&n).await.context("qdomd")?,
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn serve(definitions: PathBuf, local: PathBuf, xl: PathBuf) -> anyhow::Result<()> {
+    qagent::logger::init();
+    let set = definition::load(&definitions, &local);
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (chg_tx, mut chg_rx) = tokio::sync::mpsc::unbounded_channel::<qdomd::daemon::DomainInfo>();
+    let conn = zbus::connection::Builder::system()
+        .name(BUS_NAME)
+        .serve_at(OBJECT_PATH, DomainsService::new(shared.clone(), req_tx))
+        .build()
+        .await
+        .with_context(|| format!("owning {BUS_NAME} on the system bus"))?;
+    // State changes become the D-Bus signal.
+    let signals = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let Ok(iface) = conn
+                .object_server()
+                .interface::<_, DomainsService>(OBJECT_PATH)
+                .await
+            else {
+                return;
+            };
+            while let Some(c) = chg_rx.recv().await {
+                if let Err(e) =
+                    DomainsService::state_changed(iface.signal_emitter(), &c.name, c.state, c.domid)
+                        .await
+                {
+                    log::warn!("emitting StateChanged: {e}");
+                }
+            }
+        })
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    let n = set.domains.len();
+    Daemon::run(
+        set,
+        xl,
+        shared,
+        chg_tx,
+        req_rx,
+        || {
+            log::info!("serving {BUS_NAME}; {n} domain(s) defined");
+            if let Err(e) = qagent::notify::ready(&format!("{n} domain(s)")) {
+                log::error!("{e}");
+            }
+        },
+        async move {
+            term.recv().await;
+        },
+    )
+    .await?;
+    signals.abort();
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! `qguest`: PID 1 of the GUI VM stand-in (a PV guest of the Debian kernel
+//! with only this in its initramfs).
+//!
+//! 1. Mounts /proc, /sys and /dev.
+//! 2. Writes the readiness key `data/ready` under its own xenstore directory
+//!    through /dev/xen/xenbus (the handshake qdomd waits for; see qdomd's
+//!    `xs` module) and prints `QGUEST-READY domid=<id>` on its console.
+//! 3. Reaps orphans and waits. Xen's shutdown request (`xl shutdown`) makes
+//!    the kernel run /sbin/poweroff, which is this same program: it syncs
+//!    and powers the guest off. SIGTERM, SIGINT and SIGPWR to PID 1 do the
+//!    same.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use xenstore_rs::Xs;
+
+/// The key qdomd watches, relative to the guest's own directory.
+const READY_KEY: &str = "data/ready";
+/// The xenbus device may take a moment to appear after boot.
+const XENBUS_WAIT: Duration = Duration::from_secs(60);
+
+fn log(msg: &str) {
+    // The console is the guest's only output; xenconsoled logs it in dom0.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "qguest: {msg}");
+    let _ = out.flush();
+}
+
+fn mount_basics() {
+    use rustix::mount::{mount, MountFlags};
+    for (src, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+    ] {
+        let _ = std::fs::create_dir_all(target);
+        if let Err(e) = mount(
+            src,
+            target,
+            fstype,
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            None,
+        ) {
+            // devtmpfs may already be mounted by the kernel.
+            if e != rustix::io::Errno::BUSY {
+                log(&format!("mounting {target}: {e}"));
+            }
+        }
+    }
+}
+
+/// Connects to xenstore (the xenbus device in a guest) and writes the
+/// readiness key; returns the guest's domid.
+fn announce_ready() -> Result<String, String> {
+    let deadline = Instant::now() + XENBUS_WAIT;
+    let xs = loop {
+        match xenstore_rs::unix::XsUnix::new() {
+            Ok(xs) => break xs,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(format!("opening xenstore: {e}")),
+        }
+    };
+    let domid = xs
+        .read("domid")
+        .map(|d| d.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let stamp = format!("qguest {}", env!("CARGO_PKG_VERSION"));
+    xs.write(READY_KEY, &stamp)
+        .map_err(|e| format!("writing {READY_KEY}: {e}"))?;
+    Ok(domid)
+}
+
+fn power_off() -> ! {
+    rustix::fs::sync();
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
+    // reboot(2) only returns on error; nothing else is left to do.
+    std::process::exit(1)
+}
+
+fn reap() {
+    while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if matches!(st, WaitStatus::StillAlive) {
+            break;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.ends_with("poweroff") {
+        // The kernel's orderly_poweroff() helper, run on `xl shutdown`.
+        log("poweroff requested");
+        power_off();
+    }
+    if rustix::process::getpid().as_raw_nonzero().get() != 1 {
+        eprintln!("qguest: this is the GUI VM stand-in's init; it runs as PID 1 only");
+        return ExitCode::from(2);
+    }
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGPWR,
+    ] {
+        signals.add(s);
+    }
+    if let Err(e) = signals.thread_block() {
+        log(&format!("blocking signals: {e}"));
+    }
+    mount_basics();
+    match announce_ready() {
+        Ok(domid) => log(&format!("ready\nQGUEST-READY domid={domid}")),
+        Err(e) => log(&format!("could not announce readiness: {e}")),
+    }
+    loop {
+        match signals.wait() {
+            Ok(Signal::SIGCHLD) => reap(),
+            Ok(s) => {
+                log(&format!("{s}: powering off"));
+                power_off();
+            }
+            Err(e) => {
+                log(&format!("sigwait: {e}"));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}

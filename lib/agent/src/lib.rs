@@ -1,0 +1,7 @@
+//! What the dom0 agents (qbus, qupdated, qdomd) share: telling qinit they
+//! are ready ([`notify`]), logging the way qinit collects it ([`logger`]),
+//! and refusing D-Bus callers other than root ([`peer`]).
+
+pub mod logger;
+pub mod notify;
+pub mod peer;
