@@ -95,8 +95,11 @@ fn reap() {
 fn main() -> ExitCode {
     let argv0 = std::env::args().next().unwrap_or_default();
     if argv0.ends_with("poweroff") {
-        // The kernel's orderly_poweroff() helper, run on `xl shutdown`.
-        log("poweroff requested");
+        // The kernel's orderly_poweroff() helper, run on `xl shutdown`. A
+        // usermode helper has no stdout: say it on the console itself.
+        if let Ok(mut k) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+            let _ = k.write_all(b"qguest: poweroff requested\n");
+        }
         power_off();
     }
     if rustix::process::getpid().as_raw_nonzero().get() != 1 {
