@@ -66,7 +66,9 @@ pub enum Role {
 pub enum RestartPolicy {
     /// Never restart on its own.
     Never,
-    /// Restart when it crashed or was destroyed, not after a clean shutdown.
+    /// Restart when it goes away without qdomd stopping it. Xen's shutdown
+    /// reason is gone once the domain is released, so a guest's own
+    /// poweroff counts too: today this behaves as `Always`.
     OnFailure,
     /// Restart whenever it goes away, unless qdomd was asked to stop it.
     Always,
