@@ -244,18 +244,32 @@ fn build_image_with(root: &Path, profile: &str, root_tree: Option<&Path>) -> Res
     build_image_opts(root, profile, false, root_tree)
 }
 
+fn build_image_into(root: &Path, profile: &str, out: &Path) -> Result<PathBuf> {
+    build_image_opts_into(root, profile, false, None, out.to_owned())
+}
+
 fn build_image_opts(
     root: &Path,
     profile: &str,
     refresh: bool,
     root_tree: Option<&Path>,
 ) -> Result<PathBuf> {
+    let out = root.join("target/images").join(profile);
+    build_image_opts_into(root, profile, refresh, root_tree, out)
+}
+
+fn build_image_opts_into(
+    root: &Path,
+    profile: &str,
+    refresh: bool,
+    root_tree: Option<&Path>,
+    out: PathBuf,
+) -> Result<PathBuf> {
     let bin = build_static_binaries(root)?;
     let profile_path = root.join("image/profiles").join(format!("{profile}.toml"));
     if !profile_path.exists() {
         bail!("no profile {}", profile_path.display());
     }
-    let out = root.join("target/images").join(profile);
     let t = Instant::now();
     let mut cmd = Command::new(bin.join("qimage"));
     cmd.arg("build")
@@ -350,6 +364,7 @@ fn test(root: &Path, no_vm: bool) -> Result<()> {
     totals.passed += fuzz::run(root, FUZZ_SECONDS)?;
     if !no_vm {
         let image = build_image(root, "qemu-test", false)?;
+        check_reproducible(root, "qemu-test", &image, &mut totals)?;
         // The update scenarios install the bundles of these two releases.
         let next = build_image(root, "qemu-test-next", false)?;
         let broken = build_image(root, "qemu-test-broken", false)?;
@@ -372,6 +387,44 @@ fn test(root: &Path, no_vm: bool) -> Result<()> {
     eprintln!("xtask: whole suite took {:.0} s", t.elapsed().as_secs_f64());
     println!("suite: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
+}
+
+/// Builds `profile` a second time into another directory and compares
+/// every artifact byte for byte with the first build (same package cache,
+/// same SOURCE_DATE_EPOCH).
+fn check_reproducible(
+    root: &Path,
+    profile: &str,
+    first: &Path,
+    totals: &mut TestTotals,
+) -> Result<()> {
+    let again = root.join("target/images").join(format!("{profile}.again"));
+    build_image_into(root, profile, &again)?;
+    let mut differ = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(first)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in &names {
+        let a = std::fs::read(first.join(name))?;
+        let b = std::fs::read(again.join(name)).unwrap_or_default();
+        if a != b {
+            differ.push(name.clone());
+        }
+    }
+    std::fs::remove_dir_all(&again)?;
+    if differ.is_empty() {
+        println!(
+            "reproducible {profile}: two builds are identical ({})",
+            names.join(", ")
+        );
+        totals.passed += 1;
+        Ok(())
+    } else {
+        totals.failed += 1;
+        bail!("{profile}: a second build differs in {}", differ.join(", "))
+    }
 }
 
 #[derive(Debug, Default)]

@@ -21,7 +21,9 @@ fn list_start_unknown_and_the_state_signal() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut bus = qbus::SystemBus::bind(&dir.path().join("bus")).await.unwrap();
+        let mut bus = qbus::SystemBus::bind(&dir.path().join("bus"))
+            .await
+            .unwrap();
         let address = bus.address();
         tokio::spawn(async move {
             let _ = bus.run().await;
@@ -61,7 +63,10 @@ fn list_start_unknown_and_the_state_signal() {
             matches!(&e, DomainsError::UnknownDomain(m) if m.contains("nonesuch")),
             "{e:?}"
         );
-        assert!(rx.try_recv().is_err(), "an unknown domain reached the daemon");
+        assert!(
+            rx.try_recv().is_err(),
+            "an unknown domain reached the daemon"
+        );
 
         let iface = server
             .object_server()
@@ -76,6 +81,9 @@ fn list_start_unknown_and_the_state_signal() {
             .unwrap()
             .unwrap();
         let args = sig.args().unwrap();
-        assert_eq!((args.name().as_str(), args.state().as_str(), *args.domid()), ("guivm", "stopping", 3));
+        assert_eq!(
+            (args.name().as_str(), args.state().as_str(), *args.domid()),
+            ("guivm", "stopping", 3)
+        );
     });
 }
