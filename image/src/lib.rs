@@ -6,7 +6,8 @@
 //! [`kmod`] resolves kernel modules, [`rootfs`] lays out the root tree,
 //! [`cpio`] writes the initramfs, [`fsimage`] makes filesystems, [`grub`]
 //! the boot loader configuration, and [`pipeline`] runs it all; [`bundle`]
-//! signs update bundles of built slots.
+//! signs update bundles of built slots; [`sbom`] lists what the root holds
+//! (bill of materials, `qimage size`).
 
 pub mod apt;
 pub mod bundle;
@@ -19,3 +20,4 @@ pub mod packages;
 pub mod pipeline;
 pub mod profile;
 pub mod rootfs;
+pub mod sbom;

@@ -39,6 +39,16 @@ enum Command {
         #[arg(long)]
         root_tree: Option<PathBuf>,
     },
+    /// Report a built root by origin (package, workspace, ...) and by file,
+    /// largest first, with the partition sizes.
+    Size {
+        /// The build's output directory.
+        #[arg(long)]
+        image_dir: PathBuf,
+        /// How many of the largest files to list.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+    },
     /// Sign an update bundle of a built slot (a `build` output directory).
     Bundle {
         /// The build's output directory (boot.img, root.img, root.verity,
@@ -68,6 +78,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Size { image_dir, top } => {
+            print!("{}", qimage::sbom::size_report(&image_dir, top)?);
+            Ok(())
+        }
         Command::Bundle {
             image_dir,
             keys,

@@ -133,16 +133,24 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     // Root tree: composed from the profile, or taken as given (benchmarks
     // against a stock Debian root).
     let info = image_info(&profile, &kver, opts.epoch);
+    let mut uncompressed = None;
     let tree_dir = match &opts.root_tree {
         Some(dir) => dir.clone(),
         None => {
             let tree_dir = work.join("rootfs");
             let kernel = KernelFiles {
+                package: &kernel_pkg,
                 version: &kver,
                 vmlinuz: &vmlinuz,
                 dom0_modules: &dom0,
             };
-            compose_root(&tree_dir, &profile, &set, opts, &kernel, &info)?;
+            let composed = compose_root(&tree_dir, &profile, &set, opts, &kernel, &info)?;
+            fs::write(
+                staging.join(crate::sbom::FILES_TSV),
+                crate::sbom::files_tsv(&composed.files),
+            )?;
+            fs::write(staging.join(crate::sbom::SBOM_FILE), &composed.sbom)?;
+            uncompressed = Some(composed.files.iter().map(|f| f.size).sum::<u64>());
             tree_dir
         }
     };
@@ -154,6 +162,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     let ids = Ids::new(&profile);
     let params = verity::VerityParams::new(ids.verity_salt.to_vec(), ids.verity_uuid)?;
     let vinfo = verity::append_tree(&root_img, &params)?;
+    check_budget(&profile, squashfs_size, uncompressed)?;
     let root_size = fs::metadata(&root_img)?.len();
     let root_cap = profile.disk.root_mib << 20;
     if root_size > root_cap {
@@ -346,7 +355,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     })
 }
 
-/// Lays out the root tree the profile describes.
 /// The GUI VM stand-in's kernel (dom0's own) and initramfs (the agent as
 /// `/init`, nothing else) into `g.dir`.
 fn add_guivm(
@@ -354,13 +362,19 @@ fn add_guivm(
     g: &crate::profile::GuiVmSection,
     opts: &BuildOptions,
     vmlinuz: &Path,
+    kernel_package: &str,
 ) -> Result<()> {
     let field = "profile guivm.dir";
     if !g.dir.starts_with('/') {
         bail!("{field}: `{}` must be an absolute path", g.dir);
     }
     let kernel = fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
-    tree.write(&format!("{}/vmlinuz", g.dir), 0o644, &kernel, field)?;
+    tree.write(
+        &format!("{}/vmlinuz", g.dir),
+        0o644,
+        &kernel,
+        &format!("package {kernel_package}"),
+    )?;
     let agent_path = opts.bin_dir.join(&g.agent);
     let agent = fs::read(&agent_path).with_context(|| {
         format!(
@@ -381,19 +395,62 @@ fn add_guivm(
     w.file("init", 0o755, &agent)?;
     w.symlink("sbin/poweroff", "/init")?;
     let initrd = w.finish()?.finish()?;
-    tree.write(&format!("{}/initrd.gz", g.dir), 0o644, &initrd, field)?;
+    tree.write(&format!("{}/initrd.gz", g.dir), 0o644, &initrd, "workspace")?;
     Ok(())
 }
 
 /// The kernel's pieces the root needs.
 #[derive(Clone, Copy)]
 struct KernelFiles<'a> {
+    /// The versioned kernel image package.
+    package: &'a str,
     version: &'a str,
     vmlinuz: &'a Path,
     /// Modules stage 2 loads.
     dom0_modules: &'a [Module],
 }
 
+/// The profile's size budget: a root over it fails the build.
+fn check_budget(profile: &Profile, compressed: u64, uncompressed: Option<u64>) -> Result<()> {
+    let b = &profile.budget;
+    let over = |field: &str, limit_mib: u64, actual: u64, what: &str| {
+        anyhow::anyhow!(
+            "profile {}: budget.{field} = {limit_mib} MiB, but {what} is {:.1} MiB \
+             (`qimage size --image-dir ...` shows what takes the space)",
+            profile.image.name,
+            actual as f64 / 1_048_576.0
+        )
+    };
+    if let Some(limit) = b.root_compressed_mib {
+        if compressed > limit << 20 {
+            return Err(over(
+                "root_compressed_mib",
+                limit,
+                compressed,
+                "root.squashfs",
+            ));
+        }
+    }
+    if let (Some(limit), Some(actual)) = (b.root_uncompressed_mib, uncompressed) {
+        if actual > limit << 20 {
+            return Err(over(
+                "root_uncompressed_mib",
+                limit,
+                actual,
+                "the root's files",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the composed root holds: its inventory and bill of materials.
+struct Composed {
+    files: Vec<crate::sbom::FileEntry>,
+    sbom: String,
+}
+
+/// Lays out the root tree the profile describes.
 fn compose_root(
     tree_dir: &Path,
     profile: &Profile,
@@ -401,11 +458,12 @@ fn compose_root(
     opts: &BuildOptions,
     kernel: &KernelFiles<'_>,
     info: &str,
-) -> Result<()> {
+) -> Result<Composed> {
     let KernelFiles {
         version: kver,
         vmlinuz,
         dom0_modules: dom0,
+        ..
     } = *kernel;
     let mut tree = RootTree::create(tree_dir)?;
     let mut roots = Vec::new();
@@ -427,10 +485,10 @@ fn compose_root(
     for ov in &profile.root.overlays {
         tree.add_overlay(&opts.source_dir.join(ov))?;
     }
-    tree.add_modules(kver, dom0, DOM0_MODULE_LIST)?;
+    tree.add_modules(kver, dom0, DOM0_MODULE_LIST, kernel.package)?;
     tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
     if let Some(g) = &profile.guivm {
-        add_guivm(&mut tree, g, opts, vmlinuz)?;
+        add_guivm(&mut tree, g, opts, vmlinuz, kernel.package)?;
     }
     tree.write(
         "/etc/os-release",
@@ -466,7 +524,22 @@ fn compose_root(
         )?;
     }
 
-    Ok(())
+    // Last: the bill of materials of everything above (not of itself).
+    let files = crate::sbom::inventory(tree_dir, tree.origins())?;
+    let doc = crate::sbom::cyclonedx(
+        &crate::sbom::Subject {
+            name: &profile.image.name,
+            version: &profile.image.version,
+            compatible: &profile.image.compatible,
+            epoch: opts.epoch,
+        },
+        &profile.debian.suite,
+        set.packages(),
+        &files,
+    );
+    let sbom = serde_json::to_string_pretty(&doc)?;
+    tree.write(crate::sbom::SBOM_PATH, 0o644, sbom.as_bytes(), "generated")?;
+    Ok(Composed { files, sbom })
 }
 
 /// Identifiers derived from the profile so rebuilding gives the same bytes.

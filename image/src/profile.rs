@@ -52,9 +52,21 @@ pub struct Profile {
     pub disk: DiskSection,
     #[serde(default)]
     pub update: UpdateSection,
+    /// Size limits; a root over them fails the build.
+    #[serde(default)]
+    pub budget: BudgetSection,
     /// The GUI VM stand-in's boot files, shipped in the dom0 root.
     #[serde(default)]
     pub guivm: Option<GuiVmSection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSection {
+    /// The root squashfs (xz) at most this big.
+    pub root_compressed_mib: Option<u64>,
+    /// The root's files together at most this big.
+    pub root_uncompressed_mib: Option<u64>,
 }
 
 /// The GUI VM stand-in: the dom0 kernel again, and an initramfs whose only

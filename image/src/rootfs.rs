@@ -95,6 +95,12 @@ impl RootTree {
         self.dir.join(image_path.trim_start_matches('/'))
     }
 
+    /// Where each path came from (`package <name>`, `workspace`, ...),
+    /// keyed by the /usr-merged path.
+    pub fn origins(&self) -> &BTreeMap<String, String> {
+        &self.origin
+    }
+
     fn claim(&mut self, image_path: &str, what: &str) -> Result<(), RootfsError> {
         let canonical = canonical(image_path);
         if let Some(first) = self.origin.get(&canonical) {
@@ -238,11 +244,13 @@ impl RootTree {
         kver: &str,
         modules: &[Module],
         list_path: &str,
+        kernel_package: &str,
     ) -> Result<(), RootfsError> {
+        let what = format!("package {kernel_package}");
         let mut list = String::new();
         for m in modules {
             let image_path = format!("/usr/lib/modules/{kver}/{}", m.rel_path);
-            self.write(&image_path, 0o644, &m.data, "kernel module")?;
+            self.write(&image_path, 0o644, &m.data, &what)?;
             list.push_str(&image_path);
             list.push('\n');
         }
