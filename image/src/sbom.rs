@@ -184,27 +184,21 @@ pub fn cyclonedx(
             .filter(|f| f.package() == Some(p.name.as_str()))
             .map(file_json)
             .collect();
-        if own.is_empty() {
-            // Fetched for the build (GRUB, Xen's boot image) but no file of
-            // it is in the root: still part of what made the image.
-            components.push(json!({
-                "type": "library",
-                "name": p.name,
-                "version": p.version,
-                "purl": purl(p, suite),
-                "hashes": [{ "alg": "SHA-256", "content": p.sha256 }],
-                "properties": [{ "name": "qubes-dom0:in-root", "value": "false" }],
-            }));
-            continue;
-        }
-        components.push(json!({
+        let mut c = json!({
             "type": "library",
             "name": p.name,
             "version": p.version,
             "purl": purl(p, suite),
             "hashes": [{ "alg": "SHA-256", "content": p.sha256 }],
-            "components": own,
-        }));
+        });
+        if own.is_empty() {
+            // Fetched for the build (GRUB, Xen's boot image) but no file of
+            // it is in the root: still part of what made the image.
+            c["properties"] = json!([{ "name": "qubes-dom0:in-root", "value": "false" }]);
+        } else {
+            c["components"] = json!(own);
+        }
+        components.push(c);
     }
     let ours: Vec<_> = files
         .iter()
