@@ -39,6 +39,15 @@ enum Command {
         #[arg(long)]
         root_tree: Option<PathBuf>,
     },
+    /// Compute a dm-verity hash tree for DATA into HASH (as `veritysetup
+    /// format DATA HASH` would) and print the root hash.
+    Verity {
+        data: PathBuf,
+        hash: PathBuf,
+        /// Salt in hex (veritysetup's `--salt`).
+        #[arg(long, default_value = "")]
+        salt: String,
+    },
     /// Report a built root by origin (package, workspace, ...) and by file,
     /// largest first, with the partition sizes.
     Size {
@@ -78,6 +87,23 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Verity { data, hash, salt } => {
+            let salt = hex::decode(&salt).map_err(|e| anyhow::anyhow!("--salt: {e}"))?;
+            let len = std::fs::metadata(&data)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?
+                .len();
+            let input = std::io::BufReader::with_capacity(
+                1 << 20,
+                std::fs::File::open(&data)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?,
+            );
+            let out = std::fs::File::create(&hash)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", hash.display()))?;
+            let params = verity::VerityParams::new(salt, [0; 16])?;
+            let info = verity::build_tree(input, len, &params, out, 0)?;
+            println!("Root hash: {}", info.root_hash_hex());
+            Ok(())
+        }
         Command::Size { image_dir, top } => {
             print!("{}", qimage::sbom::size_report(&image_dir, top)?);
             Ok(())

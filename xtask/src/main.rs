@@ -42,14 +42,15 @@ enum Cmd {
         no_vm: bool,
     },
     /// Benchmarks (not tests): `boot` compares qinit with systemd, `update`
-    /// qupdate with a plain copy and RAUC.
+    /// qupdate with a plain copy and RAUC, `verity` our tree with veritysetup.
     Bench {
-        #[arg(value_parser = ["boot", "update"])]
+        #[arg(value_parser = ["boot", "update", "verity"])]
         what: String,
         /// Runs of each variant.
         #[arg(long, default_value_t = 2)]
         runs: u32,
-        /// `update`: size of the root image in MiB (at least 256).
+        /// `update`: size of the root image in MiB (at least 256);
+        /// `verity`: size of the data.
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
     },
@@ -122,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
             size_mib,
         } => match what.as_str() {
             "update" => bench::update::run(&root, runs, size_mib)?,
+            "verity" => bench::verity::run(&root, runs, size_mib)?,
             _ => bench::boot::run(&root, runs)?,
         },
     }

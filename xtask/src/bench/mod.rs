@@ -3,6 +3,8 @@
 //!
 //! - [`boot`]: boot-to-ready of qinit against systemd.
 //! - [`update`]: apply throughput of qupdate against a plain copy and RAUC.
+//! - [`verity`]: our dm-verity tree against `veritysetup format`, and a full
+//!   image build from a warm cache.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +12,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod boot;
 pub mod update;
+pub mod verity;
 
 pub(crate) fn kernel_modules_dir(cache: &Path) -> Result<PathBuf> {
     let extract = cache.join("apt-trixie/extract");
@@ -30,4 +33,23 @@ pub(crate) fn kernel_modules_dir(cache: &Path) -> Result<PathBuf> {
 
 pub(crate) fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Deterministic, incompressible bytes: no variant gains from compression.
+pub(crate) fn write_pseudo_random(path: &Path, len: u64, context: &str) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut xof = blake3::Hasher::new_derive_key(context)
+        .update(b"v1")
+        .finalize_xof();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64))?;
+        xof.read_exact(&mut buf[..n])?;
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    out.flush()?;
+    Ok(())
 }

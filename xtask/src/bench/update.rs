@@ -102,25 +102,6 @@ bootname=B
     )
 }
 
-/// Deterministic, incompressible bytes: no variant gains from compression.
-fn write_pseudo_random(path: &Path, len: u64) -> Result<()> {
-    use std::io::{Read, Write};
-    let mut xof = blake3::Hasher::new_derive_key("qubes-dom0 bench update root image")
-        .update(b"v1")
-        .finalize_xof();
-    let mut out = std::io::BufWriter::new(fs::File::create(path)?);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = usize::try_from(left.min(buf.len() as u64))?;
-        xof.read_exact(&mut buf[..n])?;
-        out.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    out.flush()?;
-    Ok(())
-}
-
 /// `/usr/bin/rauc` and every library `ldd` names, with the loader, so the
 /// guest runs bookworm's RAUC on its own libc.
 fn copy_rauc(dest: &Path) -> Result<()> {
@@ -202,7 +183,11 @@ fn prepare(root: &Path, image: &Path, work: &Path, size_mib: u64) -> Result<Prep
 
     eprintln!("xtask: writing a {size_mib} MiB root image with its verity tree");
     let root_img = slot.join("root.img");
-    write_pseudo_random(&root_img, size_mib << 20)?;
+    super::write_pseudo_random(
+        &root_img,
+        size_mib << 20,
+        "qubes-dom0 bench update root image",
+    )?;
     let vinfo = verity::append_tree(
         &root_img,
         &verity::VerityParams::new(vec![0x5a; 32], [0x11; 16])?,
