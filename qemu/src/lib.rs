@@ -379,11 +379,7 @@ impl Vm {
         self.wait_for(&format!("\n{tag}-BEGIN"), timeout)?;
         let begin = self.cursor;
         let line = self.wait_for(&format!("{tag}-END rc="), timeout)?;
-        let rc = line
-            .rsplit("rc=")
-            .next()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(-1);
+        let rc = parse_rc(&line, &tag);
         let out = self.output();
         let body = out
             .get(begin..)
@@ -507,5 +503,39 @@ mod tests {
     fn find_locates_needles() {
         assert_eq!(find(b"abcQINIT-READY", b"QINIT"), Some(3));
         assert_eq!(find(b"ab", b"abc"), None);
+    }
+}
+
+/// The exit status in a shell marker line `<tag>-END rc=<n>`. The kernel
+/// may print onto the same console line right after the number (a service
+/// that just died, a guest starting), so only the leading digits count.
+fn parse_rc(line: &str, tag: &str) -> i32 {
+    line.split(&format!("{tag}-END rc="))
+        .nth(1)
+        .map(|rest| {
+            let end = rest
+                .char_indices()
+                .find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && c == '-')))
+                .map_or(rest.len(), |(i, _)| i);
+            &rest[..end]
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(-1)
+}
+
+#[cfg(test)]
+mod rc_tests {
+    use super::parse_rc;
+
+    #[test]
+    fn kernel_text_after_the_status_is_ignored() {
+        assert_eq!(parse_rc("Q1-END rc=0", "Q1"), 0);
+        assert_eq!(parse_rc("Q1-END rc=127\r", "Q1"), 127);
+        assert_eq!(
+            parse_rc("Q1-END rc=0[   13.260911] qinit: xenconsoled: exited", "Q1"),
+            0
+        );
+        assert_eq!(parse_rc("Q1-END rc=", "Q1"), -1);
+        assert_eq!(parse_rc("noise", "Q1"), -1);
     }
 }
