@@ -386,10 +386,16 @@ impl Vm {
             .unwrap_or("")
             .split(&format!("{tag}-END"))
             .next()
-            .unwrap_or("")
-            .trim()
-            .to_owned();
-        Ok((body, rc))
+            .unwrap_or("");
+        // The shell shares the console with the kernel log: drop the
+        // kernel's lines (services starting, a guest booting) from the
+        // command's output.
+        let body: Vec<&str> = body
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| !is_kernel_line(l))
+            .collect();
+        Ok((body.join("\n").trim().to_owned(), rc))
     }
 
     /// Connects to QMP and runs one command.
@@ -506,6 +512,20 @@ mod tests {
     }
 }
 
+/// A printk line as the console shows it: `[    12.625996] ...`.
+fn is_kernel_line(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, _)) = rest.split_once(']') else {
+        return false;
+    };
+    let stamp = stamp.trim_start();
+    matches!(stamp.split_once('.'), Some((s, us))
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+            && us.len() == 6 && us.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The exit status in a shell marker line `<tag>-END rc=<n>`. The kernel
 /// may print onto the same console line right after the number (a service
 /// that just died, a guest starting), so only the leading digits count.
@@ -537,5 +557,17 @@ mod rc_tests {
         );
         assert_eq!(parse_rc("Q1-END rc=", "Q1"), -1);
         assert_eq!(parse_rc("noise", "Q1"), -1);
+    }
+
+    #[test]
+    fn kernel_lines_are_told_from_command_output() {
+        use super::is_kernel_line;
+        assert!(is_kernel_line(
+            "[   12.625996] qinit: qupdated: ready after 1677 ms"
+        ));
+        assert!(is_kernel_line("[12345.000001] x"));
+        assert!(!is_kernel_line("600 root"));
+        assert!(!is_kernel_line("[guivm] ready"));
+        assert!(!is_kernel_line("[1.5] short stamp"));
     }
 }
