@@ -162,7 +162,7 @@ pub fn ext4(
 ) -> Result<(), FsImageError> {
     remove_if_exists(out)?;
     // mke2fs -d copies each entry's times from the tree.
-    pin_times(tree, epoch)?;
+    let paths = pin_times(tree, Path::new("/"), epoch)?;
     run(
         "mke2fs",
         "e2fsprogs",
@@ -178,10 +178,10 @@ pub fn ext4(
     )?;
     // mke2fs -d takes each inode's ctime from the tree, and a ctime cannot
     // be set on the host: pin them in the image instead.
-    let mut cmds = String::new();
-    list_paths(tree, Path::new("/"), &mut |p| {
-        cmds.push_str(&format!("sif {p} ctime @{epoch}\n"));
-    })?;
+    let cmds: String = paths
+        .iter()
+        .map(|p| format!("sif {p} ctime @{epoch}\n"))
+        .collect();
     let cmd_file = out.with_extension("debugfs");
     std::fs::write(&cmd_file, cmds).map_err(|source| FsImageError::Io {
         path: cmd_file.clone(),
@@ -202,51 +202,38 @@ pub fn ext4(
     r
 }
 
-/// Calls `f` with the image path of every entry below `dir`.
-fn list_paths(dir: &Path, at: &Path, f: &mut dyn FnMut(&str)) -> Result<(), FsImageError> {
-    let io = |op: &'static str| {
-        let path = dir.to_owned();
-        move |source| FsImageError::Io { path, op, source }
-    };
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(io("list"))?
-        .collect::<Result<_, _>>()
-        .map_err(io("list"))?;
-    entries.sort_by_key(std::fs::DirEntry::file_name);
-    for e in entries {
-        let image = at.join(e.file_name());
-        let name = image.to_string_lossy();
-        if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(FsImageError::Io {
-                path: e.path(),
-                op: "pin ctime (debugfs needs names without spaces)",
-                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            });
-        }
-        f(&name);
-        if e.file_type().map_err(io("stat"))?.is_dir() {
-            list_paths(&e.path(), &image, f)?;
-        }
-    }
-    Ok(())
-}
-
-/// Sets the access and modification times of `dir` and everything below it
-/// to `epoch`, so a filesystem made from it does not record the build time.
-fn pin_times(dir: &Path, epoch: u64) -> Result<(), FsImageError> {
+/// Sets the access and modification times of everything below `dir`, and
+/// of `dir` itself, to `epoch`, so a filesystem made from it does not record
+/// the build time. Returns the image path (`at` for `dir`) of every entry
+/// below, sorted, for what has to be pinned in the image afterwards.
+fn pin_times(dir: &Path, at: &Path, epoch: u64) -> Result<Vec<String>, FsImageError> {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(epoch);
     let times = std::fs::FileTimes::new().set_accessed(t).set_modified(t);
     let io = |path: &Path, op: &'static str| {
         let path = path.to_owned();
         move |source| FsImageError::Io { path, op, source }
     };
-    let entries = std::fs::read_dir(dir).map_err(io(dir, "list"))?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io(dir, "list"))?
+        .collect::<Result<_, _>>()
+        .map_err(io(dir, "list"))?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    let mut paths = Vec::new();
     for e in entries {
-        let e = e.map_err(io(dir, "list"))?;
         let p = e.path();
+        let image = at.join(e.file_name());
+        let name = image.to_string_lossy().into_owned();
+        if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(FsImageError::Io {
+                path: p,
+                op: "pin ctime (debugfs needs names without spaces)",
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        paths.push(name);
         let ft = e.file_type().map_err(io(&p, "stat"))?;
         if ft.is_dir() {
-            pin_times(&p, epoch)?;
+            paths.extend(pin_times(&p, &image, epoch)?);
         } else if ft.is_file() {
             std::fs::File::options()
                 .write(true)
@@ -259,7 +246,8 @@ fn pin_times(dir: &Path, epoch: u64) -> Result<(), FsImageError> {
     std::fs::File::open(dir)
         .map_err(io(dir, "open to set times"))?
         .set_times(times)
-        .map_err(io(dir, "set times"))
+        .map_err(io(dir, "set times"))?;
+    Ok(paths)
 }
 
 /// Sets a file's mtime so tools that copy it (mtools) record a fixed time.

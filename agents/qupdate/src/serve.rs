@@ -11,6 +11,7 @@ use qupdate::Config;
 /// Serves on the system bus ($DBUS_SYSTEM_BUS_ADDRESS or
 /// /run/dbus/system_bus_socket) until SIGTERM.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    qagent::logger::init();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -30,11 +31,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .build()
         .await
         .with_context(|| format!("owning {BUS_NAME} on the system bus"))?;
-    eprintln!("qupdated: serving {BUS_NAME} (booted slot {booted})");
+    log::info!("serving {BUS_NAME} (booted slot {booted})");
     qagent::notify::ready(&format!("serving {BUS_NAME}"))?;
     // An apply cut short here is safe by design: its slot was made
     // unbootable before the first byte was written.
     term.recv().await;
-    eprintln!("qupdated: SIGTERM: stopping");
+    log::info!("SIGTERM: stopping");
     Ok(())
 }

@@ -135,6 +135,24 @@ impl UpdateService {
         lock(&self.shared).operation = Operation::Idle;
     }
 
+    /// Mark-good and rollback: checked, in turn, on a fresh [`Updater`],
+    /// then the status changes.
+    async fn short_op<T: Send + 'static>(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        op: Operation,
+        f: impl FnOnce(&mut Updater) -> Result<T, UpdateError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        self.authorize(conn, hdr).await?;
+        self.begin_after_current(op).await?;
+        let cfg = self.cfg.clone();
+        let r = blocking(move || f(&mut Updater::open(cfg)?)).await;
+        self.end();
+        announce(conn, &[Prop::Status]).await;
+        r
+    }
+
     /// Reads the status once before serving, so a `Status` read during the
     /// first apply has something to answer with.
     pub fn prime_status(&self) {
@@ -142,7 +160,7 @@ impl UpdateService {
         cfg.lock_wait = STATUS_LOCK_WAIT;
         match Updater::open(cfg).and_then(|mut u| u.status()) {
             Ok(st) => lock(&self.shared).status = Some(st),
-            Err(e) => eprintln!("qupdated: first status read: {}", error_chain(&e)),
+            Err(e) => log::warn!("first status read: {}", error_chain(&e)),
         }
     }
 
@@ -178,7 +196,7 @@ async fn announce(conn: &Connection, what: &[Prop]) {
     }
     .await;
     if let Err(e) = r {
-        eprintln!("qupdated: emitting property changes: {e}");
+        log::warn!("emitting property changes: {e}");
     }
 }
 
@@ -216,14 +234,15 @@ async fn run_apply(
     };
     let (success, detail) = match &result {
         Ok(applied) => {
-            eprintln!(
-                "qupdated: apply #{id}: installed {} into slot {}",
-                applied.version, applied.slot
+            log::info!(
+                "apply #{id}: installed {} into slot {}",
+                applied.version,
+                applied.slot
             );
             (true, serde_json::to_string(applied).unwrap_or_default())
         }
         Err(e) => {
-            eprintln!("qupdated: apply #{id} failed: {e}");
+            log::error!("apply #{id} failed: {e}");
             (false, e.clone())
         }
     };
@@ -242,10 +261,10 @@ async fn run_apply(
             if let Err(e) =
                 UpdateService::completed(iface.signal_emitter(), id, success, &detail).await
             {
-                eprintln!("qupdated: emitting Completed: {e}");
+                log::warn!("emitting Completed: {e}");
             }
         }
-        Err(e) => eprintln!("qupdated: emitting Completed: {e}"),
+        Err(e) => log::warn!("emitting Completed: {e}"),
     }
 }
 
@@ -267,8 +286,8 @@ impl UpdateService {
             )));
         }
         let id = self.begin(Operation::Apply)?;
-        eprintln!(
-            "qupdated: apply #{id} for {}",
+        log::info!(
+            "apply #{id} for {}",
             hdr.sender().map_or("?".into(), ToString::to_string)
         );
         lock(&self.shared).progress = (String::new(), 0, 0);
@@ -290,14 +309,10 @@ impl UpdateService {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<String, ServiceError> {
-        self.authorize(conn, &hdr).await?;
-        self.begin_after_current(Operation::MarkGood).await?;
-        let cfg = self.cfg.clone();
-        let booted = cfg.booted;
-        let r = blocking(move || Updater::open(cfg)?.mark_good()).await;
-        self.end();
-        announce(conn, &[Prop::Status]).await;
-        r.map(|()| booted.to_string())
+        let booted = self.cfg.booted;
+        self.short_op(conn, &hdr, Operation::MarkGood, |u| u.mark_good())
+            .await
+            .map(|()| booted.to_string())
     }
 
     async fn rollback(
@@ -305,13 +320,9 @@ impl UpdateService {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<String, ServiceError> {
-        self.authorize(conn, &hdr).await?;
-        self.begin_after_current(Operation::Rollback).await?;
-        let cfg = self.cfg.clone();
-        let r = blocking(move || Updater::open(cfg)?.rollback()).await;
-        self.end();
-        announce(conn, &[Prop::Status]).await;
-        r.map(|slot| slot.to_string())
+        self.short_op(conn, &hdr, Operation::Rollback, |u| u.rollback())
+            .await
+            .map(|slot| slot.to_string())
     }
 
     #[zbus(property)]

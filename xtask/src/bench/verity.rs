@@ -29,10 +29,6 @@ fn timed(cmd: &mut Command) -> Result<(f64, String)> {
     Ok((secs, root))
 }
 
-fn hex_of(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 pub fn run(root: &Path, runs: u32, size_mib: u64) -> Result<()> {
     crate::build_static_binaries(root)?;
     let work = root.join("target/bench/verity");
@@ -49,7 +45,7 @@ pub fn run(root: &Path, runs: u32, size_mib: u64) -> Result<()> {
                 .arg("verity")
                 .arg(&data)
                 .arg(work.join("ours.hash"))
-                .arg(format!("--salt={}", hex_of(&salt))),
+                .arg(format!("--salt={}", hex::encode(salt))),
         )?;
         let _ = fs::remove_file(work.join("veritysetup.hash"));
         let (tb, hb) = timed(
@@ -57,7 +53,7 @@ pub fn run(root: &Path, runs: u32, size_mib: u64) -> Result<()> {
                 .arg("format")
                 .arg(&data)
                 .arg(work.join("veritysetup.hash"))
-                .arg(format!("--salt={}", hex_of(&salt)))
+                .arg(format!("--salt={}", hex::encode(salt)))
                 .arg("--uuid=22222222-2222-2222-2222-222222222222"),
         )?;
         if ha != hb {
