@@ -5,8 +5,10 @@
 //! directory, selected through `APT_CONFIG` (which apt reads *before* its
 //! configuration directory, so the host's `apt.conf.d` is never consulted).
 //! Release files are checked against the profile's archive keyring by apt
-//! itself (`signed-by`); we check each `.deb`'s SHA-256 against the signed
-//! index again before using it, so a cached file that rotted is caught.
+//! itself (`signed-by`); each `.deb`'s SHA-256 is checked again against the
+//! signed index or the package lock before it is used, so a cached file
+//! that rotted is caught. Which version to fetch is decided in
+//! [`crate::lock`]; this module is its [`Archive`](crate::lock::Archive).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -180,120 +182,48 @@ APT::Sandbox::User "root";
         Ok(())
     }
 
-    /// Looks up packages in the signed index. `field` names the profile
-    /// field the names came from, for errors.
-    pub fn show(&self, names: &[String], field: &str) -> Result<Vec<PackageInfo>, AptError> {
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let mut cmd = self.command("apt-cache");
-            cmd.args(["show", "--no-all-versions", name]);
-            let text = match run(&mut cmd) {
-                Ok(t) => t,
-                Err(AptError::Command { .. }) => {
-                    return Err(AptError::UnknownPackage {
-                        package: name.clone(),
-                        field: field.to_owned(),
-                        suite: self.suite.clone(),
-                    })
-                }
-                Err(e) => return Err(e),
-            };
-            let stanza = parse_stanza(&text);
-            if stanza.get("Package").map(String::as_str) != Some(name.as_str()) {
-                // apt-cache show also answers for virtual packages via providers.
-                return Err(AptError::UnknownPackage {
-                    package: name.clone(),
-                    field: field.to_owned(),
-                    suite: self.suite.clone(),
-                });
-            }
-            let get = |f: &'static str| {
-                stanza.get(f).cloned().ok_or(AptError::BadIndex {
-                    package: name.clone(),
-                    field: f,
-                })
-            };
-            out.push(PackageInfo {
-                name: name.clone(),
-                version: get("Version")?,
-                sha256: get("SHA256")?,
-                filename: get("Filename")?,
-                depends: stanza.get("Depends").cloned().unwrap_or_default(),
-            });
+    /// The signed index's stanza for `name` (or `name=version`); `None`
+    /// when apt knows no such package or version.
+    fn index_entry(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<PackageInfo>, AptError> {
+        let spec = match version {
+            Some(v) => format!("{name}={v}"),
+            None => name.to_owned(),
+        };
+        let mut cmd = self.command("apt-cache");
+        cmd.args(["show", "--no-all-versions", &spec]);
+        let text = match run(&mut cmd) {
+            Ok(t) => t,
+            // apt-cache says so on stderr and exits 100; anything else
+            // (a broken list, a missing binary) is a real error.
+            Err(AptError::Command { stderr, .. }) if is_not_found(&stderr) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let stanza = parse_stanza(&text);
+        if stanza.get("Package").map(String::as_str) != Some(name) {
+            // apt-cache show also answers for virtual packages via providers.
+            return Ok(None);
         }
-        Ok(out)
+        let get = |f: &'static str| {
+            stanza.get(f).cloned().ok_or(AptError::BadIndex {
+                package: name.to_owned(),
+                field: f,
+            })
+        };
+        Ok(Some(PackageInfo {
+            name: name.to_owned(),
+            version: get("Version")?,
+            sha256: get("SHA256")?,
+            filename: get("Filename")?,
+            depends: stanza.get("Depends").cloned().unwrap_or_default(),
+        }))
     }
 
-    /// Resolves a kernel metapackage to the versioned image package it pulls.
-    pub fn resolve_kernel(&self, meta: &str) -> Result<String, AptError> {
-        let info = self
-            .show(&[meta.to_owned()], "boot.kernel_package")?
-            .remove(0);
-        kernel_from_depends(&info.depends).ok_or(AptError::NoKernel {
-            package: meta.to_owned(),
-            prefix: "linux-image-".into(),
-        })
-    }
-
-    /// Makes sure each package's `.deb` is in the cache with the hash the
-    /// signed index names; downloads only what is missing.
-    pub fn fetch(&self, infos: &[PackageInfo]) -> Result<Vec<FetchedPackage>, AptError> {
-        let debs = self.root.join("debs");
-        let mut fetched = Vec::with_capacity(infos.len());
-        for info in infos {
-            let file = Path::new(&info.filename)
-                .file_name()
-                .map(PathBuf::from)
-                .ok_or(AptError::BadIndex {
-                    package: info.name.clone(),
-                    field: "Filename",
-                })?;
-            let path = debs.join(&file);
-            let cached_ok = path.exists() && sha256_file(&path)? == info.sha256;
-            if !cached_ok {
-                log::info!("downloading {} {}", info.name, info.version);
-                let mut cmd = self.command("apt-get");
-                cmd.current_dir(&debs).args([
-                    "-q",
-                    "download",
-                    &format!("{}={}", info.name, info.version),
-                ]);
-                run(&mut cmd)?;
-                // apt-get download spells an epoch's colon as %3a, the
-                // pool file name has no epoch at all.
-                if !path.exists() {
-                    if let Some((_, ver)) = info.version.split_once(':') {
-                        let arch = file
-                            .to_string_lossy()
-                            .rsplit('_')
-                            .next()
-                            .unwrap_or("amd64.deb")
-                            .to_owned();
-                        let epoch = info.version.split(':').next().unwrap_or("");
-                        let apt_name = debs.join(format!("{}_{epoch}%3a{ver}_{arch}", info.name));
-                        fs::rename(&apt_name, &path).map_err(|source| AptError::Io {
-                            path: apt_name.clone(),
-                            op: "rename downloaded package",
-                            source,
-                        })?;
-                    }
-                }
-                let actual = sha256_file(&path)?;
-                if actual != info.sha256 {
-                    return Err(AptError::HashMismatch {
-                        package: info.name.clone(),
-                        path,
-                        expected: info.sha256.clone(),
-                        actual,
-                    });
-                }
-            }
-            fetched.push(FetchedPackage {
-                info: info.clone(),
-                deb: path,
-            });
-        }
-        Ok(fetched)
+    fn debs_dir(&self) -> PathBuf {
+        self.root.join("debs")
     }
 
     /// Unpacks a fetched package once into the cache and returns its tree.
@@ -304,7 +234,9 @@ APT::Sandbox::User "root";
             pkg.info.version.replace(':', "%3a")
         ));
         let done = dir.with_extension("done");
-        if done.exists() {
+        // The marker holds the hash of the .deb the tree came from, so a
+        // tree from other bytes under the same version is not reused.
+        if fs::read_to_string(&done).is_ok_and(|h| h == pkg.info.sha256) {
             return Ok(dir);
         }
         if dir.exists() {
@@ -327,6 +259,69 @@ APT::Sandbox::User "root";
         })?;
         Ok(dir)
     }
+}
+
+impl crate::lock::Archive for PrivateApt {
+    fn suite(&self) -> &str {
+        &self.suite
+    }
+
+    fn lookup(&self, name: &str, version: Option<&str>) -> Result<Option<PackageInfo>, AptError> {
+        self.index_entry(name, version)
+    }
+
+    fn refresh(&self) -> Result<(), AptError> {
+        self.update(true)
+    }
+
+    fn cached_path(&self, info: &PackageInfo) -> Result<PathBuf, AptError> {
+        Path::new(&info.filename)
+            .file_name()
+            .map(|f| self.debs_dir().join(f))
+            .ok_or(AptError::BadIndex {
+                package: info.name.clone(),
+                field: "Filename",
+            })
+    }
+
+    /// `apt-get download` checks the file against the signed index itself;
+    /// the caller checks it again against what it expects.
+    fn download(&self, info: &PackageInfo) -> Result<(), AptError> {
+        let path = self.cached_path(info)?;
+        let debs = self.debs_dir();
+        let mut cmd = self.command("apt-get");
+        cmd.current_dir(&debs)
+            .args(["-q", "download", &format!("{}={}", info.name, info.version)]);
+        run(&mut cmd)?;
+        // apt-get download spells an epoch's colon as %3a, the pool file
+        // name has no epoch at all.
+        if !path.exists() {
+            if let Some((epoch, ver)) = info.version.split_once(':') {
+                let file = path.file_name().map(|f| f.to_string_lossy().into_owned());
+                let arch = file
+                    .as_deref()
+                    .and_then(|f| f.rsplit('_').next())
+                    .unwrap_or("amd64.deb");
+                let apt_name = debs.join(format!("{}_{epoch}%3a{ver}_{arch}", info.name));
+                fs::rename(&apt_name, &path).map_err(|source| AptError::Io {
+                    path: apt_name.clone(),
+                    op: "rename downloaded package",
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_not_found(stderr: &str) -> bool {
+    [
+        "No packages found",
+        "Unable to locate package",
+        "was not found",
+    ]
+    .iter()
+    .any(|m| stderr.contains(m))
 }
 
 fn write_if_changed(path: &Path, content: &str) -> Result<(), AptError> {
@@ -407,7 +402,7 @@ fn parse_stanza(text: &str) -> BTreeMap<String, String> {
     fields
 }
 
-fn kernel_from_depends(depends: &str) -> Option<String> {
+pub(crate) fn kernel_from_depends(depends: &str) -> Option<String> {
     depends
         .split(',')
         .flat_map(|alt| alt.split('|'))

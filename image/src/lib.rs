@@ -2,12 +2,13 @@
 //! slot images and a bootable GPT disk.
 //!
 //! The file tree follows the build: [`profile`] says what goes in, [`apt`]
-//! fetches it, [`packages`] and [`elf`] pick files and their libraries,
-//! [`kmod`] resolves kernel modules, [`rootfs`] lays out the root tree,
+//! fetches it at the versions [`lock`] pins, [`packages`] and [`elf`] pick
+//! files and their libraries, [`kmod`] resolves kernel modules, [`rootfs`] lays out the root tree,
 //! [`cpio`] writes the initramfs, [`fsimage`] makes filesystems, [`grub`]
 //! the boot loader configuration, and [`pipeline`] runs it all; [`bundle`]
 //! signs update bundles of built slots; [`sbom`] lists what the root holds
-//! (bill of materials, `qimage size`).
+//! (bill of materials, `qimage size`); [`verify`] rebuilds and compares
+//! with a published build.
 
 pub mod apt;
 pub mod bundle;
@@ -16,8 +17,10 @@ pub mod elf;
 pub mod fsimage;
 pub mod grub;
 pub mod kmod;
+pub mod lock;
 pub mod packages;
 pub mod pipeline;
 pub mod profile;
 pub mod rootfs;
 pub mod sbom;
+pub mod verify;

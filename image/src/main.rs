@@ -32,12 +32,51 @@ enum Command {
         /// Directory with the workspace's static binaries.
         #[arg(long)]
         bin_dir: PathBuf,
-        /// Refresh apt's package lists before building.
-        #[arg(long)]
+        /// Refresh apt's package lists and ignore the cache's package lock:
+        /// take the archive's current versions and lock those.
+        #[arg(long, conflicts_with = "lock")]
         refresh: bool,
+        /// Build from exactly the packages of this lock (a published
+        /// `packages.lock`); the cache's lock is left as it is.
+        #[arg(long)]
+        lock: Option<PathBuf>,
         /// Use this tree as the root instead of composing one (benchmarks).
         #[arg(long)]
         root_tree: Option<PathBuf>,
+    },
+    /// Rebuild a profile in a scratch directory and compare it with a
+    /// published build (every output file and the root hash) or with a
+    /// root hash. Exits 2 when they differ.
+    Verify {
+        /// Profile file (image/profiles/<name>.toml).
+        #[arg(long)]
+        profile: PathBuf,
+        /// A published build's output directory (needs root.verity; its
+        /// packages.lock and image.info's build epoch are used).
+        #[arg(
+            long,
+            required_unless_present = "root_hash",
+            conflicts_with = "root_hash"
+        )]
+        against: Option<PathBuf>,
+        /// Only compare the root's dm-verity root hash with this one.
+        #[arg(long)]
+        root_hash: Option<String>,
+        /// Build from this lock instead of the published one.
+        #[arg(long)]
+        lock: Option<PathBuf>,
+        /// Keep the rebuild in this directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Repository root; profile paths are relative to it.
+        #[arg(long, default_value = ".")]
+        source_dir: PathBuf,
+        /// Package cache, kept between builds.
+        #[arg(long)]
+        cache_dir: PathBuf,
+        /// Directory with the workspace's static binaries.
+        #[arg(long)]
+        bin_dir: PathBuf,
     },
     /// Compute a dm-verity hash tree for DATA into HASH (as `veritysetup
     /// format DATA HASH` would) and print the root hash.
@@ -77,7 +116,7 @@ fn main() -> ExitCode {
     env_logger_init();
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("qimage: error: {e:#}");
             ExitCode::FAILURE
@@ -85,8 +124,62 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// `qimage verify`'s exit status when the rebuild differs (1 is an error).
+const EXIT_MISMATCH: u8 = 2;
+
+fn source_date_epoch() -> anyhow::Result<Option<u64>> {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .map(|s| s.parse::<u64>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("SOURCE_DATE_EPOCH: {e}"))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Verify {
+            profile,
+            against,
+            root_hash,
+            lock,
+            keep,
+            source_dir,
+            cache_dir,
+            bin_dir,
+        } => {
+            let published = match (&against, &root_hash) {
+                (Some(dir), _) => qimage::verify::Published::from_dir(dir)?,
+                (None, Some(h)) => qimage::verify::Published::root_hash(h)?,
+                (None, None) => anyhow::bail!("give --against DIR or --root-hash HEX"),
+            };
+            let report = qimage::verify::run(
+                &qimage::verify::VerifyOptions {
+                    build: qimage::pipeline::BuildOptions {
+                        profile,
+                        source_dir,
+                        out_dir: PathBuf::new(),
+                        cache_dir,
+                        bin_dir,
+                        epoch: DEFAULT_EPOCH,
+                        refresh: false,
+                        root_tree: None,
+                        lock: None,
+                        update_cache_lock: false,
+                        work_dir: None,
+                    },
+                    lock,
+                    epoch: source_date_epoch()?,
+                    keep,
+                },
+                &published,
+            )?;
+            print!("{}", report.render());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_MISMATCH)
+            })
+        }
         Command::Verity { data, hash, salt } => {
             let salt = hex::decode(&salt).map_err(|e| anyhow::anyhow!("--salt: {e}"))?;
             let len = std::fs::metadata(&data)
@@ -102,11 +195,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let params = verity::VerityParams::new(salt, [0; 16])?;
             let info = verity::build_tree(input, len, &params, out, 0)?;
             println!("Root hash: {}", info.root_hash_hex());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Size { image_dir, top } => {
             print!("{}", qimage::sbom::size_report(&image_dir, top)?);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bundle {
             image_dir,
@@ -116,7 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = qimage::bundle::from_image_dir(&image_dir, &keys, out.as_deref())?;
             let len = std::fs::metadata(&out)?.len();
             println!("{}  {:.1} MiB", out.display(), len as f64 / 1048576.0);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Build {
             profile,
@@ -125,16 +218,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cache_dir,
             bin_dir,
             refresh,
+            lock,
             root_tree,
         } => {
             let name = qimage::profile::load(&profile)?.image.name;
             let out = out.unwrap_or_else(|| source_dir.join("target/images").join(&name));
-            let epoch = std::env::var("SOURCE_DATE_EPOCH")
-                .ok()
-                .map(|s| s.parse::<u64>())
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("SOURCE_DATE_EPOCH: {e}"))?
-                .unwrap_or(DEFAULT_EPOCH);
+            let epoch = source_date_epoch()?.unwrap_or(DEFAULT_EPOCH);
             let result = qimage::pipeline::build(&qimage::pipeline::BuildOptions {
                 profile,
                 source_dir,
@@ -144,6 +233,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 epoch,
                 refresh,
                 root_tree,
+                update_cache_lock: lock.is_none(),
+                lock,
+                work_dir: None,
             })?;
             println!(
                 "qimage: built profile {} version {} (kernel {}) into {}",
@@ -156,7 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("  {name:<32} {:>10.1} MiB", *size as f64 / 1048576.0);
             }
             println!("  root hash {}", result.root_hash);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -19,6 +19,7 @@ use crate::elf;
 use crate::fsimage;
 use crate::grub;
 use crate::kmod::{self, KernelModules, Module};
+use crate::lock::{self, Lock, Pin, Resolver, Wanted};
 use crate::packages::{PackageSet, Unpacked};
 use crate::profile::{self, Profile};
 use crate::rootfs::RootTree;
@@ -42,6 +43,13 @@ pub struct BuildOptions {
     /// Use this directory as the root filesystem instead of composing one
     /// (for benchmarks against a stock Debian root).
     pub root_tree: Option<PathBuf>,
+    /// Build from exactly this lock (`--lock`); every package must be in it.
+    pub lock: Option<PathBuf>,
+    /// Record the build's lock in the cache for the next build (not when
+    /// verifying someone else's lock).
+    pub update_cache_lock: bool,
+    /// Scratch directory (default `<cache>/work/<profile>`).
+    pub work_dir: Option<PathBuf>,
 }
 
 /// What a build produced.
@@ -69,31 +77,138 @@ pub const IMAGE_INFO: &str = "/etc/qinit/image";
 
 pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     let profile = profile::load(&opts.profile)?;
-    let name = profile.image.name.clone();
-    let staging = opts.out_dir.with_file_name(format!(".{name}.partial"));
-    if staging.exists() {
-        fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
-    }
-    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    let work = opts.cache_dir.join("work").join(&name);
-    fs::create_dir_all(&work)?;
+    build_profile(opts, profile).with_context(|| format!("profile {}", opts.profile.display()))
+}
 
-    // Packages.
-    let apt = PrivateApt::new(&opts.cache_dir, &profile.debian)?;
-    apt.update(opts.refresh)?;
-    let kernel_pkg = apt.resolve_kernel(&profile.boot.kernel_package)?;
-    let mut names = profile.debian.packages.clone();
-    for extra in [
-        &kernel_pkg,
-        &profile.boot.xen.package,
-        &profile.boot.grub_package,
-    ] {
-        if !names.contains(extra) {
-            names.push(extra.clone());
+/// The build's output directory while it is being written: beside the
+/// final one, renamed into place by [`commit`](Staging::commit), removed if
+/// the build fails first.
+struct Staging {
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    fn new(out_dir: &Path, name: &str) -> Result<Self> {
+        let dir = out_dir.with_file_name(format!(".{name}.partial"));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            dir,
+            committed: false,
+        })
+    }
+
+    /// Replaces `out_dir` with the staged build.
+    fn commit(mut self, out_dir: &Path) -> Result<()> {
+        if out_dir.exists() {
+            fs::remove_dir_all(out_dir)
+                .with_context(|| format!("removing old {}", out_dir.display()))?;
+        }
+        fs::rename(&self.dir, out_dir)
+            .with_context(|| format!("moving the build into {}", out_dir.display()))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                log::warn!("leaving partial build {}: {e}", self.dir.display());
+            }
         }
     }
-    let infos = apt.show(&names, "debian.packages")?;
-    let fetched = apt.fetch(&infos)?;
+}
+
+/// The lock this build follows: `--lock` (strict), else the cache's lock
+/// of the profile unless `--refresh`, else none.
+fn select_pin(opts: &BuildOptions, profile: &Profile) -> Result<Option<Pin>> {
+    let name = &profile.image.name;
+    let pin = match &opts.lock {
+        Some(path) => Some(Pin {
+            lock: Lock::read(path)?,
+            path: path.clone(),
+            strict: true,
+        }),
+        None if opts.refresh => None,
+        None => {
+            let path = lock::cache_lock_path(&opts.cache_dir, name);
+            if path.exists() {
+                Some(Pin {
+                    lock: Lock::read(&path)?,
+                    path,
+                    strict: false,
+                })
+            } else {
+                None
+            }
+        }
+    };
+    if let Some(p) = &pin {
+        p.check_suite(&profile.debian.suite)?;
+        if p.lock.profile != *name {
+            log::warn!(
+                "lock {} was written for profile `{}`, building `{name}`",
+                p.path.display(),
+                p.lock.profile
+            );
+        }
+        log::info!("following lock {}", p.path.display());
+    }
+    Ok(pin)
+}
+
+/// Every package the build fetches, with the profile field naming it.
+fn wanted_packages(profile: &Profile, kernel_package: &str) -> Vec<Wanted> {
+    let mut wanted: Vec<Wanted> = profile
+        .debian
+        .packages
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Wanted {
+            name: n.clone(),
+            field: format!("debian.packages[{i}]"),
+        })
+        .collect();
+    for (name, field) in [
+        (kernel_package, "boot.kernel_package (resolved)"),
+        (profile.boot.xen.package.as_str(), "boot.xen.package"),
+        (profile.boot.grub_package.as_str(), "boot.grub_package"),
+    ] {
+        if !wanted.iter().any(|w| w.name == name) {
+            wanted.push(Wanted {
+                name: name.to_owned(),
+                field: field.to_owned(),
+            });
+        }
+    }
+    wanted
+}
+
+fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
+    let name = profile.image.name.clone();
+    let stage = Staging::new(&opts.out_dir, &name)?;
+    let staging = stage.dir.clone();
+    let work = opts
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| opts.cache_dir.join("work").join(&name));
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    // Packages, following the lock.
+    let apt = PrivateApt::new(&opts.cache_dir, &profile.debian)?;
+    apt.update(opts.refresh)?;
+    let pin = select_pin(opts, &profile)?;
+    let resolver = Resolver::new(&apt, pin.as_ref());
+    let kernel_pin = resolver.kernel(&profile.boot.kernel_package)?;
+    let kernel_pkg = kernel_pin.package.clone();
+    let fetched = resolver.fetch(&wanted_packages(&profile, &kernel_pkg))?;
+    let new_lock = Lock::new(&name, &profile.debian.suite, kernel_pin, &fetched);
+    fs::write(staging.join(lock::LOCK_FILE), new_lock.render())?;
     let mut unpacked = Vec::new();
     for f in &fetched {
         unpacked.push(Unpacked {
@@ -341,12 +456,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
         + &format!("root_hash\t{}\nkernel\t{kver}\n", vinfo.root_hash_hex());
     fs::write(staging.join("summary.txt"), summary)?;
 
-    if opts.out_dir.exists() {
-        fs::remove_dir_all(&opts.out_dir)
-            .with_context(|| format!("removing old {}", opts.out_dir.display()))?;
+    stage.commit(&opts.out_dir)?;
+    if opts.update_cache_lock {
+        let path = lock::cache_lock_path(&opts.cache_dir, &name);
+        if let Some(old) = pin.as_ref().filter(|p| p.path == path) {
+            for change in lock::changes(&old.lock, &new_lock) {
+                log::info!("lock: {change}");
+            }
+        }
+        new_lock.write(&path)?;
     }
-    fs::rename(&staging, &opts.out_dir)
-        .with_context(|| format!("moving the build into {}", opts.out_dir.display()))?;
     Ok(BuildOutput {
         profile,
         artifacts,
@@ -483,7 +602,7 @@ fn compose_root(
         tree.add_binary(b, &opts.bin_dir)?;
     }
     for ov in &profile.root.overlays {
-        tree.add_overlay(&opts.source_dir.join(ov))?;
+        tree.add_overlay(&opts.source_dir.join(ov), &ov.display().to_string())?;
     }
     tree.add_modules(kver, dom0, DOM0_MODULE_LIST, kernel.package)?;
     tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;

@@ -35,6 +35,16 @@ fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RootfsErr
     move |source| RootfsError::Io { path, op, source }
 }
 
+/// The mode git records for a file (0755 or 0644): the rest of a checked
+/// out file's mode is the host's umask, which must not reach the image.
+fn git_mode(mode: u32) -> u32 {
+    if mode & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
+    }
+}
+
 /// The merged-/usr layout every image starts from.
 pub const USRMERGE_LINKS: &[(&str, &str)] = &[
     ("bin", "usr/bin"),
@@ -198,8 +208,10 @@ impl RootTree {
         self.copy_file(&format!("/usr/sbin/{name}"), &src, 0o755, "workspace")
     }
 
-    /// Copies an overlay directory over the tree.
-    pub fn add_overlay(&mut self, overlay: &Path) -> Result<(), RootfsError> {
+    /// Copies an overlay directory over the tree. `label` names it in the
+    /// inventory: the repository-relative path, never the host's, so the
+    /// root does not depend on where the source is checked out.
+    pub fn add_overlay(&mut self, overlay: &Path, label: &str) -> Result<(), RootfsError> {
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
             let dir = overlay.join(&rel);
@@ -212,7 +224,7 @@ impl RootTree {
                 let rel_path = rel.join(e.file_name());
                 let image_path = format!("/{}", rel_path.display());
                 let ft = e.file_type().map_err(io(&e.path(), "stat"))?;
-                let what = format!("overlay {}", overlay.display());
+                let what = format!("overlay {label}");
                 if ft.is_dir() {
                     self.mkdir(&image_path)?;
                     stack.push(rel_path);
@@ -225,7 +237,7 @@ impl RootTree {
                         .map_err(io(&e.path(), "stat"))?
                         .permissions()
                         .mode();
-                    self.copy_file(&image_path, &e.path(), mode, &what)?;
+                    self.copy_file(&image_path, &e.path(), git_mode(mode), &what)?;
                 } else {
                     return Err(RootfsError::BadOverlayEntry {
                         overlay: overlay.to_owned(),
@@ -319,13 +331,29 @@ mod tests {
             fs::Permissions::from_mode(0o4755),
         )
         .unwrap();
+        fs::write(ov.join("etc/qinit/b.toml"), b"y").unwrap();
+        // A checkout under umask 002.
+        fs::set_permissions(
+            ov.join("etc/qinit/b.toml"),
+            fs::Permissions::from_mode(0o664),
+        )
+        .unwrap();
         symlink("/run", ov.join("etc/mtab")).unwrap();
         let mut t = RootTree::create(&d.path().join("root")).unwrap();
-        t.add_overlay(&ov).unwrap();
-        let f = d.path().join("root/etc/qinit/a.toml");
+        t.add_overlay(&ov, "image/overlays/x").unwrap();
+        let mode = |f: &str| {
+            fs::metadata(d.path().join("root").join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("etc/qinit/a.toml"), 0o755);
+        assert_eq!(mode("etc/qinit/b.toml"), 0o644);
         assert_eq!(
-            fs::metadata(&f).unwrap().permissions().mode() & 0o7777,
-            0o755
+            t.origins()["/etc/qinit/b.toml"],
+            "overlay image/overlays/x",
+            "the repository path, not the host's"
         );
         assert_eq!(
             fs::read_link(d.path().join("root/etc/mtab")).unwrap(),
