@@ -10,6 +10,12 @@ pub enum PackageError {
         path: String,
         packages: String,
     },
+    #[error("{field}: `{path}` is not in package `{package}`")]
+    NotInPackage {
+        field: String,
+        path: String,
+        package: String,
+    },
     #[error("{field}: `{path}` is shipped by both `{first}` and `{second}`; name one package")]
     Ambiguous {
         field: String,
@@ -83,6 +89,35 @@ impl PackageSet {
                 .map(|p| p.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
+        })
+    }
+
+    /// Finds `image_path` in the named package only (a profile field that
+    /// says which package a file comes from, like `boot.xen`).
+    pub fn locate_in(
+        &self,
+        package: &str,
+        image_path: &str,
+        field: &str,
+    ) -> Result<Located, PackageError> {
+        let not_in = || PackageError::NotInPackage {
+            field: field.to_owned(),
+            path: image_path.to_owned(),
+            package: package.to_owned(),
+        };
+        let pkg = self
+            .packages
+            .iter()
+            .find(|p| p.name == package)
+            .ok_or_else(not_in)?;
+        let host_path = pkg.root.join(image_path.trim_start_matches('/'));
+        if host_path.symlink_metadata().is_err() {
+            return Err(not_in());
+        }
+        Ok(Located {
+            package: pkg.name.clone(),
+            image_path: image_path.to_owned(),
+            host_path,
         })
     }
 
@@ -192,6 +227,32 @@ mod tests {
             set.locate("/usr/bin/x", "f").unwrap_err(),
             PackageError::Ambiguous { .. }
         ));
+    }
+
+    #[test]
+    fn a_file_named_with_its_package_must_be_in_that_package() {
+        let (_d, set) = set_with(&[("xen-hv", "/boot/xen.gz"), ("other", "/boot/xen-4.gz")]);
+        assert_eq!(
+            set.locate_in("xen-hv", "/boot/xen.gz", "boot.xen.path")
+                .unwrap()
+                .package,
+            "xen-hv"
+        );
+        match set
+            .locate_in("xen-hv", "/boot/xen-4.gz", "boot.xen.path")
+            .unwrap_err()
+        {
+            PackageError::NotInPackage {
+                field,
+                path,
+                package,
+            } => {
+                assert_eq!(field, "boot.xen.path");
+                assert_eq!(path, "/boot/xen-4.gz");
+                assert_eq!(package, "xen-hv");
+            }
+            e => panic!("{e:?}"),
+        }
     }
 
     #[test]

@@ -314,7 +314,11 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
     )?;
 
     // Boot partition.
-    let xen = set.locate(&profile.boot.xen.path, "boot.xen.path")?;
+    let xen = set.locate_in(
+        &profile.boot.xen.package,
+        &profile.boot.xen.path,
+        "boot.xen.path",
+    )?;
     let xen_cmdline_path = opts.source_dir.join(&profile.boot.xen_cmdline);
     let xen_cmdline = fs::read_to_string(&xen_cmdline_path)
         .with_context(|| format!("reading boot.xen_cmdline {}", xen_cmdline_path.display()))?;
@@ -884,6 +888,45 @@ fn assemble_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_build_leaves_the_old_output_and_no_staging() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("qemu");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(out.join(DISK_IMAGE), b"good").unwrap();
+        let stage = Staging::new(&out, "qemu").unwrap();
+        let staged = stage.dir.clone();
+        fs::write(staged.join(DISK_IMAGE), b"half").unwrap();
+        drop(stage); // the build failed here
+        assert!(!staged.exists());
+        assert_eq!(fs::read(out.join(DISK_IMAGE)).unwrap(), b"good");
+
+        let stage = Staging::new(&out, "qemu").unwrap();
+        fs::write(stage.dir.join(DISK_IMAGE), b"new").unwrap();
+        fs::write(stage.dir.join(crate::lock::LOCK_FILE), b"lock").unwrap();
+        stage.commit(&out).unwrap();
+        assert_eq!(fs::read(out.join(DISK_IMAGE)).unwrap(), b"new");
+        assert!(!staged.exists());
+    }
+
+    #[test]
+    fn wanted_packages_name_their_fields() {
+        let p = profile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/qemu.toml"))
+            .unwrap();
+        let w = wanted_packages(&p, "linux-image-6.12.1-amd64");
+        assert_eq!(w[0].field, "debian.packages[0]");
+        let k = w
+            .iter()
+            .find(|w| w.name == "linux-image-6.12.1-amd64")
+            .unwrap();
+        assert_eq!(k.field, "boot.kernel_package (resolved)");
+        // The profile lists Xen and GRUB itself; they are not repeated.
+        assert_eq!(
+            w.iter().filter(|w| w.name == "grub-efi-amd64-bin").count(),
+            1
+        );
+    }
 
     #[test]
     fn one_line_accepts_comments() {

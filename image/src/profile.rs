@@ -33,6 +33,8 @@ pub enum ProfileError {
         field: String,
         reason: String,
     },
+    #[error("profile {path}: unknown key `{field}`")]
+    UnknownKey { path: PathBuf, field: String },
     #[error("profile {path}: `extends` chain is deeper than {max} (a cycle?)")]
     ExtendsTooDeep { path: PathBuf, max: usize },
 }
@@ -204,12 +206,9 @@ const MAX_EXTENDS_DEPTH: usize = 4;
 
 /// Loads `path`, resolving `extends` against the same directory.
 pub fn load(path: &Path) -> Result<Profile, ProfileError> {
-    let merged = load_merged(path, 0)?;
-    let profile: Profile =
-        Profile::deserialize(merged).map_err(|e: toml::de::Error| ProfileError::Schema {
-            path: path.to_owned(),
-            message: e.message().trim().to_owned(),
-        })?;
+    let mut chain = Vec::new();
+    let merged = load_merged(path, 0, &mut chain)?;
+    let profile = Profile::deserialize(merged).map_err(|e| schema_error(path, &chain, &e))?;
     profile.validate(path)?;
     Ok(profile)
 }
@@ -220,18 +219,68 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         path: path.to_owned(),
         source,
     })?;
-    let profile =
-        Profile::deserialize(toml::Value::Table(table)).map_err(|e: toml::de::Error| {
-            ProfileError::Schema {
-                path: path.to_owned(),
-                message: e.message().trim().to_owned(),
-            }
-        })?;
+    let chain = vec![(path.to_owned(), table.clone())];
+    let profile = Profile::deserialize(toml::Value::Table(table))
+        .map_err(|e| schema_error(path, &chain, &e))?;
     profile.validate(path)?;
     Ok(profile)
 }
 
-fn load_merged(path: &Path, depth: usize) -> Result<toml::Value, ProfileError> {
+/// serde names an unknown key but not the table it is in, nor (after
+/// `extends` merged the files) the file; find both, child file first.
+fn schema_error(
+    path: &Path,
+    chain: &[(PathBuf, toml::Table)],
+    e: &toml::de::Error,
+) -> ProfileError {
+    let message = e.message().trim().to_owned();
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(key, _)| key);
+    if let Some(key) = unknown {
+        for (file, table) in chain {
+            if let Some(field) = find_key(table, key, "") {
+                return ProfileError::UnknownKey {
+                    path: file.clone(),
+                    field,
+                };
+            }
+        }
+    }
+    ProfileError::Schema {
+        path: path.to_owned(),
+        message,
+    }
+}
+
+/// The dotted path of the first table key named `key`, skipping tables
+/// whose keys are data (`root.links` maps paths to targets).
+fn find_key(table: &toml::Table, key: &str, prefix: &str) -> Option<String> {
+    if prefix == "root.links" {
+        return None;
+    }
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    if table.contains_key(key) {
+        return Some(join(key));
+    }
+    table.iter().find_map(|(k, v)| match v {
+        toml::Value::Table(t) => find_key(t, key, &join(k)),
+        _ => None,
+    })
+}
+
+fn load_merged(
+    path: &Path,
+    depth: usize,
+    chain: &mut Vec<(PathBuf, toml::Table)>,
+) -> Result<toml::Value, ProfileError> {
     if depth > MAX_EXTENDS_DEPTH {
         return Err(ProfileError::ExtendsTooDeep {
             path: path.to_owned(),
@@ -246,7 +295,9 @@ fn load_merged(path: &Path, depth: usize) -> Result<toml::Value, ProfileError> {
         path: path.to_owned(),
         source,
     })?;
-    let Some(parent) = table.remove("extends") else {
+    let parent = table.remove("extends");
+    chain.push((path.to_owned(), table.clone()));
+    let Some(parent) = parent else {
         return Ok(toml::Value::Table(table));
     };
     let Some(parent_name) = parent.as_str() else {
@@ -267,7 +318,7 @@ fn load_merged(path: &Path, depth: usize) -> Result<toml::Value, ProfileError> {
         .parent()
         .unwrap_or(Path::new("."))
         .join(format!("{parent_name}.toml"));
-    let mut base = load_merged(&parent_path, depth + 1)?;
+    let mut base = load_merged(&parent_path, depth + 1, chain)?;
     merge(&mut base, toml::Value::Table(table));
     Ok(base)
 }
@@ -520,23 +571,60 @@ data_mib = 64
     }
 
     #[test]
-    fn unknown_key_is_a_schema_error_naming_it() {
+    fn unknown_key_names_file_table_and_key() {
         let text = GOOD.replace("[disk]", "[disk]\nswap_mib = 3");
         match parse_str(&text).unwrap_err() {
-            ProfileError::Schema { message, path } => {
-                assert!(message.contains("swap_mib"), "{message}");
+            ProfileError::UnknownKey { field, path } => {
+                assert_eq!(field, "disk.swap_mib");
                 assert_eq!(path, Path::new("t.toml"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = GOOD.replace("[image]", "colour = \"red\"\n[image]");
+        assert!(matches!(
+            parse_str(&text).unwrap_err(),
+            ProfileError::UnknownKey { field, .. } if field == "colour"
+        ));
+    }
+
+    #[test]
+    fn unknown_key_in_a_child_names_the_child_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.toml"), GOOD).unwrap();
+        let child = dir.path().join("child.toml");
+        std::fs::write(&child, "extends = \"base\"\n[boot.xen]\nsize = 1\n").unwrap();
+        match load(&child).unwrap_err() {
+            ProfileError::UnknownKey { field, path } => {
+                assert_eq!(field, "boot.xen.size");
+                assert_eq!(path, child);
             }
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
+    fn syntax_error_names_file_and_line() {
+        let err = parse_str(&GOOD.replace("esp_mib = 40", "esp_mib = = 40")).unwrap_err();
+        assert!(matches!(err, ProfileError::Syntax { .. }), "{err:?}");
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            chain.contains("t.toml") && chain.contains("line"),
+            "{chain}"
+        );
+    }
+
+    #[test]
     fn missing_section_is_a_schema_error() {
+        let text = &GOOD[..GOOD.find("[disk]").unwrap()];
+        match parse_str(text).unwrap_err() {
+            ProfileError::Schema { message, .. } => assert!(message.contains("disk"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        // A misspelt section is an unknown key.
         let text = GOOD.replace("[disk]", "[disks]");
         assert!(matches!(
             parse_str(&text).unwrap_err(),
-            ProfileError::Schema { .. }
+            ProfileError::UnknownKey { field, .. } if field == "disks"
         ));
     }
 
