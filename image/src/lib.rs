@@ -8,7 +8,7 @@
 //! the boot loader configuration, and [`pipeline`] runs it all; [`bundle`]
 //! signs update bundles of built slots; [`sbom`] lists what the root holds
 //! (bill of materials, `qimage size`); [`verify`] rebuilds and compares
-//! with a published build.
+//! with a published build; [`kernel`] builds the optional minimal kernel.
 
 pub mod apt;
 pub mod bundle;
@@ -16,6 +16,7 @@ pub mod cpio;
 pub mod elf;
 pub mod fsimage;
 pub mod grub;
+pub mod kernel;
 pub mod kmod;
 pub mod lock;
 pub mod packages;

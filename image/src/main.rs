@@ -78,6 +78,28 @@ enum Command {
         #[arg(long)]
         bin_dir: PathBuf,
     },
+    /// Build the minimal dom0 kernel (kernel-config/minimal-dom0.config)
+    /// from Debian's linux-source-6.12. Slow; not used by any image yet.
+    Kernel {
+        /// Profile whose [debian] section names the archive.
+        #[arg(long, default_value = "image/profiles/qemu.toml")]
+        profile: PathBuf,
+        /// The config fragment.
+        #[arg(long, default_value = "kernel-config/minimal-dom0.config")]
+        fragment: PathBuf,
+        /// Package cache, kept between builds.
+        #[arg(long)]
+        cache_dir: PathBuf,
+        /// Where bzImage and the final config go.
+        #[arg(long, default_value = "target/kernel")]
+        out: PathBuf,
+        /// Parallel make jobs.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Configure and check the fragment only.
+        #[arg(long)]
+        config_only: bool,
+    },
     /// Compute a dm-verity hash tree for DATA into HASH (as `veritysetup
     /// format DATA HASH` would) and print the root hash.
     Verity {
@@ -179,6 +201,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(EXIT_MISMATCH)
             })
+        }
+        Command::Kernel {
+            profile,
+            fragment,
+            cache_dir,
+            out,
+            jobs,
+            config_only,
+        } => {
+            let debian = qimage::profile::load(&profile)?.debian;
+            let built = qimage::kernel::build(&qimage::kernel::KernelOptions {
+                debian,
+                fragment,
+                cache_dir,
+                out_dir: out,
+                jobs,
+                config_only,
+            })?;
+            println!(
+                "qimage: linux-source {}: config {}",
+                built.version,
+                built.config.display()
+            );
+            if let (Some(bz), Some(secs)) = (&built.bzimage, built.build_seconds) {
+                println!(
+                    "qimage: {} built in {secs:.0} s with {jobs} jobs",
+                    bz.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Verity { data, hash, salt } => {
             let salt = hex::decode(&salt).map_err(|e| anyhow::anyhow!("--salt: {e}"))?;
