@@ -1,4 +1,6 @@
-//! `qvm`: boot a disk image in QEMU and wait for a console line.
+//! `qvm`: boot a disk image in QEMU and wait for a console line, or start
+//! it in the background with its serial port on TCP (how the lab-target
+//! test drives a VM through lab-style commands only).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +26,15 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 2048)]
     memory: u32,
+    /// Serve the serial port on TCP at this address (`host:port`), as a
+    /// serial server such as ser2net would.
+    #[arg(long)]
+    serial_tcp: Option<String>,
+    /// Start QEMU in the background and exit at once, writing its pid here
+    /// (a lab-style power switch: `kill` is the power cut). Needs
+    /// `--serial-tcp`.
+    #[arg(long, requires = "serial_tcp")]
+    detach: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -31,6 +42,16 @@ fn main() -> ExitCode {
     let mut cfg = qemu::VmConfig::new(&cli.disk, &cli.work_dir);
     cfg.echo = true;
     cfg.memory_mib = cli.memory;
+    cfg.serial_tcp = cli.serial_tcp;
+    if let Some(pidfile) = &cli.detach {
+        return match qemu::power_on_detached(&cfg, pidfile) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("qvm: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut vm = match qemu::Vm::start(&cfg) {
         Ok(vm) => vm,
         Err(e) => {

@@ -88,6 +88,8 @@ const HOST_PACKAGES: &[&str] = &[
     "python3-minimal",
     "debootstrap",
     "kmod",
+    // The hardware report names PCI devices from it.
+    "pci.ids",
 ];
 
 fn main() -> ExitCode {
@@ -368,23 +370,25 @@ fn test(root: &Path, no_vm: bool) -> Result<()> {
         let image = build_image(root, "qemu-test", false)?;
         check_reproducible(root, "qemu-test", &image, &mut totals)?;
         // The update scenarios install the bundles of these two releases.
-        let next = build_image(root, "qemu-test-next", false)?;
-        let broken = build_image(root, "qemu-test-broken", false)?;
-        run_tests(
-            cargo()
-                .args(["test", "--locked", "-p", "e2e", "--tests"])
-                .args(["--", "--ignored", "--test-threads=1"])
-                .env("QTEST_IMAGE_DIR", &image)
-                .env(
-                    "QTEST_BUNDLE_NEXT",
-                    next.join("qemu-test-next-0.2.0.bundle"),
-                )
-                .env(
-                    "QTEST_BUNDLE_BROKEN",
-                    broken.join("qemu-test-broken-0.2.0-broken.bundle"),
-                ),
+        build_image(root, "qemu-test-next", false)?;
+        build_image(root, "qemu-test-broken", false)?;
+        run_cmd(cargo().args(["build", "--locked", "-p", "qlab", "-p", "qemu-launcher"]))?;
+        // Every scenario on the QEMU target, then the lab-target code path
+        // against a QEMU machine driven only through lab-style commands
+        // (tests/lab/qemu-lab.toml): flashing, power on and off, a power
+        // cut, the TCP console and the hardware report.
+        let results = run_qlab(root, &["--target", "qemu"], &mut totals);
+        let lab = run_qlab(
+            root,
+            &[
+                "--target",
+                "tests/lab/qemu-lab.toml",
+                "--scenario",
+                "boot,power-cut,hcl",
+            ],
             &mut totals,
-        )?;
+        );
+        results.and(lab)?;
     }
     eprintln!("xtask: whole suite took {:.0} s", t.elapsed().as_secs_f64());
     println!("suite: {} passed, {} failed", totals.passed, totals.failed);
@@ -427,6 +431,48 @@ fn check_reproducible(
         totals.failed += 1;
         bail!("{profile}: a second build differs in {}", differ.join(", "))
     }
+}
+
+/// Runs `qlab run` with `args` (qvm on the PATH for the lab-style
+/// target) and adds its scenario counts to `totals`.
+fn run_qlab(root: &Path, args: &[&str], totals: &mut TestTotals) -> Result<()> {
+    use std::io::BufRead;
+    let debug = root.join("target/debug");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![debug.clone()];
+    dirs.extend(std::env::split_paths(&path));
+    let mut cmd = Command::new(debug.join("qlab"));
+    cmd.arg("run")
+        .args(args)
+        .args(["--images", "target/images", "--out", "target/lab"])
+        .current_dir(root)
+        .env("PATH", std::env::join_paths(dirs)?)
+        .stdout(std::process::Stdio::piped());
+    let desc = format!("qlab run {}", args.join(" "));
+    let mut child = cmd.spawn().with_context(|| format!("spawning {desc}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut counted = false;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        // `qlab: 8 passed, 0 failed on qemu; results in DIR`
+        if let Some(rest) = line.strip_prefix("qlab: ") {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            if let [p, "passed,", f, "failed", ..] = words[..] {
+                totals.passed += p.parse::<u64>().unwrap_or(0);
+                totals.failed += f.parse::<u64>().unwrap_or(0);
+                counted = true;
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        if !counted {
+            totals.failed += 1;
+        }
+        bail!("{desc} failed ({status})");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default)]

@@ -1,0 +1,586 @@
+//! A serial console as the test scenarios and the hardware lab see it.
+//!
+//! Bytes from the machine's first serial port are appended to one growing
+//! transcript (and a log file) by a reader thread; the caller waits for
+//! marker lines past a cursor that only moves forward, and types commands
+//! into the test image's shell. The byte stream comes from anywhere: QEMU's
+//! socket, a TCP port (ser2net), a serial device, or a command's pipes
+//! (`labgrid-client console`).
+//!
+//! A console outlives the connection under it. A machine that is powered
+//! off and on again keeps one transcript, so a scenario's log tells the
+//! whole story. [`Console::attach`] takes one stream (the link is down once
+//! it ends); [`Console::follow`] keeps reconnecting to an endpoint, as a lab
+//! console must when a power cut drops the connection.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long [`Console::follow`] waits between connection attempts.
+const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("console log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out after {waited:?} waiting for {wanted:?} on the serial console; last output:\n{tail}")]
+    Timeout {
+        wanted: Vec<String>,
+        waited: Duration,
+        tail: String,
+    },
+    #[error("the serial console closed while waiting for {wanted:?}; last output:\n{tail}")]
+    Closed { wanted: Vec<String>, tail: String },
+    #[error("the serial console is not connected")]
+    NotConnected,
+    #[error("writing to the serial console: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("console state lock poisoned")]
+    Poisoned,
+}
+
+/// A source of console connections that can be opened again after the
+/// machine drops one (a TCP port, a device, a command).
+pub trait Link: Send + 'static {
+    /// Opens one connection: its reading and writing halves.
+    #[allow(clippy::type_complexity)]
+    fn open(&mut self) -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)>;
+}
+
+/// Whether bytes can arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    Up,
+    /// Between connections of a followed endpoint: more may come.
+    Reconnecting,
+    /// Nothing more will come until the next `attach`.
+    Down,
+}
+
+struct State {
+    bytes: Vec<u8>,
+    writer: Option<Box<dyn Write + Send>>,
+    link: LinkState,
+    /// Bumped by every connection, so a stale reader cannot mark a newer
+    /// connection down.
+    generation: u64,
+    log: Option<File>,
+    echo: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, State>, ConsoleError> {
+        self.state.lock().map_err(|_| ConsoleError::Poisoned)
+    }
+
+    /// A new connection replaces the old one.
+    fn connected(&self, writer: Box<dyn Write + Send>) -> Result<u64, ConsoleError> {
+        let mut s = self.lock()?;
+        s.generation += 1;
+        s.writer = Some(writer);
+        s.link = LinkState::Up;
+        self.cv.notify_all();
+        Ok(s.generation)
+    }
+
+    /// Copies one connection's bytes into the transcript until it ends.
+    fn pump(&self, mut reader: Box<dyn Read + Send>, generation: u64, after: LinkState) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = reader.read(&mut buf).unwrap_or(0);
+            let Ok(mut s) = self.state.lock() else { return };
+            if n == 0 {
+                if s.generation == generation {
+                    s.writer = None;
+                    s.link = after;
+                }
+                self.cv.notify_all();
+                return;
+            }
+            s.bytes.extend_from_slice(&buf[..n]);
+            // The log is best effort: a full disk must not stop the test
+            // from seeing the console.
+            if let Some(log) = s.log.as_mut() {
+                let _ = log.write_all(&buf[..n]);
+            }
+            if s.echo {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// One machine's serial console.
+pub struct Console {
+    shared: Arc<Shared>,
+    cursor: usize,
+    started: Instant,
+    log_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("cursor", &self.cursor)
+            .field("log", &self.log_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console with no connection yet. Its bytes also go to `log` (a
+    /// new file) and, with `echo`, to stdout.
+    pub fn new(log: Option<&Path>, echo: bool) -> Result<Self, ConsoleError> {
+        let file = log
+            .map(|p| {
+                File::create(p).map_err(|source| ConsoleError::Log {
+                    path: p.to_owned(),
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    bytes: Vec::new(),
+                    writer: None,
+                    link: LinkState::Down,
+                    generation: 0,
+                    log: file,
+                    echo,
+                }),
+                cv: Condvar::new(),
+            }),
+            cursor: 0,
+            started: Instant::now(),
+            log_path: log.map(Path::to_owned),
+        })
+    }
+
+    /// The log file, if there is one.
+    pub fn log_path(&self) -> Option<&Path> {
+        self.log_path.as_deref()
+    }
+
+    /// Reads one stream into the transcript; once it ends, the console is
+    /// closed until the next `attach` (QEMU exited).
+    pub fn attach(
+        &self,
+        reader: impl Read + Send + 'static,
+        writer: impl Write + Send + 'static,
+    ) -> Result<(), ConsoleError> {
+        let generation = self.shared.connected(Box::new(writer))?;
+        let shared = Arc::clone(&self.shared);
+        std::thread::spawn(move || shared.pump(Box::new(reader), generation, LinkState::Down));
+        Ok(())
+    }
+
+    /// Keeps connecting to `link` for as long as the process runs: a lab
+    /// console survives the machine's power cycles.
+    pub fn follow(&self, mut link: impl Link) -> Result<(), ConsoleError> {
+        self.shared.lock()?.link = LinkState::Reconnecting;
+        let shared = Arc::clone(&self.shared);
+        std::thread::spawn(move || loop {
+            match link.open() {
+                Ok((reader, writer)) => {
+                    let Ok(generation) = shared.connected(writer) else {
+                        return;
+                    };
+                    shared.pump(reader, generation, LinkState::Reconnecting);
+                }
+                Err(_) => std::thread::sleep(RECONNECT_DELAY),
+            }
+        });
+        Ok(())
+    }
+
+    /// Whether a connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared
+            .lock()
+            .map(|s| s.link == LinkState::Up)
+            .unwrap_or(false)
+    }
+
+    /// Waits up to `timeout` for a connection.
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut s) = self.shared.lock() else {
+            return false;
+        };
+        while s.link != LinkState::Up {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            match self.shared.cv.wait_timeout(s, deadline - now) {
+                Ok((g, _)) => s = g,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Time since the console was made.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Everything the console printed so far.
+    pub fn output(&self) -> String {
+        self.output_from(0)
+    }
+
+    /// What the console printed from byte `mark` on (see [`Console::mark`]).
+    pub fn output_from(&self, mark: usize) -> String {
+        self.shared
+            .lock()
+            .map(|s| String::from_utf8_lossy(s.bytes.get(mark..).unwrap_or_default()).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The transcript's length now, to slice it later.
+    pub fn mark(&self) -> usize {
+        self.shared.lock().map(|s| s.bytes.len()).unwrap_or(0)
+    }
+
+    /// The last `lines` lines.
+    pub fn tail(&self, lines: usize) -> String {
+        let out = self.output();
+        let v: Vec<&str> = out.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Moves the cursor to the end: later waits only see new output (a
+    /// fresh boot after a power cycle must not match the last one's
+    /// markers).
+    pub fn skip_to_end(&mut self) {
+        self.cursor = self.mark();
+    }
+
+    /// Waits for the first of `needles` to appear after the last match;
+    /// returns its index and the whole line it is on.
+    pub fn wait_for_any(
+        &mut self,
+        needles: &[&str],
+        timeout: Duration,
+    ) -> Result<(usize, String), ConsoleError> {
+        let wanted = || needles.iter().map(|s| (*s).to_owned()).collect();
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.shared.lock()?;
+        loop {
+            if let Some((i, line, cursor)) = find_line(&guard, self.cursor, needles) {
+                self.cursor = cursor;
+                return Ok((i, line));
+            }
+            let now = Instant::now();
+            if guard.link == LinkState::Down {
+                drop(guard);
+                return Err(ConsoleError::Closed {
+                    wanted: wanted(),
+                    tail: self.tail(40),
+                });
+            }
+            if now >= deadline {
+                drop(guard);
+                return Err(ConsoleError::Timeout {
+                    wanted: wanted(),
+                    waited: timeout,
+                    tail: self.tail(40),
+                });
+            }
+            let (g, _) = self
+                .shared
+                .cv
+                .wait_timeout(guard, deadline - now)
+                .map_err(|_| ConsoleError::Poisoned)?;
+            guard = g;
+        }
+    }
+
+    /// Waits for `needle`; returns the line it is on.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String, ConsoleError> {
+        self.wait_for_any(&[needle], timeout).map(|(_, l)| l)
+    }
+
+    /// Types a line on the console.
+    pub fn send_line(&mut self, line: &str) -> Result<(), ConsoleError> {
+        let mut s = self.shared.lock()?;
+        let w = s.writer.as_mut().ok_or(ConsoleError::NotConnected)?;
+        w.write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| w.flush())
+            .map_err(ConsoleError::Write)
+    }
+
+    /// Runs a command on the test image's serial shell and returns what it
+    /// printed and its exit status, delimited by unique markers so boot
+    /// noise cannot confuse it.
+    pub fn shell(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<(String, i32), ConsoleError> {
+        let tag = format!("Q{}", self.started.elapsed().as_nanos() % 1_000_000_007);
+        self.send_line(&format!(
+            "echo {tag}-BEGIN; {command}; echo {tag}-END rc=$?"
+        ))?;
+        // The echo of the typed line contains the markers too; skip it by
+        // waiting for the marker at the start of a line.
+        self.wait_for(&format!("\n{tag}-BEGIN"), timeout)?;
+        let begin = self.cursor;
+        let line = self.wait_for(&format!("{tag}-END rc="), timeout)?;
+        let rc = parse_rc(&line, &tag);
+        let out = self.output_from(begin);
+        let body = out.split(&format!("{tag}-END")).next().unwrap_or("");
+        // The shell shares the console with the kernel log: drop the
+        // kernel's lines (services starting, a guest booting) from the
+        // command's output.
+        let body: Vec<&str> = body
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| !is_kernel_line(l))
+            .collect();
+        Ok((body.join("\n").trim().to_owned(), rc))
+    }
+}
+
+/// The first needle found past `cursor` on a complete line: its index,
+/// the line, and the cursor after it.
+fn find_line(s: &State, cursor: usize, needles: &[&str]) -> Option<(usize, String, usize)> {
+    let bytes = &s.bytes;
+    let hay = bytes.get(cursor..)?;
+    let (pos, i) = needles
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| find(hay, n.as_bytes()).map(|p| (p, i)))
+        .min()?;
+    let abs = cursor + pos;
+    let after = abs + needles[i].len();
+    // Only a whole line counts: the rest of a marker line may still be on
+    // its way.
+    if s.link == LinkState::Up && !bytes[after..].contains(&b'\n') {
+        return None;
+    }
+    let start = bytes[..abs]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |p| p + 1);
+    let end = bytes[abs..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(bytes.len(), |p| abs + p);
+    let line = String::from_utf8_lossy(&bytes[start..end])
+        .trim_end_matches('\r')
+        .to_owned();
+    Some((i, line, after))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A printk line as the console shows it: `[    12.625996] ...`.
+pub fn is_kernel_line(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, _)) = rest.split_once(']') else {
+        return false;
+    };
+    let stamp = stamp.trim_start();
+    matches!(stamp.split_once('.'), Some((s, us))
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+            && us.len() == 6 && us.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The exit status in a shell marker line `<tag>-END rc=<n>`. The kernel
+/// may print onto the same console line right after the number (a service
+/// that just died, a guest starting), so only the leading digits count.
+fn parse_rc(line: &str, tag: &str) -> i32 {
+    line.split(&format!("{tag}-END rc="))
+        .nth(1)
+        .map(|rest| {
+            let end = rest
+                .char_indices()
+                .find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && c == '-')))
+                .map_or(rest.len(), |(i, _)| i);
+            &rest[..end]
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(-1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn find_locates_needles() {
+        assert_eq!(find(b"abcQINIT-READY", b"QINIT"), Some(3));
+        assert_eq!(find(b"ab", b"abc"), None);
+    }
+
+    #[test]
+    fn kernel_text_after_the_status_is_ignored() {
+        assert_eq!(parse_rc("Q1-END rc=0", "Q1"), 0);
+        assert_eq!(parse_rc("Q1-END rc=127\r", "Q1"), 127);
+        assert_eq!(
+            parse_rc("Q1-END rc=0[   13.260911] qinit: xenconsoled: exited", "Q1"),
+            0
+        );
+        assert_eq!(parse_rc("Q1-END rc=", "Q1"), -1);
+        assert_eq!(parse_rc("noise", "Q1"), -1);
+    }
+
+    #[test]
+    fn kernel_lines_are_told_from_command_output() {
+        assert!(is_kernel_line(
+            "[   12.625996] qinit: qupdated: ready after 1677 ms"
+        ));
+        assert!(is_kernel_line("[12345.000001] x"));
+        assert!(!is_kernel_line("600 root"));
+        assert!(!is_kernel_line("[guivm] ready"));
+        assert!(!is_kernel_line("[1.5] short stamp"));
+    }
+
+    /// A fake machine on the other end of a socket pair: answers each
+    /// typed line like a shell would, with a kernel line in between.
+    fn fake_shell(peer: UnixStream) {
+        std::thread::spawn(move || {
+            let mut out = peer.try_clone().expect("clone");
+            for line in BufReader::new(peer).lines() {
+                let Ok(line) = line else { return };
+                // `echo T-BEGIN; CMD; echo T-END rc=$?`
+                let parts: Vec<&str> = line.split("; ").collect();
+                let begin = parts[0].trim_start_matches("echo ");
+                let end = parts[2].trim_start_matches("echo ").replace("$?", "3");
+                let reply = format!(
+                    "{line}\r\n{begin}\r\nhello\r\n[    1.000000] qinit: noise\r\n{end}\r\n"
+                );
+                let _ = out.write_all(reply.as_bytes());
+            }
+        });
+    }
+
+    #[test]
+    fn shell_returns_output_and_status_without_kernel_lines() {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        fake_shell(theirs);
+        let mut c = Console::new(None, false).expect("console");
+        c.attach(ours.try_clone().expect("clone"), ours)
+            .expect("attach");
+        let (out, rc) = c.shell("greet", Duration::from_secs(10)).expect("shell");
+        assert_eq!((out.as_str(), rc), ("hello", 3));
+    }
+
+    #[test]
+    fn a_closed_link_ends_the_wait_and_a_new_one_continues_the_transcript() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("serial.log");
+        let mut c = Console::new(Some(&log), false).expect("console");
+        let (ours, mut theirs) = UnixStream::pair().expect("pair");
+        c.attach(ours.try_clone().expect("clone"), ours)
+            .expect("attach");
+        theirs
+            .write_all(b"boot one\nQINIT-READY slot=A\n")
+            .expect("write");
+        let line = c
+            .wait_for("QINIT-READY", Duration::from_secs(5))
+            .expect("ready");
+        assert_eq!(line, "QINIT-READY slot=A");
+        drop(theirs);
+        let err = c.wait_for("never", Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, ConsoleError::Closed { .. }), "{err}");
+        assert!(matches!(c.send_line("x"), Err(ConsoleError::NotConnected)));
+
+        // Power on again: the same transcript goes on, the cursor does not
+        // match the old marker twice.
+        let (ours, mut theirs) = UnixStream::pair().expect("pair");
+        c.attach(ours.try_clone().expect("clone"), ours)
+            .expect("attach");
+        theirs.write_all(b"QINIT-READY slot=B\n").expect("write");
+        let line = c
+            .wait_for("QINIT-READY", Duration::from_secs(5))
+            .expect("ready");
+        assert_eq!(line, "QINIT-READY slot=B");
+        drop(theirs);
+        let _ = c.wait_for("never", Duration::from_secs(5));
+        let logged = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(logged, "boot one\nQINIT-READY slot=A\nQINIT-READY slot=B\n");
+    }
+
+    #[test]
+    fn a_marker_counts_only_once_its_line_is_complete() {
+        let (ours, mut theirs) = UnixStream::pair().expect("pair");
+        let mut c = Console::new(None, false).expect("console");
+        c.attach(ours.try_clone().expect("clone"), ours)
+            .expect("attach");
+        theirs.write_all(b"QINIT-READY slot=A ver").expect("write");
+        let err = c
+            .wait_for("QINIT-READY", Duration::from_millis(300))
+            .unwrap_err();
+        assert!(matches!(err, ConsoleError::Timeout { .. }), "{err}");
+        theirs.write_all(b"sion=0.1.0\n").expect("write");
+        let line = c
+            .wait_for("QINIT-READY", Duration::from_secs(5))
+            .expect("ready");
+        assert_eq!(line, "QINIT-READY slot=A version=0.1.0");
+    }
+
+    /// Serves one connection per entry of `sessions` on a socket pair.
+    struct Sessions(std::sync::mpsc::Receiver<UnixStream>);
+
+    impl Link for Sessions {
+        fn open(&mut self) -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+            let s = self
+                .0
+                .recv_timeout(Duration::from_millis(50))
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))?;
+            Ok((Box::new(s.try_clone()?), Box::new(s)))
+        }
+    }
+
+    #[test]
+    fn a_followed_link_reconnects_and_waits_across_the_gap() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut c = Console::new(None, false).expect("console");
+        c.follow(Sessions(rx)).expect("follow");
+        let (ours, mut theirs) = UnixStream::pair().expect("pair");
+        tx.send(ours).expect("send");
+        assert!(c.wait_connected(Duration::from_secs(5)));
+        theirs.write_all(b"first\n").expect("write");
+        c.wait_for("first", Duration::from_secs(5)).expect("first");
+        drop(theirs);
+        // The machine is off for a while; the wait goes on through it.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            let (ours, mut theirs) = UnixStream::pair().expect("pair");
+            tx.send(ours).expect("send");
+            std::thread::sleep(Duration::from_millis(100));
+            theirs.write_all(b"second\n").expect("write");
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        c.wait_for("second", Duration::from_secs(10))
+            .expect("second");
+    }
+}

@@ -1,0 +1,87 @@
+//! The GUI VM: qdomd starts the stand-in without any manual step after
+//! dom0 is ready, `qdom list` shows it, `xl destroy` from a shell gets it
+//! restarted, and stopping qdomd through qinit shuts it down.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+
+use super::{field, Ctx, Scenario};
+
+pub const GUIVM: Scenario = Scenario {
+    name: "guivm",
+    about: "the GUI VM comes up after QINIT-READY, is restarted after xl destroy, stops with qdomd",
+    run: guivm,
+};
+
+/// `qdom list`'s row for the GUI VM: (state, domid).
+fn guivm_row(ctx: &mut Ctx<'_>) -> Result<(String, String)> {
+    let out = ctx.sh("qdom list")?;
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("guivm "))
+        .with_context(|| format!("no guivm in `qdom list`: {out}"))?;
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    ensure!(cols.len() >= 3, "short row: {row}");
+    Ok((cols[1].to_owned(), cols[2].to_owned()))
+}
+
+fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
+    let image = ctx.image;
+    ctx.boot(image)?;
+    ctx.wait_ready()?;
+    let ready_at = Instant::now();
+    let t = ctx.timeouts.guivm;
+    // dom0 does not wait for the GUI VM: its marker comes after READY (the
+    // console cursor only moves forward).
+    let line = ctx.wait_for("QDOMD-GUIVM-READY name=guivm", t)?;
+    let first = field(&line, "domid=").unwrap_or("?").to_owned();
+    ensure!(field(&line, "ms=").is_some(), "{line}");
+    ctx.note(format!(
+        "{line} ({:.1} s after QINIT-READY)",
+        ready_at.elapsed().as_secs_f64()
+    ));
+
+    let (state, domid) = guivm_row(ctx)?;
+    ensure!(
+        (state.as_str(), domid.as_str()) == ("ready", first.as_str()),
+        "{state} {domid}"
+    );
+    let xl = ctx.sh("xl list")?;
+    ensure!(xl.contains("guivm"), "{xl}");
+    // The guest said it was ready through its own xenstore directory.
+    let key = ctx.sh(&format!("xenstore-read /local/domain/{domid}/data/ready"))?;
+    ensure!(key.contains("qguest"), "{key}");
+    let rss = ctx.sh("grep VmRSS /proc/$(pidof qdom)/status")?;
+    ctx.note(format!("qdomd {}", rss.trim()));
+
+    // Destroyed behind qdomd's back: it comes back under a new domid.
+    ctx.sh(&format!("xl destroy {domid}"))?;
+    let line = ctx.wait_for("QDOMD-GUIVM-READY name=guivm", t)?;
+    let second = field(&line, "domid=").unwrap_or("?").to_owned();
+    ensure!(second != first, "{line}");
+    let (state, domid) = guivm_row(ctx)?;
+    ensure!(
+        (state.as_str(), domid.as_str()) == ("ready", second.as_str()),
+        "{state} {domid}"
+    );
+
+    // Stopping qdomd through qinit shuts the guest down cleanly: the
+    // guest's own poweroff runs, as its console log shows.
+    ctx.sh("qinit ctl stop qdomd")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let xl = ctx.sh("xl list")?;
+        if !xl.contains("guivm") {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "guivm still running: {xl}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let status = ctx.sh("qinit ctl status")?;
+    ensure!(status.contains("qdomd state=stopped"), "{status}");
+    let console = ctx.sh("cat /var/log/xen/console/guest-guivm.log")?;
+    ensure!(console.contains("qguest: poweroff requested"), "{console}");
+    ctx.target.power_off()?;
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! qinit as the dom0's PID 1: supervision restarts a killed Xen daemon,
+//! `qinit ctl reboot` comes back up through the whole boot chain, and
+//! `qinit ctl poweroff` ends the machine.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+
+use super::{Ctx, Scenario};
+
+pub const SUPERVISION: Scenario = Scenario {
+    name: "supervision",
+    about: "a killed xenconsoled is restarted; reboot and poweroff are orderly",
+    run: supervision,
+};
+
+fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
+    let image = ctx.image;
+    ctx.boot(image)?;
+    ctx.wait_ready()?;
+
+    let status = ctx.sh("qinit ctl status")?;
+    for svc in ["xenstored", "xen-init-dom0", "xenconsoled"] {
+        ensure!(status.contains(&format!("{svc} state=")), "{status}");
+    }
+    ensure!(status.contains("xenstored state=ready"), "{status}");
+    ensure!(status.contains("xen-init-dom0 state=done"), "{status}");
+    ensure!(status.contains("dbus state=ready"), "{status}");
+    let sock = ctx.sh("stat -c '%a %U' /run/dbus/system_bus_socket")?;
+    ensure!(
+        sock.trim() == "600 root",
+        "system bus socket must be root only: {sock}"
+    );
+
+    // Kill xenconsoled behind qinit's back: it is restarted.
+    let before = service_line(ctx, "xenconsoled")?;
+    ctx.sh("kill -9 $(pidof xenconsoled)")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let line = service_line(ctx, "xenconsoled")?;
+        if line.contains("state=ready") && line.contains("restarts=1") {
+            break line;
+        }
+        ensure!(Instant::now() < deadline, "not restarted: {line}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    ensure!(pid_of(&before) != pid_of(&line), "{before} / {line}");
+    ensure!(
+        ctx.sh("pidof xenconsoled")?.trim() == pid_of(&line),
+        "{line}"
+    );
+
+    // A clean reboot: services stop in order, the machine resets and the
+    // next boot reaches the ready marker again.
+    ctx.send("qinit ctl reboot")?;
+    ctx.wait_for(
+        "qinit: shutdown: Reboot: services stopped",
+        Duration::from_secs(120),
+    )?;
+    let again = ctx.wait_ready()?;
+    ensure!(again.contains("slot=A"), "{again}");
+
+    // Power off: qinit says so, and the machine goes off by itself where
+    // the target can tell.
+    ctx.send("qinit ctl poweroff")?;
+    let line = ctx.wait_for("qinit: shutdown: ", Duration::from_secs(120))?;
+    ensure!(
+        line.contains("services stopped") && !line.contains("Reboot"),
+        "{line}"
+    );
+    if let Some(off) = ctx.target.powered_off_by_itself(Duration::from_secs(120)) {
+        ensure!(off, "still running after poweroff");
+    }
+    ctx.target.power_off()?;
+    Ok(())
+}
+
+fn service_line(ctx: &mut Ctx<'_>, name: &str) -> Result<String> {
+    let status = ctx.sh("qinit ctl status")?;
+    Ok(status
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_default()
+        .to_owned())
+}
+
+fn pid_of(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .unwrap_or_default()
+        .to_owned()
+}

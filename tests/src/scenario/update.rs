@@ -1,0 +1,137 @@
+//! Updates: A → B with a real reboot, a failing new slot that falls back
+//! to A on its own, and a power cut mid-apply. The bundles come from the
+//! flashed medium (see `flash.rs`), piped into `qupdate apply -` as they
+//! would come from an UpdateVM.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+
+use super::{Ctx, Scenario};
+
+pub const UPDATE: Scenario = Scenario {
+    name: "update",
+    about: "apply the next bundle into slot B, reboot into it, mark it good",
+    run: update,
+};
+
+pub const ROLLBACK: Scenario = Scenario {
+    name: "rollback",
+    about: "a bundle whose slot fails to boot: three tries, then back to A on its own",
+    run: rollback,
+};
+
+pub const POWER_CUT: Scenario = Scenario {
+    name: "power-cut",
+    about: "power cut at 30% of an apply: A still boots, the same apply then succeeds",
+    run: power_cut,
+};
+
+/// The state of `slot` in `qupdate status --json`.
+fn slot_state<'s>(status: &'s str, slot: &str) -> &'s str {
+    let at = status.find(&format!("\"slot\": \"{slot}\"")).unwrap_or(0);
+    status[at..]
+        .split("\"state\": \"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or("")
+}
+
+fn compact(s: &str) -> String {
+    s.split_whitespace().collect()
+}
+
+/// `<read the payload> | qupdate apply -`, as a command line for dom0.
+fn apply_command(ctx: &mut Ctx<'_>, payload: &str, tail: &str) -> Result<String> {
+    let p = ctx.payload(payload)?;
+    let disk = ctx.boot_disk()?;
+    Ok(format!("{} | qupdate apply -{tail}", p.read_command(&disk)))
+}
+
+fn update(ctx: &mut Ctx<'_>) -> Result<()> {
+    let image = ctx.image;
+    ctx.boot(image)?;
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains("slot=A"), "{line}");
+    let apply = apply_command(ctx, "next", "")?;
+    let t = ctx.timeouts.apply;
+    let out = ctx.sh_within(&apply, t)?;
+    ensure!(out.contains("into slot B"), "{out}");
+    // The CLI found qupdated on the bus and handed it the pipe.
+    ensure!(out.contains("through qupdated"), "{out}");
+    let st = ctx.sh("qupdate status --json")?;
+    ensure!(slot_state(&st, "B") == "bootable", "{st}");
+    ensure!(compact(&st).contains("\"order\":[\"B\",\"A\"]"), "{st}");
+
+    ctx.send("qinit ctl reboot")?;
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains("slot=B version=0.2.0"), "{line}");
+    let st = ctx.wait_status(Duration::from_secs(120), |s| slot_state(s, "B") == "good")?;
+    ensure!(
+        compact(&st).contains("\"floor\":1"),
+        "the floor rises once B is good: {st}"
+    );
+    ensure!(compact(&st).contains("\"booted\":\"B\""), "{st}");
+    ctx.target.power_off()?;
+    Ok(())
+}
+
+fn rollback(ctx: &mut Ctx<'_>) -> Result<()> {
+    let image = ctx.image;
+    ctx.boot(image)?;
+    ctx.wait_ready()?;
+    let apply = apply_command(ctx, "broken", "")?;
+    let t = ctx.timeouts.apply;
+    ctx.sh_within(&apply, t)?;
+    ctx.send("qinit ctl reboot")?;
+    // Slot B fails its boot-critical service and reboots, three times.
+    let boot = ctx.timeouts.boot;
+    for i in 0..3 {
+        let (which, line) = ctx.wait_any(&["QINIT-FAILED", "QINIT-READY"], boot)?;
+        ensure!(which == 0, "try {i}: {line}");
+    }
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains("slot=A"), "fell back to A: {line}");
+    let st = ctx.sh("qupdate status --json")?;
+    ensure!(slot_state(&st, "B") == "bad", "{st}");
+    ensure!(slot_state(&st, "A") == "good", "{st}");
+    ctx.target.power_off()?;
+    Ok(())
+}
+
+fn power_cut(ctx: &mut Ctx<'_>) -> Result<()> {
+    let image = ctx.image;
+    ctx.boot(image)?;
+    ctx.wait_ready()?;
+    // Through a pipe, so progress comes as whole lines the test can see.
+    let apply = apply_command(ctx, "next", " 2>&1 | cat")?;
+    ctx.send(&apply)?;
+    // Pull the plug while the payloads are being written.
+    let t = ctx.timeouts.apply;
+    ctx.wait_for("qupdate: write 30%", t)?;
+    ctx.power_cut()?;
+
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains("slot=A"), "{line}");
+    let st = ctx.sh("qupdate status --json")?;
+    ensure!(slot_state(&st, "B") != "bootable", "{st}");
+    ensure!(slot_state(&st, "A") == "good", "{st}");
+    let apply = apply_command(ctx, "next", "")?;
+    let out = ctx.sh_within(&apply, t)?;
+    ensure!(out.contains("into slot B"), "{out}");
+    ctx.target.power_off()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_states_are_read_from_the_status_json() {
+        let st =
+            r#"{"slots": [{"slot": "A", "state": "good"}, {"slot": "B", "state": "bootable"}]}"#;
+        assert_eq!(slot_state(st, "A"), "good");
+        assert_eq!(slot_state(st, "B"), "bootable");
+    }
+}

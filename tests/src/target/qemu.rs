@@ -1,0 +1,110 @@
+//! The QEMU target: the launcher of `qemu/` with its disk a file in the
+//! target's work directory. Power on starts QEMU, power off kills it (a
+//! real power cut: nothing is flushed), and the serial socket of each run
+//! is attached to one console.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qconsole::Console;
+
+use super::{Target, TargetError, Timeouts};
+
+const NAME: &str = "qemu";
+
+#[derive(Debug)]
+pub struct QemuTarget {
+    work: PathBuf,
+    disk: PathBuf,
+    machine: Option<qemu::Machine>,
+    console: Console,
+}
+
+impl QemuTarget {
+    /// A target whose disk, firmware variables and sockets live in `work`.
+    pub fn new(work: &Path, echo: bool) -> Result<Self, TargetError> {
+        std::fs::create_dir_all(work).map_err(|source| TargetError::Io {
+            target: NAME.into(),
+            what: "creating",
+            path: work.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            work: work.to_owned(),
+            disk: work.join("disk.img"),
+            machine: None,
+            console: Console::new(Some(&work.join("serial.log")), echo)?,
+        })
+    }
+}
+
+impl Target for QemuTarget {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn flash(&mut self, image: &Path) -> Result<(), TargetError> {
+        std::fs::copy(image, &self.disk).map_err(|source| TargetError::Io {
+            target: NAME.into(),
+            what: "copying the image to",
+            path: self.disk.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    fn power_on(&mut self) -> Result<(), TargetError> {
+        self.power_off()?;
+        let cfg = qemu::VmConfig::new(&self.disk, &self.work);
+        let qemu_err = |source| TargetError::Qemu {
+            target: NAME.into(),
+            source,
+        };
+        let (machine, serial) = qemu::Machine::spawn(&cfg).map_err(qemu_err)?;
+        let reader = serial.try_clone().map_err(|source| TargetError::Io {
+            target: NAME.into(),
+            what: "duplicating the serial socket of",
+            path: self.work.clone(),
+            source,
+        })?;
+        self.console.attach(reader, serial)?;
+        self.machine = Some(machine);
+        Ok(())
+    }
+
+    fn power_off(&mut self) -> Result<(), TargetError> {
+        if let Some(mut m) = self.machine.take() {
+            m.kill();
+        }
+        Ok(())
+    }
+
+    fn console(&mut self) -> &mut Console {
+        &mut self.console
+    }
+
+    fn powered_off_by_itself(&mut self, within: Duration) -> Option<bool> {
+        Some(
+            self.machine
+                .as_mut()
+                .is_none_or(|m| m.wait_exit(within).is_some()),
+        )
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts::default()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "QEMU {} (TCG, OVMF, virtio disk), serial over a socket, power through the QEMU process",
+            qemu::CPU_MODEL
+        )
+    }
+}
+
+impl Drop for QemuTarget {
+    fn drop(&mut self) {
+        let _ = self.power_off();
+    }
+}
