@@ -22,6 +22,13 @@ use std::time::{Duration, Instant};
 /// How long [`Console::follow`] waits between connection attempts.
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
+/// Typed input goes out in pieces this big with a pause after each: a
+/// serial line has no flow control, and Xen keeps only 128 bytes of
+/// console input for dom0. A long command typed at once while dom0 is
+/// busy (the GUI VM starting) lost characters in the middle.
+const TYPE_CHUNK: usize = 32;
+const TYPE_PAUSE: Duration = Duration::from_millis(25);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
     #[error("console log {path}: {source}")]
@@ -318,13 +325,23 @@ impl Console {
         self.wait_for_any(&[needle], timeout).map(|(_, l)| l)
     }
 
-    /// Types a line on the console.
+    /// Types a line on the console, paced like a person at a keyboard
+    /// (see [`TYPE_CHUNK`]).
     pub fn send_line(&mut self, line: &str) -> Result<(), ConsoleError> {
-        let mut s = self.shared.lock()?;
-        let w = s.writer.as_mut().ok_or(ConsoleError::NotConnected)?;
-        w.write_all(format!("{line}\n").as_bytes())
-            .and_then(|()| w.flush())
-            .map_err(ConsoleError::Write)
+        let bytes = format!("{line}\n").into_bytes();
+        for (i, chunk) in bytes.chunks(TYPE_CHUNK).enumerate() {
+            if i > 0 {
+                std::thread::sleep(TYPE_PAUSE);
+            }
+            // The lock is not held across the pause: the reader thread
+            // must go on filling the transcript.
+            let mut s = self.shared.lock()?;
+            let w = s.writer.as_mut().ok_or(ConsoleError::NotConnected)?;
+            w.write_all(chunk)
+                .and_then(|()| w.flush())
+                .map_err(ConsoleError::Write)?;
+        }
+        Ok(())
     }
 
     /// Runs a command on the test image's serial shell and returns what it

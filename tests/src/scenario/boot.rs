@@ -4,7 +4,7 @@
 
 use anyhow::{ensure, Context as _, Result};
 
-use super::{Ctx, Scenario};
+use super::{Check, Ctx, Scenario};
 
 pub const BOOT: Scenario = Scenario {
     name: "boot",
@@ -18,6 +18,26 @@ pub const CORRUPT_ROOT: Scenario = Scenario {
     run: corrupt_root,
 };
 
+/// What a booted dom0 must answer. The LAVA export turns the same list
+/// into its interactive test.
+pub const CHECKS: &[Check] = &[
+    // xenstored works: dom0's entries written by xen-init-dom0.
+    Check::line(
+        "xenstore-name",
+        "xenstore-read /local/domain/0/name",
+        "Domain-0",
+    ),
+    Check::text(
+        "xenstore-domid",
+        "xenstore-ls /local/domain/0",
+        "domid = \"0\"",
+    ),
+    // The root is the verity device, read-only; /var is the data partition.
+    Check::text("verity-root", "cat /proc/mounts", "/dev/dm-0 / squashfs ro"),
+    Check::text("data-on-var", "cat /proc/mounts", " /var ext4 rw"),
+    Check::text("xl-list", "xl list", "Domain-0"),
+];
+
 fn boot(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
     ctx.boot(image)?;
@@ -28,17 +48,10 @@ fn boot(ctx: &mut Ctx<'_>) -> Result<()> {
         .with_context(|| format!("no ms= in {line}"))?;
     ensure!(ms > 0, "{line}");
 
-    // xenstored works: dom0's entries written by xen-init-dom0.
-    let name = ctx.sh("xenstore-read /local/domain/0/name")?;
-    ensure!(name.lines().any(|l| l.trim() == "Domain-0"), "{name}");
-    let ls = ctx.sh("xenstore-ls /local/domain/0")?;
-    ensure!(ls.contains("domid = \"0\""), "{ls}");
-    // The root is the verity device, read-only; /var is the data partition.
-    let mounts = ctx.sh("cat /proc/mounts")?;
-    ensure!(mounts.contains("/dev/dm-0 / squashfs ro"), "{mounts}");
-    ensure!(mounts.contains(" /var ext4 rw"), "{mounts}");
-    let xl = ctx.sh("xl list")?;
-    ensure!(xl.contains("Domain-0"), "{xl}");
+    for c in CHECKS {
+        let out = ctx.sh(c.command)?;
+        ensure!(c.holds(&out), "`{}`: no {:?} in {out}", c.command, c.expect);
+    }
     // GRUB chose slot A and Xen booted dom0 from it. The console may come
     // up after GRUB on a lab machine, so these are checked only where
     // the transcript has them.

@@ -13,11 +13,11 @@ use crate::flash::{FlashImage, Payload};
 use crate::hcl::HclFacts;
 use crate::target::{Target, Timeouts};
 
-mod boot;
-mod guivm;
-mod hcl;
+pub mod boot;
+pub mod guivm;
+pub mod hcl;
 mod qinit;
-mod update;
+pub mod update;
 
 /// One scenario.
 #[derive(Debug)]
@@ -42,6 +42,49 @@ pub const ALL: &[Scenario] = &[
 pub fn find(name: &str) -> Option<&'static Scenario> {
     ALL.iter().find(|s| s.name == name)
 }
+
+/// A shell command and what its output must hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Check {
+    pub name: &'static str,
+    pub command: &'static str,
+    pub expect: &'static str,
+    /// `expect` must be a whole line, not just part of one.
+    pub whole_line: bool,
+}
+
+impl Check {
+    pub const fn text(name: &'static str, command: &'static str, expect: &'static str) -> Self {
+        Self {
+            name,
+            command,
+            expect,
+            whole_line: false,
+        }
+    }
+
+    pub const fn line(name: &'static str, command: &'static str, expect: &'static str) -> Self {
+        Self {
+            name,
+            command,
+            expect,
+            whole_line: true,
+        }
+    }
+
+    pub fn holds(&self, output: &str) -> bool {
+        if self.whole_line {
+            output.lines().any(|l| l.trim() == self.expect)
+        } else {
+            output.contains(self.expect)
+        }
+    }
+}
+
+/// Shell that sets `$d` to the disk dom0 booted from: the one holding the
+/// data partition on /var (`/sys/block/<disk>/<partition>` exists).
+pub const FIND_BOOT_DISK: &str =
+    "p=$(awk '$2==\"/var\"{print $1}' /proc/mounts); d=$(ls -d /sys/block/*/${p##*/}); d=${d#/sys/block/}; d=/dev/${d%%/*}";
 
 /// What a scenario works with.
 pub struct Ctx<'a> {
@@ -159,13 +202,11 @@ impl<'a> Ctx<'a> {
     /// The disk dom0 booted from (`/dev/vda` in QEMU, whatever it is on a
     /// lab machine): the one holding the data partition on /var.
     pub fn boot_disk(&mut self) -> Result<String> {
-        let out = self.sh(
-            "p=$(awk '$2==\"/var\"{print $1}' /proc/mounts); p=${p##*/}; \
-             for b in /sys/block/*; do [ -e \"$b/$p\" ] && echo \"DISK=/dev/${b##*/}\"; done",
-        )?;
+        let out = self.sh(&format!("{FIND_BOOT_DISK}; echo \"DISK=$d\""))?;
         out.lines()
-            .find_map(|l| l.trim().strip_prefix("DISK="))
-            .map(str::to_owned)
+            .find_map(|l| l.trim().strip_prefix("DISK=/dev/"))
+            .filter(|d| !d.is_empty() && !d.contains('*'))
+            .map(|d| format!("/dev/{d}"))
             .with_context(|| format!("no disk holds /var: {out}"))
     }
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 
-use super::{Ctx, Scenario};
+use super::{Ctx, Scenario, FIND_BOOT_DISK};
+use crate::flash::Payload;
 
 pub const UPDATE: Scenario = Scenario {
     name: "update",
@@ -41,22 +42,29 @@ fn compact(s: &str) -> String {
     s.split_whitespace().collect()
 }
 
-/// `<read the payload> | qupdate apply -`, as a command line for dom0.
-fn apply_command(ctx: &mut Ctx<'_>, payload: &str, tail: &str) -> Result<String> {
-    let p = ctx.payload(payload)?;
-    let disk = ctx.boot_disk()?;
-    Ok(format!("{} | qupdate apply -{tail}", p.read_command(&disk)))
+/// `<read the payload from the boot disk> | qupdate apply -`, the command
+/// line dom0 runs (the LAVA export uses the same one).
+pub fn apply_command(payload: &Payload, tail: &str) -> String {
+    format!(
+        "{FIND_BOOT_DISK}; {} | qupdate apply -{tail}",
+        payload.read_command("$d")
+    )
 }
+
+/// What `qupdate apply` prints once slot B holds the update.
+pub const APPLIED: &str = "into slot B";
+/// The ready marker of the next release, booted from slot B.
+pub const READY_B: &str = "QINIT-READY slot=B version=0.2.0";
 
 fn update(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
     ctx.boot(image)?;
     let line = ctx.wait_ready()?;
     ensure!(line.contains("slot=A"), "{line}");
-    let apply = apply_command(ctx, "next", "")?;
+    let apply = apply_command(&ctx.payload("next")?, "");
     let t = ctx.timeouts.apply;
     let out = ctx.sh_within(&apply, t)?;
-    ensure!(out.contains("into slot B"), "{out}");
+    ensure!(out.contains(APPLIED), "{out}");
     // The CLI found qupdated on the bus and handed it the pipe.
     ensure!(out.contains("through qupdated"), "{out}");
     let st = ctx.sh("qupdate status --json")?;
@@ -65,7 +73,7 @@ fn update(ctx: &mut Ctx<'_>) -> Result<()> {
 
     ctx.send("qinit ctl reboot")?;
     let line = ctx.wait_ready()?;
-    ensure!(line.contains("slot=B version=0.2.0"), "{line}");
+    ensure!(line.contains(READY_B), "{line}");
     let st = ctx.wait_status(Duration::from_secs(120), |s| slot_state(s, "B") == "good")?;
     ensure!(
         compact(&st).contains("\"floor\":1"),
@@ -80,7 +88,7 @@ fn rollback(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
     ctx.boot(image)?;
     ctx.wait_ready()?;
-    let apply = apply_command(ctx, "broken", "")?;
+    let apply = apply_command(&ctx.payload("broken")?, "");
     let t = ctx.timeouts.apply;
     ctx.sh_within(&apply, t)?;
     ctx.send("qinit ctl reboot")?;
@@ -104,7 +112,7 @@ fn power_cut(ctx: &mut Ctx<'_>) -> Result<()> {
     ctx.boot(image)?;
     ctx.wait_ready()?;
     // Through a pipe, so progress comes as whole lines the test can see.
-    let apply = apply_command(ctx, "next", " 2>&1 | cat")?;
+    let apply = apply_command(&ctx.payload("next")?, " 2>&1 | cat");
     ctx.send(&apply)?;
     // Pull the plug while the payloads are being written.
     let t = ctx.timeouts.apply;
@@ -116,9 +124,9 @@ fn power_cut(ctx: &mut Ctx<'_>) -> Result<()> {
     let st = ctx.sh("qupdate status --json")?;
     ensure!(slot_state(&st, "B") != "bootable", "{st}");
     ensure!(slot_state(&st, "A") == "good", "{st}");
-    let apply = apply_command(ctx, "next", "")?;
+    let apply = apply_command(&ctx.payload("next")?, "");
     let out = ctx.sh_within(&apply, t)?;
-    ensure!(out.contains("into slot B"), "{out}");
+    ensure!(out.contains(APPLIED), "{out}");
     ctx.target.power_off()?;
     Ok(())
 }
