@@ -6,11 +6,10 @@
 # through qemu-lab.toml and never learns that the machine is a VM.
 #
 # QLAB_WORK is the directory qlab keeps for the target; QLAB_IMAGE is the
-# image to flash. The serial port is QLAB_QEMU_SERIAL (default
-# 127.0.0.1:45123).
+# image to flash. The serial port is the one qemu-lab.toml names.
 set -eu
 work=${QLAB_WORK:?run by qlab}
-serial=${QLAB_QEMU_SERIAL:-127.0.0.1:45123}
+serial=127.0.0.1:45123
 pidfile="$work/qemu.pid"
 
 off() {

@@ -47,6 +47,29 @@ enum Cmd {
     },
     /// List the scenarios.
     List,
+    /// Write LAVA jobs for the scenarios a LAVA job can express, and the
+    /// flash image they deploy, into a directory.
+    ExportLava {
+        /// The lab's device type for the machines.
+        #[arg(long)]
+        device_type: String,
+        /// Where the dispatchers will fetch the flash image (upload
+        /// `<out>/flash.img` there).
+        #[arg(long)]
+        image_url: String,
+        /// Directory of built images (`cargo xtask image`).
+        #[arg(long, default_value = "target/images")]
+        images: PathBuf,
+        /// A lab target file whose timeouts the jobs take.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Output directory.
+        #[arg(long, default_value = "target/lava")]
+        out: PathBuf,
+        /// Check the jobs with LAVA's own validator (Debian's lava-common).
+        #[arg(long)]
+        validate: bool,
+    },
     /// Check a lab target file and print what it describes.
     Check {
         /// The lab target's TOML file.
@@ -76,6 +99,65 @@ fn bundle_in(dir: &Path) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
+/// The default bundles of a build tree, by the names the scenarios use.
+fn default_bundles(images: &Path, named: &mut Vec<(String, PathBuf)>) {
+    for (name, profile) in [("next", "qemu-test-next"), ("broken", "qemu-test-broken")] {
+        if named.iter().all(|(n, _)| n != name) {
+            if let Some(p) = bundle_in(&images.join(profile)) {
+                named.push((name.to_owned(), p));
+            }
+        }
+    }
+}
+
+fn export_lava(
+    device_type: &str,
+    image_url: &str,
+    images: &Path,
+    target: Option<&Path>,
+    out: &Path,
+    validate: bool,
+) -> Result<ExitCode> {
+    let timeouts = match target {
+        Some(t) => qlab::target::lab::LabConfig::load(t)?.timeouts,
+        None => qlab::target::Timeouts::default(),
+    };
+    let disk = images.join("qemu-test/disk.img");
+    let mut bundles = Vec::new();
+    default_bundles(images, &mut bundles);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let refs: Vec<(&str, &Path)> = bundles
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_path()))
+        .collect();
+    let image = qlab::flash::compose(&disk, &refs, &out.join("flash.img"))?;
+    let opts = qlab::lava::LavaOptions {
+        device_type: device_type.to_owned(),
+        image_url: image_url.to_owned(),
+        timeouts,
+    };
+    let mut written = Vec::new();
+    for s in scenario::ALL {
+        match qlab::lava::job(s.name, s.about, &image, &opts) {
+            Some(y) => {
+                let p = out.join(format!("{}.yaml", s.name));
+                std::fs::write(&p, y).with_context(|| format!("writing {}", p.display()))?;
+                println!("qlab: {}", p.display());
+                written.push(p);
+            }
+            None => println!("qlab: {}: runs under `qlab run` only", s.name),
+        }
+    }
+    println!("qlab: upload {} to {image_url}", image.path.display());
+    if validate {
+        match qlab::lava::validate(&written) {
+            Ok(report) => print!("{report}"),
+            Err(report) => bail!("LAVA's validator rejected the jobs:\n{report}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::List => {
@@ -84,6 +166,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::ExportLava {
+            device_type,
+            image_url,
+            images,
+            target,
+            out,
+            validate,
+        } => export_lava(
+            &device_type,
+            &image_url,
+            &images,
+            target.as_deref(),
+            &out,
+            validate,
+        ),
         Cmd::Check { target } => {
             let cfg = qlab::target::lab::LabConfig::load(&target)?;
             println!("{cfg:#?}");
@@ -123,13 +220,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .with_context(|| format!("--bundle {b:?}: expected NAME=FILE"))?;
                 named.push((name.to_owned(), PathBuf::from(file)));
             }
-            for (name, profile) in [("next", "qemu-test-next"), ("broken", "qemu-test-broken")] {
-                if named.iter().all(|(n, _)| n != name) {
-                    if let Some(p) = bundle_in(&images.join(profile)) {
-                        named.push((name.to_owned(), p));
-                    }
-                }
-            }
+            default_bundles(&images, &mut named);
             let report = runner::run(&RunOptions {
                 target,
                 scenarios: chosen,

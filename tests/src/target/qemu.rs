@@ -104,7 +104,10 @@ impl Target for QemuTarget {
 }
 
 impl Drop for QemuTarget {
+    /// The disk is a copy of the run's image, as big as it; the serial log
+    /// stays.
     fn drop(&mut self) {
         let _ = self.power_off();
+        let _ = std::fs::remove_file(&self.disk);
     }
 }
