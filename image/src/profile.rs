@@ -300,25 +300,47 @@ fn load_merged(
     let Some(parent) = parent else {
         return Ok(toml::Value::Table(table));
     };
-    let Some(parent_name) = parent.as_str() else {
-        return Err(ProfileError::Invalid {
-            path: path.to_owned(),
-            field: "extends".into(),
-            reason: "must be a profile name string".into(),
-        });
+    // One parent, or several merged in order (a base and a mixin such as
+    // the test tools), then this file over them.
+    let names: Vec<&str> = match &parent {
+        toml::Value::String(name) => vec![name.as_str()],
+        toml::Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .map(|v| v.as_str())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ProfileError::Invalid {
+                path: path.to_owned(),
+                field: "extends".into(),
+                reason: "must be a profile name or a list of names".into(),
+            })?,
+        _ => {
+            return Err(ProfileError::Invalid {
+                path: path.to_owned(),
+                field: "extends".into(),
+                reason: "must be a profile name or a list of names".into(),
+            })
+        }
     };
-    if parent_name.contains('/') || parent_name.is_empty() {
-        return Err(ProfileError::Invalid {
-            path: path.to_owned(),
-            field: "extends".into(),
-            reason: format!("`{parent_name}` is not a profile name in the same directory"),
-        });
+    let mut base: Option<toml::Value> = None;
+    for parent_name in names {
+        if parent_name.contains('/') || parent_name.is_empty() {
+            return Err(ProfileError::Invalid {
+                path: path.to_owned(),
+                field: "extends".into(),
+                reason: format!("`{parent_name}` is not a profile name in the same directory"),
+            });
+        }
+        let parent_path = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("{parent_name}.toml"));
+        let loaded = load_merged(&parent_path, depth + 1, chain)?;
+        match base.as_mut() {
+            Some(b) => merge(b, loaded),
+            None => base = Some(loaded),
+        }
     }
-    let parent_path = path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(format!("{parent_name}.toml"));
-    let mut base = load_merged(&parent_path, depth + 1, chain)?;
+    let mut base = base.unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
     merge(&mut base, toml::Value::Table(table));
     Ok(base)
 }
@@ -652,6 +674,35 @@ data_mib = 64
             p.debian.packages,
             vec!["libc6", "xen-utils-4.20", "busybox-static"]
         );
+    }
+
+    #[test]
+    fn extends_takes_a_list_merged_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.toml"), GOOD).unwrap();
+        std::fs::write(
+            dir.path().join("tools.toml"),
+            "[debian]\npackages = [\"busybox-static\"]\n[root]\nfiles = [\"/usr/bin/busybox\"]\n",
+        )
+        .unwrap();
+        let child = dir.path().join("child.toml");
+        std::fs::write(
+            &child,
+            "extends = [\"base\", \"tools\"]\n[image]\nname = \"child\"\n",
+        )
+        .unwrap();
+        let p = load(&child).unwrap();
+        assert_eq!(p.image.name, "child");
+        assert_eq!(
+            p.debian.packages.last().map(String::as_str),
+            Some("busybox-static")
+        );
+        assert!(p.root.files.iter().any(|f| f == "/usr/bin/busybox"));
+        for bad in ["extends = []\n", "extends = [1]\n", "extends = 3\n"] {
+            std::fs::write(&child, bad).unwrap();
+            let e = load(&child).unwrap_err();
+            assert!(e.to_string().contains("field `extends`"), "{e}");
+        }
     }
 
     #[test]
