@@ -47,6 +47,8 @@ pub enum VmError {
     },
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("a detached VM needs its serial port on TCP (--serial-tcp)")]
+    NoTcpSerial,
 }
 
 /// How to start a VM.
@@ -159,14 +161,9 @@ fn port_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(_, p)| p)
 }
 
-/// Starts QEMU in the background as a lab's power switch would, with the
-/// serial port on TCP (`cfg.serial_tcp`), and returns once it runs; its
-/// pid is written to `pidfile`. Stopping it is the caller's business
-/// (`kill`), as pulling a plug is.
-pub fn power_on_detached(cfg: &VmConfig, pidfile: &Path) -> Result<(), VmError> {
-    if cfg.serial_tcp.is_none() {
-        return Err(VmError::Qmp("a detached VM needs a TCP serial port".into()));
-    }
+/// Checks the firmware and readies the work directory: a fresh copy of
+/// the firmware variables, no stale sockets. Returns QEMU's log path.
+fn prepare_work_dir(cfg: &VmConfig) -> Result<PathBuf, VmError> {
     for fw in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(fw).exists() {
             return Err(VmError::NoFirmware(fw.into()));
@@ -179,7 +176,25 @@ pub fn power_on_detached(cfg: &VmConfig, pidfile: &Path) -> Result<(), VmError> 
     std::fs::create_dir_all(&cfg.work_dir).map_err(io("create work dir", &cfg.work_dir))?;
     let vars = cfg.work_dir.join("OVMF_VARS.fd");
     std::fs::copy(OVMF_VARS, &vars).map_err(io("copy firmware variables", &vars))?;
-    let qemu_log = cfg.work_dir.join("qemu.log");
+    for s in ["serial.sock", "qmp.sock"] {
+        let _ = std::fs::remove_file(cfg.work_dir.join(s));
+    }
+    Ok(cfg.work_dir.join("qemu.log"))
+}
+
+/// Starts QEMU in the background as a lab's power switch would, with the
+/// serial port on TCP (`cfg.serial_tcp`), and returns once it runs; its
+/// pid is written to `pidfile`. Stopping it is the caller's business
+/// (`kill`), as pulling a plug is.
+pub fn power_on_detached(cfg: &VmConfig, pidfile: &Path) -> Result<(), VmError> {
+    if cfg.serial_tcp.is_none() {
+        return Err(VmError::NoTcpSerial);
+    }
+    let qemu_log = prepare_work_dir(cfg)?;
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| VmError::Io { what, path, source }
+    };
     let status = Command::new("qemu-system-x86_64")
         .args(cfg.args())
         .arg("-daemonize")
@@ -212,22 +227,11 @@ pub struct Machine {
 impl Machine {
     /// Starts QEMU and connects to its serial socket.
     pub fn spawn(cfg: &VmConfig) -> Result<(Self, UnixStream), VmError> {
-        for fw in [OVMF_CODE, OVMF_VARS] {
-            if !Path::new(fw).exists() {
-                return Err(VmError::NoFirmware(fw.into()));
-            }
-        }
+        let qemu_log = prepare_work_dir(cfg)?;
         let io = |what, path: &Path| {
             let path = path.to_owned();
             move |source| VmError::Io { what, path, source }
         };
-        std::fs::create_dir_all(&cfg.work_dir).map_err(io("create work dir", &cfg.work_dir))?;
-        let vars = cfg.work_dir.join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars).map_err(io("copy firmware variables", &vars))?;
-        for s in ["serial.sock", "qmp.sock"] {
-            let _ = std::fs::remove_file(cfg.work_dir.join(s));
-        }
-        let qemu_log = cfg.work_dir.join("qemu.log");
         let log_file = std::fs::File::create(&qemu_log).map_err(io("create", &qemu_log))?;
         let log_err = log_file.try_clone().map_err(io("dup", &qemu_log))?;
         let started = Instant::now();
