@@ -111,8 +111,8 @@ impl PciNames {
                 let (id, name) = s.split_once("  ")?;
                 Some((u16::from_str_radix(id, 16).ok()?, name.trim().to_owned()))
             };
-            if let Some(rest) = line.strip_prefix("\t\t") {
-                let _ = rest; // subsystems: not reported
+            if line.starts_with("\t\t") {
+                // A subsystem: not reported.
             } else if let Some(rest) = line.strip_prefix('\t') {
                 if let (Some(v), Some((d, name))) = (vendor, id_name(rest)) {
                     names.devices.insert((v, d), name);

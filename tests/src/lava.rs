@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 
 use crate::flash::FlashImage;
-use crate::scenario::{boot, update, Check};
+use crate::scenario::{boot, guivm, hcl, update, Check};
 use crate::target::Timeouts;
 
 /// The scenarios a LAVA job can express.
@@ -100,11 +100,15 @@ fn plan(scenario: &str, image: &FlashImage) -> Option<Vec<Block>> {
     Some(match scenario {
         "boot" => vec![checks("boot-checks", boot::CHECKS)],
         "guivm" => vec![
-            wait_block("guivm-ready", "QDOMD-GUIVM-READY name=guivm", None),
+            wait_block("guivm-ready", guivm::READY, None),
             shell_block(
                 "guivm-listed",
                 vec![
-                    shell_step("qdom-list", "qdom list | grep '^guivm  *ready '", Some("guivm")),
+                    shell_step(
+                        "qdom-list",
+                        "qdom list | grep '^guivm  *ready '",
+                        Some("guivm"),
+                    ),
                     shell_step("xl-list", "xl list", Some("guivm")),
                 ],
             ),
@@ -145,19 +149,13 @@ fn plan(scenario: &str, image: &FlashImage) -> Option<Vec<Block>> {
         "hcl" => vec![shell_block(
             "hcl-facts",
             vec![
-                shell_step("xl-info", "xl info", Some("xen_major")),
-                shell_step("cpu", "grep -m1 'model name' /proc/cpuinfo", Some("model name")),
-                shell_step("kernel", "cat /proc/sys/kernel/osrelease", None),
-                shell_step(
-                    "pci",
-                    "for d in /sys/bus/pci/devices/*; do echo \"${d##*/} $(cat $d/class) $(cat $d/vendor) $(cat $d/device)\"; done",
-                    None,
-                ),
-                shell_step(
-                    "tpm",
-                    "cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo none",
-                    None,
-                ),
+                shell_step("xl-info", hcl::XL_INFO, Some("xen_major")),
+                shell_step("xen-log", hcl::XEN_LOG, None),
+                shell_step("cpu", hcl::CPU, Some("model name")),
+                shell_step("kernel", hcl::KERNEL, None),
+                shell_step("dmi", hcl::DMI, None),
+                shell_step("tpm", hcl::TPM, None),
+                shell_step("pci", hcl::PCI, None),
             ],
         )],
         _ => return None,

@@ -14,6 +14,9 @@ pub const GUIVM: Scenario = Scenario {
     run: guivm,
 };
 
+/// qdomd's marker when the GUI VM reports ready.
+pub const READY: &str = "QDOMD-GUIVM-READY name=guivm";
+
 /// `qdom list`'s row for the GUI VM: (state, domid).
 fn guivm_row(ctx: &mut Ctx<'_>) -> Result<(String, String)> {
     let out = ctx.sh("qdom list")?;
@@ -34,7 +37,7 @@ fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
     let t = ctx.timeouts.guivm;
     // dom0 does not wait for the GUI VM: its marker comes after READY (the
     // console cursor only moves forward).
-    let line = ctx.wait_for("QDOMD-GUIVM-READY name=guivm", t)?;
+    let line = ctx.wait_for(READY, t)?;
     let first = field(&line, "domid=").unwrap_or("?").to_owned();
     ensure!(field(&line, "ms=").is_some(), "{line}");
     ctx.note(format!(
@@ -57,7 +60,7 @@ fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
 
     // Destroyed behind qdomd's back: it comes back under a new domid.
     ctx.sh(&format!("xl destroy {domid}"))?;
-    let line = ctx.wait_for("QDOMD-GUIVM-READY name=guivm", t)?;
+    let line = ctx.wait_for(READY, t)?;
     let second = field(&line, "domid=").unwrap_or("?").to_owned();
     ensure!(second != first, "{line}");
     let (state, domid) = guivm_row(ctx)?;

@@ -13,33 +13,38 @@ pub const HCL: Scenario = Scenario {
     run: collect,
 };
 
+// What dom0 is asked; the LAVA export asks the same.
+pub const XL_INFO: &str = "xl info";
+pub const XEN_LOG: &str = "xl dmesg";
+pub const CPU: &str = "grep -m1 'model name' /proc/cpuinfo";
+pub const KERNEL: &str = "cat /proc/sys/kernel/osrelease";
+pub const DMI: &str = "for f in sys_vendor product_name bios_version bios_date chassis_type; do \
+     echo \"$f=$(cat /sys/class/dmi/id/$f 2>/dev/null)\"; done";
+pub const TPM: &str = "cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo none";
+pub const PCI: &str = "for d in /sys/bus/pci/devices/*; do \
+     echo \"${d##*/} $(cat $d/class) $(cat $d/vendor) $(cat $d/device) $(cat $d/revision)\"; done";
+
 fn collect(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
     ctx.boot(image)?;
     let ready = ctx.wait_ready()?;
-    let xl_info = hcl::parse_xl_info(&ctx.sh("xl info")?);
+    let xl_info = hcl::parse_xl_info(&ctx.sh(XL_INFO)?);
     ensure!(
         xl_info.contains_key("xen_major"),
         "`xl info` without xen_major: {xl_info:?}"
     );
-    let xen_log = ctx.sh("xl dmesg")?;
-    let cpu = ctx.sh("grep -m1 'model name' /proc/cpuinfo")?;
+    let xen_log = ctx.sh(XEN_LOG)?;
+    let cpu = ctx.sh(CPU)?;
     let cpu = cpu
         .split_once(':')
         .map_or(cpu.as_str(), |(_, v)| v)
         .trim()
         .to_owned();
-    let kernel = ctx.sh("cat /proc/sys/kernel/osrelease")?.trim().to_owned();
-    let dmi = hcl::parse_pairs(&ctx.sh(
-        "for f in sys_vendor product_name bios_version bios_date chassis_type; do \
-         echo \"$f=$(cat /sys/class/dmi/id/$f 2>/dev/null)\"; done",
-    )?);
-    let tpm = ctx.sh("cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null || echo none")?;
+    let kernel = ctx.sh(KERNEL)?.trim().to_owned();
+    let dmi = hcl::parse_pairs(&ctx.sh(DMI)?);
+    let tpm = ctx.sh(TPM)?;
     let tpm_major = Some(tpm.trim().to_owned()).filter(|t| t != "none" && !t.is_empty());
-    let pci = hcl::parse_pci(&ctx.sh(
-        "for d in /sys/bus/pci/devices/*; do \
-         echo \"${d##*/} $(cat $d/class) $(cat $d/vendor) $(cat $d/device) $(cat $d/revision)\"; done",
-    )?);
+    let pci = hcl::parse_pci(&ctx.sh(PCI)?);
     ensure!(!pci.is_empty(), "dom0 sees no PCI devices");
     let facts = HclFacts {
         xl_info,

@@ -347,27 +347,8 @@ impl LabTarget {
         let mut child = cmd.spawn().map_err(io)?;
         // Drain both pipes in threads so a chatty command cannot block on
         // a full pipe while we wait for it.
-        let drain = |r: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut s = Vec::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut s);
-                }
-                s
-            })
-        };
-        let out = drain(
-            child
-                .stdout
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-        );
-        let err = drain(
-            child
-                .stderr
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-        );
+        let out = drain(child.stdout.take());
+        let err = drain(child.stderr.take());
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = child.try_wait().map_err(io)? {
@@ -398,6 +379,17 @@ impl LabTarget {
             output: String::from_utf8_lossy(&output).trim_end().to_owned(),
         })
     }
+}
+
+/// Reads a pipe to its end in a thread.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 impl Target for LabTarget {
