@@ -230,7 +230,7 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
         cargo()
             .args(["build", "--release", "--locked", "--target", TARGET])
             .args(["-p", "qinit", "-p", "qimage", "-p", "qbus", "-p", "qupdate"])
-            .args(["-p", "qdomd", "-p", "qguest"])
+            .args(["-p", "qdomd", "-p", "qguest", "-p", "qcmd"])
             .env("RUSTFLAGS", static_rustflags(root)),
     )?;
     Ok(static_bin_dir(root))

@@ -19,7 +19,7 @@ pub const FRAME_START: &[u8] = b"{QF1 ";
 const FRAME_END: u8 = b'}';
 
 /// The most payload bytes one frame carries.
-pub const MAX_FRAME_PAYLOAD: usize = 192;
+pub const MAX_FRAME_PAYLOAD: usize = 96;
 
 /// The longest a frame can be, braces included: a candidate longer than
 /// this without its closing brace is not a frame.

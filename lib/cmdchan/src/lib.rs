@@ -32,8 +32,13 @@ mod scan;
 
 pub use frame::{Frame, FrameError, Kind, FRAME_START, MAX_FRAME_LEN, MAX_FRAME_PAYLOAD};
 pub use reply::{reply_frames, Collector, End, Outcome, Progress, DATA_CHUNK};
-pub use request::{Op, Request, RequestError, MAX_REQUEST_PAYLOAD, REQUEST_START};
+pub use request::{Op, Request, RequestError, Resend, MAX_REQUEST_PAYLOAD, REQUEST_START};
 pub use scan::Scanner;
+
+/// The name of the virtio-serial port that carries the channel in nested
+/// QEMU: the launcher gives the port this name, and dom0's `qcmd serve`
+/// finds its device by it (`/sys/class/virtio-ports/*/name`).
+pub const VIRTIO_PORT_NAME: &str = "org.qubes-dom0.qcmd.0";
 
 /// An id names one command for the whole life of a console transcript:
 /// 1 to [`MAX_ID_LEN`] characters of `0-9a-z`.

@@ -8,7 +8,7 @@ use crate::frame::{Frame, Kind, MAX_FRAME_PAYLOAD};
 
 /// Output bytes per data frame: small enough that a frame rarely meets
 /// kernel text on a busy console, large enough to keep the overhead low.
-pub const DATA_CHUNK: usize = 96;
+pub const DATA_CHUNK: usize = 64;
 
 /// What a command did: its output (stdout and stderr, in the order it
 /// wrote them) and its exit status (128 + the signal when one killed it).
@@ -20,8 +20,9 @@ pub struct Outcome {
     pub dropped: u64,
 }
 
-/// The `end` frame's payload: `rc=<n> frames=<n> len=<n> dropped=<n>
-/// sha256=<hex>`.
+/// The `end` frame's payload, 56 bytes big-endian: rc (i32), frames
+/// (u32), len (u64), dropped (u64), sha256 (32 bytes). Binary keeps the
+/// frame short; a short frame is less often hit by other output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct End {
     pub rc: i32,
@@ -33,35 +34,32 @@ pub struct End {
 }
 
 impl End {
-    pub fn render(&self) -> String {
-        format!(
-            "rc={} frames={} len={} dropped={} sha256={}",
-            self.rc,
-            self.frames,
-            self.len,
-            self.dropped,
-            hex::encode(self.sha256)
-        )
+    pub const LEN: usize = 56;
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::LEN);
+        v.extend(self.rc.to_be_bytes());
+        v.extend(self.frames.to_be_bytes());
+        v.extend(self.len.to_be_bytes());
+        v.extend(self.dropped.to_be_bytes());
+        v.extend(self.sha256);
+        v
     }
 
     pub fn parse(payload: &[u8]) -> Option<Self> {
-        let text = std::str::from_utf8(payload).ok()?;
-        let mut f = text.split(' ');
-        let mut take = |key: &str| f.next()?.strip_prefix(key)?.strip_prefix('=');
-        let rc = take("rc")?.parse().ok()?;
-        let frames = take("frames")?.parse().ok()?;
-        let len = take("len")?.parse().ok()?;
-        let dropped = take("dropped")?.parse().ok()?;
-        let mut sha256 = [0u8; 32];
-        hex::decode_to_slice(take("sha256")?, &mut sha256).ok()?;
-        if f.next().is_some() {
+        if payload.len() != Self::LEN {
             return None;
         }
+        let (rc, rest) = payload.split_first_chunk::<4>()?;
+        let (frames, rest) = rest.split_first_chunk::<4>()?;
+        let (len, rest) = rest.split_first_chunk::<8>()?;
+        let (dropped, rest) = rest.split_first_chunk::<8>()?;
+        let sha256: [u8; 32] = rest.try_into().ok()?;
         Some(Self {
-            rc,
-            frames,
-            len,
-            dropped,
+            rc: i32::from_be_bytes(*rc),
+            frames: u32::from_be_bytes(*frames),
+            len: u64::from_be_bytes(*len),
+            dropped: u64::from_be_bytes(*dropped),
             sha256,
         })
     }
@@ -89,7 +87,7 @@ pub fn reply_frames(id: &str, outcome: &Outcome) -> Vec<Frame> {
         dropped: outcome.dropped,
         sha256: Sha256::digest(&outcome.output).into(),
     };
-    let payload = end.render().into_bytes();
+    let payload = end.render();
     debug_assert!(payload.len() <= MAX_FRAME_PAYLOAD);
     frames.push(Frame {
         id: id.to_owned(),
@@ -139,6 +137,21 @@ impl Collector {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The highest data frame number seen so far.
+    pub fn highest_data(&self) -> Option<u32> {
+        self.data.keys().next_back().copied()
+    }
+
+    /// Whether data frame `seq` is here.
+    pub fn has_data(&self, seq: u32) -> bool {
+        self.data.contains_key(&seq)
+    }
+
+    /// Whether the end frame is here.
+    pub fn has_end(&self) -> bool {
+        self.end.is_some()
     }
 
     /// Takes one frame; returns whether it told something new. Frames of
@@ -240,11 +253,12 @@ mod tests {
             dropped: u64::MAX,
             sha256: [0xab; 32],
         };
-        let text = end.render();
-        assert!(text.len() <= MAX_FRAME_PAYLOAD, "{}", text.len());
-        assert_eq!(End::parse(text.as_bytes()), Some(end));
-        assert_eq!(End::parse(b"rc=0 frames=0"), None);
-        assert_eq!(End::parse(format!("{text} x").as_bytes()), None);
+        let bytes = end.render();
+        assert_eq!(bytes.len(), End::LEN);
+        assert!(bytes.len() <= MAX_FRAME_PAYLOAD);
+        assert_eq!(End::parse(&bytes), Some(end));
+        assert_eq!(End::parse(&bytes[1..]), None);
+        assert_eq!(End::parse(&[bytes.as_slice(), b"x"].concat()), None);
     }
 
     #[test]
@@ -290,7 +304,7 @@ mod tests {
         }
         assert_eq!(c.progress(), Err(()));
         c.restart_data();
-        assert!(matches!(c.progress(), Ok(Progress::Missing(m)) if m == vec![1, 2, 3]));
+        assert!(matches!(c.progress(), Ok(Progress::Missing(m)) if m == vec![1, 2, 3, 4]));
 
         let mut c = Collector::new("a1");
         c.accept(&Frame::err("a1", "request: checksum"));

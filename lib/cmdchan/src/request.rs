@@ -89,6 +89,61 @@ impl RequestError {
     }
 }
 
+/// The frames a `resend` asks for: `seqs`, and every frame from `from`
+/// on. Neither: all of them (or a sign of life while the command runs).
+///
+/// On the wire a comma-separated list whose last item may be `N-`:
+/// `3,5,9-`. The host asks for "from N on" when it has not seen the end
+/// frame, whose number it then does not know.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resend {
+    pub seqs: Vec<u32>,
+    pub from: Option<u32>,
+}
+
+impl Resend {
+    /// Everything.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Whether frame `seq` is asked for.
+    pub fn wants(&self, seq: u32) -> bool {
+        (self.seqs.is_empty() && self.from.is_none())
+            || self.seqs.contains(&seq)
+            || self.from.is_some_and(|f| seq >= f)
+    }
+
+    fn render(&self) -> String {
+        let mut items: Vec<String> = self.seqs.iter().map(u32::to_string).collect();
+        if let Some(f) = self.from {
+            items.push(format!("{f}-"));
+        }
+        items.join(",")
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut r = Self::default();
+        if text.is_empty() {
+            return Some(r);
+        }
+        let number = |n: &str| {
+            (!n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| n.parse::<u32>().ok())
+                .flatten()
+        };
+        let items: Vec<&str> = text.split(',').collect();
+        for (i, item) in items.iter().enumerate() {
+            match item.strip_suffix('-') {
+                Some(n) if i + 1 == items.len() => r.from = Some(number(n)?),
+                Some(_) => return None,
+                None => r.seqs.push(number(item)?),
+            }
+        }
+        Some(r)
+    }
+}
+
 /// One request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -116,14 +171,12 @@ impl Request {
         }
     }
 
-    /// A request to print the frames `seqs` of `id`'s reply again (all of
-    /// them when `seqs` is empty).
-    pub fn resend(id: &str, seqs: &[u32]) -> Self {
-        let list: Vec<String> = seqs.iter().map(u32::to_string).collect();
+    /// A request to print frames of `id`'s reply again.
+    pub fn resend(id: &str, which: &Resend) -> Self {
         Self {
             op: Op::Resend,
             id: id.to_owned(),
-            payload: list.join(",").into_bytes(),
+            payload: which.render().into_bytes(),
         }
     }
 
@@ -135,24 +188,14 @@ impl Request {
         })
     }
 
-    /// The frame numbers of a `resend` (empty: all).
-    pub fn seqs(&self) -> Result<Vec<u32>, RequestError> {
+    /// Which frames a `resend` asks for.
+    pub fn resend_which(&self) -> Result<Resend, RequestError> {
         let bad = RequestError::Payload {
             op: "resend",
-            what: "comma-separated list of frame numbers",
+            what: "list of frame numbers (`3,5,9-`)",
         };
         let text = std::str::from_utf8(&self.payload).map_err(|_| bad.clone())?;
-        if text.is_empty() {
-            return Ok(Vec::new());
-        }
-        text.split(',')
-            .map(|n| {
-                if n.is_empty() || n.len() > 10 || !n.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(bad.clone());
-                }
-                n.parse().map_err(|_| bad.clone())
-            })
-            .collect()
+        Resend::parse(text).ok_or(bad)
     }
 
     /// The request as one line, without the newline.
@@ -221,7 +264,7 @@ impl Request {
                 }
             }
             Op::Resend => {
-                req.seqs()?;
+                req.resend_which()?;
             }
         }
         Ok(req)
@@ -237,16 +280,35 @@ mod tests {
         for req in [
             Request::run("a1", "echo hi; ls / | wc -l"),
             Request::spawn("b2", "qinit ctl reboot"),
-            Request::resend("c3", &[1, 7, 4_000_000_000]),
-            Request::resend("c3", &[]),
+            Request::resend(
+                "c3",
+                &Resend {
+                    seqs: vec![1, 7, 4_000_000_000],
+                    from: Some(9),
+                },
+            ),
+            Request::resend("c3", &Resend::all()),
         ] {
             let line = req.render();
             assert!(line.is_ascii() && !line.contains('\n'), "{line}");
             assert_eq!(Request::parse(&line), Ok(req.clone()));
             assert_eq!(Request::parse(&format!("  {line}\r")), Ok(req));
         }
-        let r = Request::parse(&Request::resend("x", &[2, 3]).render()).expect("parse");
-        assert_eq!(r.seqs(), Ok(vec![2, 3]));
+        let which = Resend {
+            seqs: vec![2, 3],
+            from: None,
+        };
+        let r = Request::parse(&Request::resend("x", &which).render()).expect("parse");
+        assert_eq!(r.resend_which(), Ok(which));
+        let from = Resend {
+            seqs: vec![],
+            from: Some(4),
+        };
+        assert!(!from.wants(3) && from.wants(4) && from.wants(90));
+        assert!(Resend::all().wants(1));
+        assert_eq!(Resend::parse("1-,2"), None);
+        assert_eq!(Resend::parse("-"), None);
+        assert_eq!(Resend::parse("1,,2"), None);
     }
 
     #[test]

@@ -19,6 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+mod shell;
+
+pub use shell::{Channel, ChannelStats};
+
 /// How long [`Console::follow`] waits between connection attempts.
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 
@@ -51,6 +55,35 @@ pub enum ConsoleError {
     Write(#[source] std::io::Error),
     #[error("console state lock poisoned")]
     Poisoned,
+    #[error(
+        "command `{command}`: {len} bytes is more than the {max} this channel takes in one request"
+    )]
+    CommandTooLong {
+        command: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("command `{command}`: dom0's qcmd did not acknowledge it after {sends} sends ({waited:?}); last output:\n{tail}")]
+    NoAck {
+        command: String,
+        sends: u32,
+        waited: Duration,
+        tail: String,
+    },
+    #[error("command `{command}`: dom0's qcmd refused it {sends} times, last: {reason}")]
+    Refused {
+        command: String,
+        sends: u32,
+        reason: String,
+    },
+    #[error("command `{command}`: frames {missing:?} still missing after {resends} resends")]
+    Lost {
+        command: String,
+        missing: Vec<u32>,
+        resends: u32,
+    },
+    #[error("command `{command}`: printed more than dom0 keeps ({dropped} bytes dropped)")]
+    OutputTooLarge { command: String, dropped: u64 },
 }
 
 /// A source of console connections that can be opened again after the
@@ -132,12 +165,20 @@ impl Shared {
     }
 }
 
-/// One machine's serial console.
+/// One machine's serial console, or its dedicated command channel.
 pub struct Console {
     shared: Arc<Shared>,
     cursor: usize,
     started: Instant,
     log_path: Option<PathBuf>,
+    /// How commands reach dom0's `qcmd` over this console.
+    channel: Channel,
+    /// What makes this console's command ids unique in its transcript.
+    ids: shell::Ids,
+    /// A readable record of every command and its outcome.
+    journal: String,
+    stats: ChannelStats,
+    timing: shell::Timing,
 }
 
 impl std::fmt::Debug for Console {
@@ -176,7 +217,18 @@ impl Console {
             cursor: 0,
             started: Instant::now(),
             log_path: log.map(Path::to_owned),
+            channel: Channel::SerialShell,
+            ids: shell::Ids::new(),
+            journal: String::new(),
+            stats: ChannelStats::default(),
+            timing: shell::Timing::DEFAULT,
         })
+    }
+
+    /// The same console, for commands over `channel`.
+    pub fn with_channel(mut self, channel: Channel) -> Self {
+        self.channel = channel;
+        self
     }
 
     /// The log file, if there is one.
@@ -266,10 +318,12 @@ impl Console {
         self.shared.lock().map(|s| s.bytes.len()).unwrap_or(0)
     }
 
-    /// The last `lines` lines.
+    /// The last `lines` lines a person wants to read: the command
+    /// channel's own lines (requests typed, reply frames) are left out;
+    /// [`Console::journal`] has the commands and their output.
     pub fn tail(&self, lines: usize) -> String {
         let out = self.output();
-        let v: Vec<&str> = out.lines().collect();
+        let v: Vec<&str> = out.lines().filter(|l| !shell::is_channel_line(l)).collect();
         v[v.len().saturating_sub(lines)..].join("\n")
     }
 
@@ -331,7 +385,7 @@ impl Console {
         let bytes = format!("{line}\n").into_bytes();
         for (i, chunk) in bytes.chunks(TYPE_CHUNK).enumerate() {
             if i > 0 {
-                std::thread::sleep(TYPE_PAUSE);
+                std::thread::sleep(self.timing.type_pause);
             }
             // The lock is not held across the pause: the reader thread
             // must go on filling the transcript.
@@ -342,37 +396,6 @@ impl Console {
                 .map_err(ConsoleError::Write)?;
         }
         Ok(())
-    }
-
-    /// Runs a command on the test image's serial shell and returns what it
-    /// printed and its exit status, delimited by unique markers so boot
-    /// noise cannot confuse it.
-    pub fn shell(
-        &mut self,
-        command: &str,
-        timeout: Duration,
-    ) -> Result<(String, i32), ConsoleError> {
-        let tag = format!("Q{}", self.started.elapsed().as_nanos() % 1_000_000_007);
-        self.send_line(&format!(
-            "echo {tag}-BEGIN; {command}; echo {tag}-END rc=$?"
-        ))?;
-        // The echo of the typed line contains the markers too; skip it by
-        // waiting for the marker at the start of a line.
-        self.wait_for(&format!("\n{tag}-BEGIN"), timeout)?;
-        let begin = self.cursor;
-        let line = self.wait_for(&format!("{tag}-END rc="), timeout)?;
-        let rc = parse_rc(&line, &tag);
-        let out = self.output_from(begin);
-        let body = out.split(&format!("{tag}-END")).next().unwrap_or("");
-        // The shell shares the console with the kernel log: drop the
-        // kernel's lines (services starting, a guest booting) from the
-        // command's output.
-        let body: Vec<&str> = body
-            .lines()
-            .map(|l| l.trim_end_matches('\r'))
-            .filter(|l| !is_kernel_line(l))
-            .collect();
-        Ok((body.join("\n").trim().to_owned(), rc))
     }
 }
 
@@ -414,100 +437,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// A printk line as the console shows it: `[    12.625996] ...`.
-pub fn is_kernel_line(line: &str) -> bool {
-    let Some(rest) = line.strip_prefix('[') else {
-        return false;
-    };
-    let Some((stamp, _)) = rest.split_once(']') else {
-        return false;
-    };
-    let stamp = stamp.trim_start();
-    matches!(stamp.split_once('.'), Some((s, us))
-        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
-            && us.len() == 6 && us.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// The exit status in a shell marker line `<tag>-END rc=<n>`. The kernel
-/// may print onto the same console line right after the number (a service
-/// that just died, a guest starting), so only the leading digits count.
-fn parse_rc(line: &str, tag: &str) -> i32 {
-    line.split(&format!("{tag}-END rc="))
-        .nth(1)
-        .map(|rest| {
-            let end = rest
-                .char_indices()
-                .find(|&(i, c)| !(c.is_ascii_digit() || (i == 0 && c == '-')))
-                .map_or(rest.len(), |(i, _)| i);
-            &rest[..end]
-        })
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(-1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
 
     #[test]
     fn find_locates_needles() {
         assert_eq!(find(b"abcQINIT-READY", b"QINIT"), Some(3));
         assert_eq!(find(b"ab", b"abc"), None);
-    }
-
-    #[test]
-    fn kernel_text_after_the_status_is_ignored() {
-        assert_eq!(parse_rc("Q1-END rc=0", "Q1"), 0);
-        assert_eq!(parse_rc("Q1-END rc=127\r", "Q1"), 127);
-        assert_eq!(
-            parse_rc("Q1-END rc=0[   13.260911] qinit: xenconsoled: exited", "Q1"),
-            0
-        );
-        assert_eq!(parse_rc("Q1-END rc=", "Q1"), -1);
-        assert_eq!(parse_rc("noise", "Q1"), -1);
-    }
-
-    #[test]
-    fn kernel_lines_are_told_from_command_output() {
-        assert!(is_kernel_line(
-            "[   12.625996] qinit: qupdated: ready after 1677 ms"
-        ));
-        assert!(is_kernel_line("[12345.000001] x"));
-        assert!(!is_kernel_line("600 root"));
-        assert!(!is_kernel_line("[guivm] ready"));
-        assert!(!is_kernel_line("[1.5] short stamp"));
-    }
-
-    /// A fake machine on the other end of a socket pair: answers each
-    /// typed line like a shell would, with a kernel line in between.
-    fn fake_shell(peer: UnixStream) {
-        std::thread::spawn(move || {
-            let mut out = peer.try_clone().expect("clone");
-            for line in BufReader::new(peer).lines() {
-                let Ok(line) = line else { return };
-                // `echo T-BEGIN; CMD; echo T-END rc=$?`
-                let parts: Vec<&str> = line.split("; ").collect();
-                let begin = parts[0].trim_start_matches("echo ");
-                let end = parts[2].trim_start_matches("echo ").replace("$?", "3");
-                let reply = format!(
-                    "{line}\r\n{begin}\r\nhello\r\n[    1.000000] qinit: noise\r\n{end}\r\n"
-                );
-                let _ = out.write_all(reply.as_bytes());
-            }
-        });
-    }
-
-    #[test]
-    fn shell_returns_output_and_status_without_kernel_lines() {
-        let (ours, theirs) = UnixStream::pair().expect("pair");
-        fake_shell(theirs);
-        let mut c = Console::new(None, false).expect("console");
-        c.attach(ours.try_clone().expect("clone"), ours)
-            .expect("attach");
-        let (out, rc) = c.shell("greet", Duration::from_secs(10)).expect("shell");
-        assert_eq!((out.as_str(), rc), ("hello", 3));
     }
 
     #[test]
