@@ -147,6 +147,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         let work = dir.join(scenario.name);
         std::fs::create_dir_all(&work)?;
         let mark = target.console().mark();
+        let journal_mark = target.console().journal_mark();
         let mut progress = Progress {
             tty,
             index,
@@ -182,9 +183,19 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         let serial_log = work.join("serial.log");
         std::fs::write(&serial_log, target.console().output_from(mark))
             .with_context(|| format!("writing {}", serial_log.display()))?;
+        let commands_log = work.join("commands.log");
+        let journal = target.console().journal_from(journal_mark).to_owned();
+        std::fs::write(&commands_log, &journal)
+            .with_context(|| format!("writing {}", commands_log.display()))?;
         progress.finish(error.is_none());
         if let Some(e) = &error {
             eprintln!("qlab: {} failed: {e}", scenario.name);
+            let lines: Vec<&str> = journal.lines().collect();
+            eprintln!(
+                "qlab: --- its last commands ({}) ---\n{}\n---",
+                commands_log.display(),
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            );
             eprintln!(
                 "qlab: --- last lines of its serial console ({}) ---\n{}\n---",
                 serial_log.display(),
