@@ -10,8 +10,11 @@ use anyhow::ensure;
 use qlab::runner::{self, RunOptions};
 use qlab::scenario::{Ctx, Scenario};
 
+/// The console answers through the real `qcmd` (built beside this test:
+/// `agents/qcmd` has an integration test, so `cargo test` builds it).
 const FAKE_DOM0: &str = r#"
 echo $$ > console.pid
+export PATH="$QCMD_DIR:$PATH" QCMD_STATE_DIR="$PWD/qcmd-state"
 while [ ! -f on ]; do sleep 0.05; done
 echo "QINIT-READY slot=A version=9.9.9 ms=1"
 while read -r line; do eval "$line"; done
@@ -77,12 +80,33 @@ static PANICS: Scenario = Scenario {
     run: panics,
 };
 
+/// Where cargo put the `qcmd` binary: this test runs from
+/// `<target>/<profile>/deps/`, the binary is in `<target>/<profile>/`.
+fn qcmd_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_owned();
+    assert!(
+        dir.join("qcmd").exists(),
+        "no qcmd in {}: build it (cargo build -p qcmd)",
+        dir.display()
+    );
+    dir
+}
+
 #[test]
 fn a_run_on_a_fake_lab_machine_reports_every_scenario() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lab = dir.path().join("lab");
     std::fs::create_dir_all(&lab).expect("lab dir");
-    std::fs::write(lab.join("fake-dom0.sh"), FAKE_DOM0).expect("script");
+    std::fs::write(
+        lab.join("fake-dom0.sh"),
+        format!("QCMD_DIR={}\n{FAKE_DOM0}", qcmd_dir().display()),
+    )
+    .expect("script");
     std::fs::write(lab.join("fake.toml"), LAB).expect("lab file");
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
@@ -135,8 +159,12 @@ fn a_run_on_a_fake_lab_machine_reports_every_scenario() {
         "{}",
         log("greets")
     );
-    assert!(log("fails").contains("about to fail"));
-    assert!(!log("fails").contains("hello from dom0"));
+    let commands = |s: &str| {
+        std::fs::read_to_string(report.dir.join(s).join("commands.log")).expect("commands log")
+    };
+    assert!(commands("fails").contains("about to fail"));
+    assert!(!commands("fails").contains("hello from dom0"));
+    assert!(commands("greets").contains("$ echo hello from dom0\nhello from dom0\n"));
     assert!(!report.dir.join("hcl.yml").exists(), "no hcl scenario ran");
     assert!(
         !report.dir.join("flash.img").exists(),

@@ -1,4 +1,5 @@
-//! Running the host's commands: `sh -c`, stdin empty, stdout and stderr
+//! Running the host's commands: `sh -c` in qcmd's own directory (the
+//! shell's, or the service's: `/` in dom0), stdin empty, stdout and stderr
 //! in one pipe so their order is kept, as the serial shell showed them.
 
 use std::io::Read;
@@ -37,7 +38,6 @@ fn run_inner(command: &str) -> std::io::Result<Outcome> {
         let mut cmd = Command::new(SHELL);
         cmd.arg("-c")
             .arg(command)
-            .current_dir("/")
             .stdin(Stdio::null())
             .stdout(writer.try_clone()?)
             .stderr(writer);
@@ -76,7 +76,6 @@ pub fn spawn(command: &str) -> Result<std::process::Child, String> {
     let mut cmd = Command::new(SHELL);
     cmd.arg("-c")
         .arg(command)
-        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
