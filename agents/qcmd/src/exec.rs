@@ -11,10 +11,10 @@ use qcmdchan::Outcome;
 /// The shell of the test images (busybox).
 const SHELL: &str = "/usr/bin/sh";
 
-/// Output kept per command; the rest is read and counted, not kept. Far
-/// more than any scenario prints, and a serial line would take minutes
-/// for this much.
-pub const MAX_OUTPUT: usize = 4 << 20;
+/// Output kept per command (the protocol's limit); the rest is read and
+/// counted, not kept. Far more than any scenario prints, and a serial
+/// line would take minutes for this much.
+use qcmdchan::MAX_OUTPUT;
 
 /// Runs `command` to its end. The command's own background processes
 /// must not keep its output open (use a spawn for those): the reply waits

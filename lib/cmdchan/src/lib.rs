@@ -31,7 +31,7 @@ mod request;
 mod scan;
 
 pub use frame::{Frame, FrameError, Kind, FRAME_START, MAX_FRAME_LEN, MAX_FRAME_PAYLOAD};
-pub use reply::{reply_frames, Collector, End, Outcome, Progress, DATA_CHUNK};
+pub use reply::{reply_frames, Collector, End, Outcome, Progress, DATA_CHUNK, MAX_OUTPUT};
 pub use request::{Op, Request, RequestError, Resend, MAX_REQUEST_PAYLOAD, REQUEST_START};
 pub use scan::Scanner;
 

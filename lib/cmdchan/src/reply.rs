@@ -10,6 +10,17 @@ use crate::frame::{Frame, Kind, MAX_FRAME_PAYLOAD};
 /// kernel text on a busy console, large enough to keep the overhead low.
 pub const DATA_CHUNK: usize = 64;
 
+/// The most output a reply carries; dom0 reads and counts the rest
+/// (`dropped`) without sending it. An end frame that claims more is
+/// refused, so a bad one cannot make the host track millions of frames.
+pub const MAX_OUTPUT: usize = 4 << 20;
+// 65536: the assertion proves at compile time that the cast keeps it.
+#[allow(clippy::cast_possible_truncation)]
+const MAX_DATA_FRAMES: u32 = {
+    assert!(MAX_OUTPUT / DATA_CHUNK <= u32::MAX as usize);
+    (MAX_OUTPUT / DATA_CHUNK) as u32
+};
+
 /// What a command did: its output (stdout and stderr, in the order it
 /// wrote them) and its exit status (128 + the signal when one killed it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,10 +66,18 @@ impl End {
         let (len, rest) = rest.split_first_chunk::<8>()?;
         let (dropped, rest) = rest.split_first_chunk::<8>()?;
         let sha256: [u8; 32] = rest.try_into().ok()?;
+        let frames = u32::from_be_bytes(*frames);
+        let len = u64::from_be_bytes(*len);
+        if frames > MAX_DATA_FRAMES
+            || len > MAX_OUTPUT as u64
+            || u64::from(frames) != len.div_ceil(DATA_CHUNK as u64)
+        {
+            return None;
+        }
         Some(Self {
             rc: i32::from_be_bytes(*rc),
-            frames: u32::from_be_bytes(*frames),
-            len: u64::from_be_bytes(*len),
+            frames,
+            len,
             dropped: u64::from_be_bytes(*dropped),
             sha256,
         })
@@ -67,9 +86,11 @@ impl End {
 
 /// The frames that answer request `id` with `outcome`: the data frames,
 /// then the end frame. (The ack went out when the request arrived.)
+/// Output past [`MAX_OUTPUT`] is counted as dropped.
 pub fn reply_frames(id: &str, outcome: &Outcome) -> Vec<Frame> {
-    let mut frames: Vec<Frame> = outcome
-        .output
+    let kept = &outcome.output[..outcome.output.len().min(MAX_OUTPUT)];
+    let dropped = outcome.dropped + (outcome.output.len() - kept.len()) as u64;
+    let mut frames: Vec<Frame> = kept
         .chunks(DATA_CHUNK)
         .zip(1u32..)
         .map(|(chunk, seq)| Frame {
@@ -79,13 +100,13 @@ pub fn reply_frames(id: &str, outcome: &Outcome) -> Vec<Frame> {
             payload: chunk.to_vec(),
         })
         .collect();
-    let count = u32::try_from(frames.len()).expect("an output of more than 4 G frames");
+    let count = u32::try_from(frames.len()).expect("MAX_OUTPUT keeps the frame count small");
     let end = End {
         rc: outcome.rc,
         frames: count,
-        len: outcome.output.len() as u64,
-        dropped: outcome.dropped,
-        sha256: Sha256::digest(&outcome.output).into(),
+        len: kept.len() as u64,
+        dropped,
+        sha256: Sha256::digest(kept).into(),
     };
     let payload = end.render();
     debug_assert!(payload.len() <= MAX_FRAME_PAYLOAD);
@@ -248,11 +269,23 @@ mod tests {
     fn end_payload_round_trips_and_fits_a_frame() {
         let end = End {
             rc: i32::MIN,
-            frames: u32::MAX,
-            len: u64::MAX,
+            frames: MAX_DATA_FRAMES,
+            len: MAX_OUTPUT as u64,
             dropped: u64::MAX,
             sha256: [0xab; 32],
         };
+        let huge = End {
+            frames: u32::MAX,
+            len: u64::MAX,
+            ..end.clone()
+        };
+        assert_eq!(End::parse(&huge.render()), None);
+        let inconsistent = End {
+            frames: 3,
+            len: 1,
+            ..end.clone()
+        };
+        assert_eq!(End::parse(&inconsistent.render()), None);
         let bytes = end.render();
         assert_eq!(bytes.len(), End::LEN);
         assert!(bytes.len() <= MAX_FRAME_PAYLOAD);
