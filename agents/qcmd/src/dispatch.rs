@@ -34,7 +34,7 @@ pub trait Store {
 pub enum Job {
     /// Run to the end, then store and print the reply.
     Run { id: String, command: String },
-    /// Start and do not wait; then store and print [`spawned`]'s reply.
+    /// Start and do not wait; then store and print [`start_reply`]'s reply.
     Spawn { id: String, command: String },
 }
 
@@ -60,18 +60,12 @@ pub fn respond<S: Store>(line: &str, store: &mut S) -> Result<(Vec<Frame>, Optio
             let command = req.command().map_err(|e| e.to_string())?.to_owned();
             match store.claim(&id, &command).map_err(store_err)? {
                 None => {
-                    let job = if req.op == Op::Run {
-                        Job::Run {
-                            id: id.clone(),
-                            command,
-                        }
-                    } else {
-                        Job::Spawn {
-                            id: id.clone(),
-                            command,
-                        }
+                    let ack = vec![Frame::ack(&id)];
+                    let job = match req.op {
+                        Op::Spawn => Job::Spawn { id, command },
+                        _ => Job::Run { id, command },
                     };
-                    Ok((vec![Frame::ack(&id)], Some(job)))
+                    Ok((ack, Some(job)))
                 }
                 // The same request again: its ack was lost, or its typing
                 // was slow. Never run it twice.
@@ -97,9 +91,10 @@ pub fn respond<S: Store>(line: &str, store: &mut S) -> Result<(Vec<Frame>, Optio
     }
 }
 
-/// The reply to a spawn: status 0 once the process started, 127 and the
-/// reason when it could not be.
-pub fn spawned(id: &str, result: Result<(), String>) -> Vec<Frame> {
+/// The reply for a process that was to be started (a spawn's command, or
+/// the worker of a run): status 0 once it started, 127 and the reason when
+/// it could not be.
+pub fn start_reply(id: &str, result: Result<(), String>) -> Vec<Frame> {
     let outcome = match result {
         Ok(()) => qcmdchan::Outcome {
             output: Vec::new(),
@@ -244,9 +239,9 @@ mod tests {
         let mut s = MemStore::default();
         let (_, job) = respond(&Request::spawn("b", "reboot").render(), &mut s).expect("respond");
         assert!(matches!(job, Some(Job::Spawn { .. })));
-        let ok = spawned("b", Ok(()));
+        let ok = start_reply("b", Ok(()));
         assert_eq!(ok.len(), 1);
-        let failed = spawned("b", Err("no sh".into()));
+        let failed = start_reply("b", Err("no sh".into()));
         assert_eq!(failed.len(), 2);
     }
 

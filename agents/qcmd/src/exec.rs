@@ -6,15 +6,12 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 
-use qcmdchan::Outcome;
+// Output past the protocol's limit is read and counted, not kept: far
+// more than any scenario prints, and a serial line would take minutes.
+use qcmdchan::{Outcome, MAX_OUTPUT};
 
 /// The shell of the test images (busybox).
 const SHELL: &str = "/usr/bin/sh";
-
-/// Output kept per command (the protocol's limit); the rest is read and
-/// counted, not kept. Far more than any scenario prints, and a serial
-/// line would take minutes for this much.
-use qcmdchan::MAX_OUTPUT;
 
 /// Runs `command` to its end. The command's own background processes
 /// must not keep its output open (use a spawn for those): the reply waits
@@ -59,10 +56,12 @@ fn run_inner(command: &str) -> std::io::Result<Outcome> {
         dropped += (n - keep) as u64;
     }
     let status = child.wait()?;
+    // wait(2) reports a child that exited or was killed, never one that
+    // only stopped (no WUNTRACED).
     let rc = status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(255);
+        .expect("a waited-for child exited or was killed by a signal");
     Ok(Outcome {
         output,
         rc,

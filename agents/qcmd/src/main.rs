@@ -9,6 +9,7 @@
 //! ```
 
 mod dispatch;
+mod error;
 mod exec;
 mod serial;
 mod serve;

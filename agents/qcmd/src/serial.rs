@@ -15,31 +15,12 @@ use std::process::{Command, Stdio};
 
 use qcmdchan::Frame;
 
-use crate::dispatch::{respond, spawned, Entry, Job, Store};
+use crate::dispatch::{respond, start_reply, Entry, Job, Store};
+use crate::error::{io, Error};
 use crate::exec;
 
 /// Where the one-shot processes keep requests and replies (a tmpfs).
 pub const STATE_DIR: &str = "/run/qcmd";
-
-#[derive(Debug, thiserror::Error)]
-pub enum SerialError {
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Request(String),
-    #[error("worker: id {0:?} is not a command id")]
-    BadId(String),
-}
-
-fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SerialError {
-    let path = path.to_owned();
-    move |source| SerialError::Io { what, path, source }
-}
 
 /// Replies as files: `<dir>/<id>/command` and, once done, `<dir>/<id>/reply`
 /// (the frames, a line each, written to a temporary name and renamed).
@@ -49,7 +30,7 @@ pub struct DirStore {
 }
 
 impl DirStore {
-    pub fn new(dir: &Path) -> Result<Self, SerialError> {
+    pub fn new(dir: &Path) -> Result<Self, Error> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -61,13 +42,13 @@ impl DirStore {
     }
 
     /// The command stored for `id`.
-    pub fn command(&self, id: &str) -> Result<String, SerialError> {
+    pub fn command(&self, id: &str) -> Result<String, Error> {
         let p = self.entry_dir(id).join("command");
         std::fs::read_to_string(&p).map_err(io("reading", &p))
     }
 
     /// Stores the reply of a finished command.
-    pub fn finish(&self, id: &str, frames: &[Frame]) -> Result<(), SerialError> {
+    pub fn finish(&self, id: &str, frames: &[Frame]) -> Result<(), Error> {
         let d = self.entry_dir(id);
         let tmp = d.join("reply.tmp");
         let text: String = frames.iter().map(|f| f.render() + "\n").collect();
@@ -78,9 +59,9 @@ impl DirStore {
 }
 
 impl Store for DirStore {
-    type Error = SerialError;
+    type Error = Error;
 
-    fn claim(&mut self, id: &str, command: &str) -> Result<Option<Entry>, SerialError> {
+    fn claim(&mut self, id: &str, command: &str) -> Result<Option<Entry>, Error> {
         let d = self.entry_dir(id);
         match std::fs::create_dir(&d) {
             Ok(()) => {}
@@ -92,7 +73,7 @@ impl Store for DirStore {
         Ok(None)
     }
 
-    fn get(&self, id: &str) -> Result<Option<Entry>, SerialError> {
+    fn get(&self, id: &str) -> Result<Option<Entry>, Error> {
         let d = self.entry_dir(id);
         if !d.is_dir() {
             return Ok(None);
@@ -132,9 +113,9 @@ pub fn print(out: &mut impl Write, frames: &[Frame]) -> std::io::Result<()> {
 }
 
 /// `qcmd <request>`: answers, and starts the worker of a new `run`.
-pub fn request(line: &str, dir: &Path, self_exe: &Path) -> Result<(), SerialError> {
+pub fn request(line: &str, dir: &Path, self_exe: &Path) -> Result<(), Error> {
     let mut store = DirStore::new(dir)?;
-    let (frames, job) = respond(line, &mut store).map_err(SerialError::Request)?;
+    let (frames, job) = respond(line, &mut store).map_err(Error::Request)?;
     let mut out = std::io::stdout().lock();
     let stdout = Path::new("standard output");
     print(&mut out, &frames).map_err(io("writing to", stdout))?;
@@ -151,14 +132,7 @@ pub fn request(line: &str, dir: &Path, self_exe: &Path) -> Result<(), SerialErro
                 .process_group(0)
                 .spawn();
             if let Err(e) = started {
-                let frames = qcmdchan::reply_frames(
-                    &id,
-                    &qcmdchan::Outcome {
-                        output: format!("qcmd: cannot start the worker: {e}\n").into_bytes(),
-                        rc: 127,
-                        dropped: 0,
-                    },
-                );
+                let frames = start_reply(&id, Err(format!("qcmd: cannot start the worker: {e}")));
                 store.finish(&id, &frames)?;
                 print(&mut out, &frames).map_err(io("writing to", stdout))?;
             }
@@ -166,7 +140,7 @@ pub fn request(line: &str, dir: &Path, self_exe: &Path) -> Result<(), SerialErro
         }
         Some(Job::Spawn { id, command }) => {
             // PID 1 reaps the spawned command once this process is gone.
-            let frames = spawned(&id, exec::spawn(&command).map(drop));
+            let frames = start_reply(&id, exec::spawn(&command).map(drop));
             store.finish(&id, &frames)?;
             print(&mut out, &frames).map_err(io("writing to", stdout))
         }
@@ -175,9 +149,9 @@ pub fn request(line: &str, dir: &Path, self_exe: &Path) -> Result<(), SerialErro
 
 /// `qcmd worker <id> <dir>`: runs a claimed command, stores and prints
 /// its reply.
-pub fn worker(id: &str, dir: &Path) -> Result<(), SerialError> {
+pub fn worker(id: &str, dir: &Path) -> Result<(), Error> {
     if !qcmdchan::valid_id(id) {
-        return Err(SerialError::BadId(id.to_owned()));
+        return Err(Error::BadId(id.to_owned()));
     }
     let store = DirStore::new(dir)?;
     let command = store.command(id)?;

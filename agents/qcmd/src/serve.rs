@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use qcmdchan::Frame;
 
-use crate::dispatch::{respond, spawned, Job, MemStore};
+use crate::dispatch::{respond, start_reply, Job, MemStore};
+use crate::error::{io, Error};
 use crate::exec;
 
 /// Where the kernel lists virtio-serial ports and their names.
@@ -25,17 +26,6 @@ const MAX_LINE: usize = 16 * 1024;
 /// host end is not connected (the port then reads as end-of-file).
 const PORT_POLL: Duration = Duration::from_secs(2);
 const HOST_POLL: Duration = Duration::from_millis(100);
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("{what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// The device of the port named `name`, if the machine has one.
 pub fn find_port(sys: &Path, name: &str) -> Option<PathBuf> {
@@ -52,7 +42,7 @@ pub fn find_port(sys: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Waits for the port to appear, then serves it until the process ends.
-pub fn serve(name: &str) -> Result<(), ServeError> {
+pub fn serve(name: &str) -> Result<(), Error> {
     let mut told = false;
     let path = loop {
         if let Some(p) = find_port(Path::new(PORTS), name) {
@@ -65,10 +55,6 @@ pub fn serve(name: &str) -> Result<(), ServeError> {
             told = true;
         }
         std::thread::sleep(PORT_POLL);
-    };
-    let io = |what, path: &Path| {
-        let path = path.to_owned();
-        move |source| ServeError::Io { what, path, source }
     };
     let port = std::fs::OpenOptions::new()
         .read(true)
@@ -159,7 +145,7 @@ fn handle(line: &str, store: &Arc<Mutex<MemStore>>, out: &Arc<Mutex<Box<dyn Writ
                 // Reap it whenever it ends; nobody waits for its status.
                 std::thread::spawn(move || child.wait());
             });
-            let frames = spawned(&id, started);
+            let frames = start_reply(&id, started);
             if let Ok(mut s) = store.lock() {
                 s.finish(&id, frames.clone());
             }

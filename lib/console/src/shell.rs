@@ -147,7 +147,7 @@ impl Console {
         command: &str,
         timeout: Duration,
     ) -> Result<(String, i32), ConsoleError> {
-        let o = self.exchange(Op::Run, command, timeout)?;
+        let o = self.exchange(Request::run, command, timeout)?;
         if o.dropped > 0 {
             return Err(ConsoleError::OutputTooLarge {
                 command: command.to_owned(),
@@ -162,7 +162,7 @@ impl Console {
     /// update that a power cut will interrupt): returns once dom0 says it
     /// started. Its output is discarded; redirect it to keep it.
     pub fn spawn(&mut self, command: &str, timeout: Duration) -> Result<(), ConsoleError> {
-        let o = self.exchange(Op::Spawn, command, timeout)?;
+        let o = self.exchange(Request::spawn, command, timeout)?;
         if o.rc != 0 {
             return Err(ConsoleError::Refused {
                 command: command.to_owned(),
@@ -193,23 +193,24 @@ impl Console {
         self.journal.get(mark..).unwrap_or_default()
     }
 
+    /// Sends the request `make(id, command)` and collects its reply.
     fn exchange(
         &mut self,
-        op: Op,
+        make: fn(&str, &str) -> Request,
         command: &str,
         timeout: Duration,
     ) -> Result<Outcome, ConsoleError> {
         let id = self.ids.next();
-        let request = match op {
-            Op::Spawn => Request::spawn(&id, command),
-            Op::Run | Op::Resend => Request::run(&id, command),
-        };
+        let request = make(&id, command);
+        let op = request.op;
         let line = self.channel.line(&request);
         if line.len() > self.channel.max_line() || command.len() > qcmdchan::MAX_REQUEST_PAYLOAD {
+            // The line is the command as hex plus a fixed overhead.
+            let fits_line = (self.channel.max_line() - (line.len() - 2 * command.len())) / 2;
             return Err(ConsoleError::CommandTooLong {
                 command: command.to_owned(),
                 len: command.len(),
-                max: (self.channel.max_line() - (line.len() - 2 * command.len())) / 2,
+                max: fits_line.min(qcmdchan::MAX_REQUEST_PAYLOAD),
             });
         }
         self.stats.commands += 1;
@@ -264,14 +265,12 @@ impl Console {
         let mut sent_at = Instant::now();
         let mut last_news = Instant::now();
         let mut resends = 0u32;
-        let mut seen = 0usize;
         let mut poll = self.timing.poll_first;
         loop {
-            let (frames, len, link) = {
+            let (frames, seen, link) = {
                 let s = self.shared.lock()?;
                 (scanner.scan(&s.bytes), s.bytes.len(), s.link)
             };
-            seen = seen.max(len);
             for f in &frames {
                 if reply.accept(f) {
                     last_news = Instant::now();
@@ -455,6 +454,13 @@ mod tests {
         c
     }
 
+    /// `c` reading and writing `stream`.
+    fn attached(c: Console, stream: UnixStream) -> Console {
+        c.attach(stream.try_clone().expect("clone"), stream)
+            .expect("attach");
+        c
+    }
+
     #[test]
     fn ids_are_unique_and_well_formed() {
         let mut ids = Ids::new();
@@ -579,9 +585,7 @@ mod tests {
             let (ours, theirs) = UnixStream::pair().expect("pair");
             let runs = Arc::new(Mutex::new(Vec::new()));
             noisy_dom0(theirs, seed, 0.002, Arc::clone(&runs));
-            let mut c = fast(Console::new(None, false).expect("console"));
-            c.attach(ours.try_clone().expect("clone"), ours)
-                .expect("attach");
+            let mut c = attached(fast(Console::new(None, false).expect("console")), ours);
             for i in 0..5 {
                 let cmd = format!("echo {seed}-{i}");
                 let (out, rc) = c.shell(&cmd, Duration::from_secs(60)).expect("shell");
@@ -604,9 +608,7 @@ mod tests {
     fn the_noise_is_heavy_enough_to_matter() {
         let (ours, theirs) = UnixStream::pair().expect("pair");
         noisy_dom0(theirs, 99, 0.004, Arc::new(Mutex::new(Vec::new())));
-        let mut c = fast(Console::new(None, false).expect("console"));
-        c.attach(ours.try_clone().expect("clone"), ours)
-            .expect("attach");
+        let mut c = attached(fast(Console::new(None, false).expect("console")), ours);
         for i in 0..10 {
             c.shell(&format!("echo {i}"), Duration::from_secs(60))
                 .expect("shell");
@@ -622,11 +624,10 @@ mod tests {
     #[test]
     fn a_dedicated_channel_writes_requests_whole() {
         let (ours, theirs) = UnixStream::pair().expect("pair");
-        let mut c = Console::new(None, false)
+        let dedicated = Console::new(None, false)
             .expect("console")
             .with_channel(Channel::Dedicated);
-        c.attach(ours.try_clone().expect("clone"), ours)
-            .expect("attach");
+        let mut c = attached(dedicated, ours);
         std::thread::spawn(move || {
             let mut out = theirs.try_clone().expect("clone");
             for line in BufReader::new(theirs).lines() {
@@ -665,11 +666,10 @@ mod tests {
     #[test]
     fn silence_is_an_error_that_names_the_command() {
         let (ours, _theirs) = UnixStream::pair().expect("pair");
-        let mut c = Console::new(None, false)
+        let dedicated = Console::new(None, false)
             .expect("console")
             .with_channel(Channel::Dedicated);
-        c.attach(ours.try_clone().expect("clone"), ours)
-            .expect("attach");
+        let mut c = attached(dedicated, ours);
         let err = c.shell("true", Duration::from_millis(600)).unwrap_err();
         assert!(err.to_string().contains("the reply to `true`"), "{err}");
     }
