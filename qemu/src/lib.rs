@@ -3,6 +3,12 @@
 //! disk as a virtio drive, the first serial port captured to a file and
 //! optionally the terminal, and a QMP socket for power control.
 //!
+//! Test VMs also get the command channel: a virtio-serial port named
+//! [`qcmdchan::VIRTIO_PORT_NAME`] on a socket of its own, which only
+//! dom0's `qcmd serve` reads and writes. The kernel console and the
+//! services' logs stay on the serial port, so commands and their output
+//! never share a line with them.
+//!
 //! The CPU model matters under TCG (see docs/architecture.md): Xen's PV
 //! dom0 needs a plain Intel-like model.
 
@@ -49,7 +55,20 @@ pub enum VmError {
     Qmp(String),
     #[error("a detached VM needs its serial port on TCP (--serial-tcp)")]
     NoTcpSerial,
+    #[error("the VM was started without a command channel")]
+    CommandChannelOff,
+    #[error("QEMU's command channel socket {path} did not accept a connection")]
+    NoCommandChannel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// The command channel's socket in the work directory.
+const COMMAND_SOCKET: &str = "cmd.sock";
+/// The serial port's socket in the work directory.
+const SERIAL_SOCKET: &str = "serial.sock";
 
 /// How to start a VM.
 #[derive(Debug, Clone)]
@@ -68,6 +87,10 @@ pub struct VmConfig {
     /// The serial port on a TCP server at this address (`host:port`), as a
     /// lab's ser2net would offer it, instead of a socket in the work dir.
     pub serial_tcp: Option<String>,
+    /// Give dom0 the dedicated command channel (a virtio-serial port on
+    /// `cmd.sock` in the work dir). Off for a VM that plays a lab machine,
+    /// which has only its serial line.
+    pub command_channel: bool,
 }
 
 impl VmConfig {
@@ -81,6 +104,7 @@ impl VmConfig {
             echo: false,
             no_reboot: false,
             serial_tcp: None,
+            command_channel: true,
         }
     }
 
@@ -128,6 +152,26 @@ impl VmConfig {
                 },
             ]);
         }
+        if self.command_channel {
+            // Before the serial chardev: with `wait=on` there, QEMU stops
+            // at it until the host connects, and this socket must exist
+            // by then. `wait=off`: requests the host writes before dom0
+            // opens the port wait in the socket.
+            a.extend([
+                "-device".into(),
+                "virtio-serial-pci,id=vser0".into(),
+                "-chardev".into(),
+                format!(
+                    "socket,id=qcmd0,path={},server=on,wait=off",
+                    w(COMMAND_SOCKET)
+                ),
+                "-device".into(),
+                format!(
+                    "virtserialport,bus=vser0.0,chardev=qcmd0,name={}",
+                    qcmdchan::VIRTIO_PORT_NAME
+                ),
+            ]);
+        }
         let serial = match &self.serial_tcp {
             // Like a serial server, the port is there whether or not anyone
             // listens: output nobody reads is lost.
@@ -136,7 +180,7 @@ impl VmConfig {
                 host_of(addr),
                 port_of(addr)
             ),
-            None => format!("socket,id=ser0,path={},server=on,wait=on", w("serial.sock")),
+            None => format!("socket,id=ser0,path={},server=on,wait=on", w(SERIAL_SOCKET)),
         };
         a.extend([
             "-chardev".into(),
@@ -176,7 +220,7 @@ fn prepare_work_dir(cfg: &VmConfig) -> Result<PathBuf, VmError> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(io("create work dir", &cfg.work_dir))?;
     let vars = cfg.work_dir.join("OVMF_VARS.fd");
     std::fs::copy(OVMF_VARS, &vars).map_err(io("copy firmware variables", &vars))?;
-    for s in ["serial.sock", "qmp.sock"] {
+    for s in [SERIAL_SOCKET, COMMAND_SOCKET, "qmp.sock"] {
         let _ = std::fs::remove_file(cfg.work_dir.join(s));
     }
     Ok(cfg.work_dir.join("qemu.log"))
@@ -222,6 +266,8 @@ pub struct Machine {
     child: Child,
     started: Instant,
     qmp_path: PathBuf,
+    /// The command channel's socket, for a VM that has one.
+    command_path: Option<PathBuf>,
 }
 
 impl Machine {
@@ -242,7 +288,7 @@ impl Machine {
             .stderr(log_err)
             .spawn()
             .map_err(spawn_error)?;
-        let sock_path = cfg.work_dir.join("serial.sock");
+        let sock_path = cfg.work_dir.join(SERIAL_SOCKET);
         let serial = loop {
             if let Ok(s) = UnixStream::connect(&sock_path) {
                 break s;
@@ -266,8 +312,24 @@ impl Machine {
             child,
             started,
             qmp_path: cfg.work_dir.join("qmp.sock"),
+            command_path: cfg
+                .command_channel
+                .then(|| cfg.work_dir.join(COMMAND_SOCKET)),
         };
         Ok((machine, serial))
+    }
+
+    /// Connects to the command channel. QEMU made its socket before the
+    /// serial one, so it is there once `spawn` returned.
+    pub fn command_channel(&self) -> Result<UnixStream, VmError> {
+        let path = self
+            .command_path
+            .as_ref()
+            .ok_or(VmError::CommandChannelOff)?;
+        UnixStream::connect(path).map_err(|source| VmError::NoCommandChannel {
+            path: path.clone(),
+            source,
+        })
     }
 
     /// Time since QEMU was started.
@@ -334,11 +396,14 @@ fn spawn_error(e: std::io::Error) -> VmError {
     }
 }
 
-/// A running VM with its serial console.
+/// A running VM with its serial console and, if it has one, its command
+/// channel.
 #[derive(Debug)]
 pub struct Vm {
     machine: Machine,
     pub console: Console,
+    /// Where commands go: the dedicated channel, if the VM has one.
+    commands: Option<Console>,
     pub serial_log: PathBuf,
 }
 
@@ -354,15 +419,16 @@ impl Vm {
         })?;
         let console = Console::new(Some(&serial_log), cfg.echo)?;
         let (machine, serial) = Machine::spawn(cfg)?;
-        let reader = serial.try_clone().map_err(|source| VmError::Io {
-            what: "dup",
-            path: cfg.work_dir.join("serial.sock"),
-            source,
-        })?;
-        console.attach(reader, serial)?;
+        attach_stream(&console, serial, &cfg.work_dir)?;
+        let commands = if cfg.command_channel {
+            Some(command_console(&cfg.work_dir, machine.command_channel()?)?)
+        } else {
+            None
+        };
         Ok(Self {
             machine,
             console,
+            commands,
             serial_log,
         })
     }
@@ -410,10 +476,11 @@ impl Vm {
         Ok(self.console.send_line(line)?)
     }
 
-    /// Runs a shell command on the serial shell and returns what it
-    /// printed and its exit status.
+    /// Runs a shell command in dom0 (over the command channel, else the
+    /// serial shell) and returns what it printed and its exit status.
     pub fn shell(&mut self, command: &str, timeout: Duration) -> Result<(String, i32), VmError> {
-        Ok(self.console.shell(command, timeout)?)
+        let c = self.commands.as_mut().unwrap_or(&mut self.console);
+        Ok(c.shell(command, timeout)?)
     }
 
     /// Connects to QMP and runs one command.
@@ -435,6 +502,30 @@ impl Vm {
     pub fn quit(&mut self) {
         self.machine.quit();
     }
+}
+
+/// The console of a command channel `stream`: commands only, its bytes
+/// logged to `channel.log` in `work_dir` (the frames as they came).
+pub fn command_console(work_dir: &Path, stream: UnixStream) -> Result<Console, VmError> {
+    let log = work_dir.join("channel.log");
+    let console = Console::new(Some(&log), false)?.with_channel(qconsole::Channel::Dedicated);
+    attach_stream(&console, stream, work_dir)?;
+    Ok(console)
+}
+
+/// Attaches both halves of `stream` to `console`.
+pub fn attach_stream(
+    console: &Console,
+    stream: UnixStream,
+    work_dir: &Path,
+) -> Result<(), VmError> {
+    let reader = stream.try_clone().map_err(|source| VmError::Io {
+        what: "duplicating a socket in",
+        path: work_dir.to_owned(),
+        source,
+    })?;
+    console.attach(reader, stream)?;
+    Ok(())
 }
 
 /// Runs one QMP command on the socket at `path`.
@@ -498,6 +589,24 @@ mod tests {
         assert!(!a.contains("-no-reboot"));
         assert!(!a.contains("-kernel"), "the product boots through firmware");
         assert!(a.contains("path=/w/serial.sock,server=on,wait=on"));
+        let port = format!("chardev=qcmd0,name={}", qcmdchan::VIRTIO_PORT_NAME);
+        assert!(a.contains(&port), "{a}");
+        let channel = a
+            .find("path=/w/cmd.sock,server=on,wait=off")
+            .expect("channel");
+        assert!(
+            channel < a.find("serial.sock").expect("serial"),
+            "the channel's socket must exist while QEMU waits at the serial one"
+        );
+    }
+
+    #[test]
+    fn a_vm_without_the_channel_has_only_its_serial_port() {
+        let mut cfg = VmConfig::new(Path::new("/d/disk.img"), Path::new("/w"));
+        cfg.command_channel = false;
+        let a = cfg.args().join(" ");
+        assert!(!a.contains("virtio-serial"), "{a}");
+        assert!(!a.contains("cmd.sock"), "{a}");
     }
 
     #[test]

@@ -35,6 +35,10 @@ struct Cli {
     /// `--serial-tcp`.
     #[arg(long, requires = "serial_tcp")]
     detach: Option<PathBuf>,
+    /// No dedicated command channel: the VM has only its serial line, as
+    /// a lab machine does (commands then go through the serial shell).
+    #[arg(long)]
+    no_command_channel: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     cfg.echo = true;
     cfg.memory_mib = cli.memory;
     cfg.serial_tcp = cli.serial_tcp;
+    cfg.command_channel = !cli.no_command_channel;
     if let Some(pidfile) = &cli.detach {
         return match qemu::power_on_detached(&cfg, pidfile) {
             Ok(()) => ExitCode::SUCCESS,

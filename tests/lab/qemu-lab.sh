@@ -6,10 +6,11 @@
 # through qemu-lab.toml and never learns that the machine is a VM.
 #
 # QLAB_WORK is the directory qlab keeps for the target; QLAB_IMAGE is the
-# image to flash. The serial port is the one qemu-lab.toml names.
+# image to flash; QLAB_CONSOLE_ADDR is the free port qlab picked for the
+# serial console (qemu-lab.toml asks for port 0). The VM has no command
+# channel of its own: like a lab machine, only its serial line.
 set -eu
 work=${QLAB_WORK:?run by qlab}
-serial=127.0.0.1:45123
 pidfile="$work/qemu.pid"
 
 off() {
@@ -30,7 +31,8 @@ off() {
 case ${1:-} in
 on)
     off
-    exec qvm --work-dir "$work/vm" --serial-tcp "$serial" --detach "$pidfile" "$work/disk.img"
+    exec qvm --work-dir "$work/vm" --serial-tcp "${QLAB_CONSOLE_ADDR:?run by qlab}" --no-command-channel \
+        --detach "$pidfile" "$work/disk.img"
     ;;
 off)
     off

@@ -147,7 +147,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         let work = dir.join(scenario.name);
         std::fs::create_dir_all(&work)?;
         let mark = target.console().mark();
-        let journal_mark = target.console().journal_mark();
+        let journal_mark = target.commands().journal_mark();
         let mut progress = Progress {
             tty,
             index,
@@ -184,7 +184,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         std::fs::write(&serial_log, target.console().output_from(mark))
             .with_context(|| format!("writing {}", serial_log.display()))?;
         let commands_log = work.join("commands.log");
-        let journal = target.console().journal_from(journal_mark).to_owned();
+        let journal = target.commands().journal_from(journal_mark).to_owned();
         std::fs::write(&commands_log, &journal)
             .with_context(|| format!("writing {}", commands_log.display()))?;
         progress.finish(error.is_none());

@@ -6,6 +6,7 @@
 //!   (and the fuzz targets for a short while, where nightly is installed).
 //! - `cargo xtask image --profile P`: build the images of profile P into
 //!   `target/images/P/`.
+//! - `cargo xtask soak --runs N`: the scenarios N times, pass counts.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fuzz;
+mod soak;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -67,6 +69,15 @@ enum Cmd {
         /// Configure and check the fragment only.
         #[arg(long)]
         config_only: bool,
+    },
+    /// Run the suite's scenarios N times back to back on every target and
+    /// report each scenario's pass count (the flake budget, docs/lab.md).
+    Soak {
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Only these legs of the suite (`qemu`, `qemu-lab`).
+        #[arg(long = "leg", value_delimiter = ',')]
+        legs: Vec<String>,
     },
     /// Build the images of one profile into target/images/<profile>/.
     Image {
@@ -129,6 +140,10 @@ fn run(cli: Cli) -> Result<()> {
             boot(&root, &dir, &profile, Duration::from_secs(timeout))?;
         }
         Cmd::Test { no_vm } => test(&root, no_vm)?,
+        Cmd::Soak { runs, legs } => {
+            prepare_scenarios(&root)?;
+            soak::run(&root, runs, &legs)?;
+        }
         Cmd::Kernel { config_only } => {
             ensure_packages(KERNEL_BUILD_PACKAGES)?;
             let bin = build_static_binaries(&root)?;
@@ -400,33 +415,58 @@ fn test(root: &Path, no_vm: bool) -> Result<()> {
     )?;
     totals.passed += fuzz::run(root, FUZZ_SECONDS)?;
     if !no_vm {
-        let image = build_image(root, "qemu-test", false)?;
+        let image = prepare_scenarios(root)?;
         check_reproducible(root, "qemu-test", &image, &mut totals)?;
-        // The update scenarios install the bundles of these two releases.
-        build_image(root, "qemu-test-next", false)?;
-        build_image(root, "qemu-test-broken", false)?;
-        run_cmd(cargo().args(["build", "--locked", "-p", "qlab", "-p", "qemu-launcher"]))?;
-        // Every scenario on the QEMU target, then the lab-target code path
-        // against a QEMU machine driven only through lab-style commands
-        // (tests/lab/qemu-lab.toml): flashing, power on and off, a power
-        // cut, the TCP console and the hardware report.
-        let results = run_qlab(root, &["--target", "qemu"], &mut totals);
-        let lab = run_qlab(
-            root,
-            &[
-                "--target",
-                "tests/lab/qemu-lab.toml",
-                "--scenario",
-                "boot,power-cut,hcl",
-            ],
-            &mut totals,
-        );
+        let mut result = Ok(());
+        for leg in SUITE_LEGS {
+            let ran = run_qlab(root, leg.args, Path::new("target/lab"), &mut totals);
+            result = result.and(ran);
+        }
         let lava = check_lava_jobs(root, &mut totals);
-        results.and(lab).and(lava)?;
+        result.and(lava)?;
     }
     eprintln!("xtask: whole suite took {:.0} s", t.elapsed().as_secs_f64());
     println!("suite: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
+}
+
+/// One `qlab run` of the suite.
+pub struct SuiteLeg {
+    /// What reports call it.
+    pub name: &'static str,
+    pub args: &'static [&'static str],
+}
+
+/// The scenario runs of the suite (`cargo xtask test` and `soak`): every
+/// scenario on the QEMU target, then the lab-target code path against a
+/// QEMU machine driven only through lab-style commands
+/// (tests/lab/qemu-lab.toml): flashing, power on and off, a power cut,
+/// the TCP console with its one shared line, and the hardware report.
+pub const SUITE_LEGS: &[SuiteLeg] = &[
+    SuiteLeg {
+        name: "qemu",
+        args: &["--target", "qemu"],
+    },
+    SuiteLeg {
+        name: "qemu-lab",
+        args: &[
+            "--target",
+            "tests/lab/qemu-lab.toml",
+            "--scenario",
+            "boot,power-cut,hcl",
+        ],
+    },
+];
+
+/// Builds what the scenarios run: the test image (its directory is
+/// returned), the two releases whose bundles the update scenarios
+/// install, qlab and the launcher.
+fn prepare_scenarios(root: &Path) -> Result<PathBuf> {
+    let image = build_image(root, "qemu-test", false)?;
+    build_image(root, "qemu-test-next", false)?;
+    build_image(root, "qemu-test-broken", false)?;
+    run_cmd(cargo().args(["build", "--locked", "-p", "qlab", "-p", "qemu-launcher"]))?;
+    Ok(image)
 }
 
 /// Rebuilds `profile` with `qimage verify` (same package lock, same
@@ -485,7 +525,7 @@ fn check_lava_jobs(root: &Path, totals: &mut TestTotals) -> Result<()> {
 
 /// Runs `qlab run` with `args` (qvm on the PATH for the lab-style
 /// target) and adds its scenario counts to `totals`.
-fn run_qlab(root: &Path, args: &[&str], totals: &mut TestTotals) -> Result<()> {
+fn run_qlab(root: &Path, args: &[&str], out: &Path, totals: &mut TestTotals) -> Result<()> {
     use std::io::BufRead;
     let debug = root.join("target/debug");
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -494,7 +534,8 @@ fn run_qlab(root: &Path, args: &[&str], totals: &mut TestTotals) -> Result<()> {
     let mut cmd = Command::new(debug.join("qlab"));
     cmd.arg("run")
         .args(args)
-        .args(["--images", "target/images", "--out", "target/lab"])
+        .args(["--images", "target/images", "--out"])
+        .arg(out)
         .current_dir(root)
         .env("PATH", std::env::join_paths(dirs)?)
         .stdout(std::process::Stdio::piped());

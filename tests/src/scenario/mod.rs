@@ -2,7 +2,8 @@
 //! nested QEMU and on a lab machine. Each gets a [`Ctx`]: the target, the
 //! run's flash image with its update bundles, and helpers that wait on
 //! the console markers (a contract: `QINIT-READY`, `QINIT-FAILED`,
-//! `QDOMD-GUIVM-READY`) and type into the test image's serial shell.
+//! `QDOMD-GUIVM-READY`) and run commands in dom0 over the target's
+//! command channel.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -179,12 +180,16 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Types a line without waiting for anything.
-    pub fn send(&mut self, line: &str) -> Result<()> {
-        Ok(self.target.console().send_line(line)?)
+    /// Starts a command in dom0 without waiting for it to end (a reboot,
+    /// an update a power cut will interrupt); returns once dom0 says it
+    /// started. Its output is discarded: redirect it to keep it.
+    pub fn spawn(&mut self, command: &str) -> Result<()> {
+        self.step(&format!("$ {} &", short(command)));
+        let t = self.timeouts.shell;
+        Ok(self.target.commands().spawn(command, t)?)
     }
 
-    /// Runs a command on the serial shell; a non-zero exit is an error.
+    /// Runs a command in dom0; a non-zero exit is an error.
     pub fn sh(&mut self, command: &str) -> Result<String> {
         let t = self.timeouts.shell;
         self.sh_within(command, t)
@@ -192,7 +197,7 @@ impl<'a> Ctx<'a> {
 
     pub fn sh_within(&mut self, command: &str, timeout: Duration) -> Result<String> {
         self.step(&format!("$ {}", short(command)));
-        let (out, rc) = self.target.console().shell(command, timeout)?;
+        let (out, rc) = self.target.commands().shell(command, timeout)?;
         if rc != 0 {
             bail!("`{command}` exited {rc}: {out}");
         }

@@ -52,7 +52,7 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
 
     // A clean reboot: services stop in order, the machine resets and the
     // next boot reaches the ready marker again.
-    ctx.send("qinit ctl reboot")?;
+    ctx.spawn("qinit ctl reboot")?;
     ctx.wait_for(
         "qinit: shutdown: Reboot: services stopped",
         Duration::from_secs(120),
@@ -62,7 +62,7 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
 
     // Power off: qinit says so, and the machine goes off by itself where
     // the target can tell.
-    ctx.send("qinit ctl poweroff")?;
+    ctx.spawn("qinit ctl poweroff")?;
     let line = ctx.wait_for("qinit: shutdown: ", Duration::from_secs(120))?;
     ensure!(
         line.contains("services stopped") && !line.contains("Reboot"),

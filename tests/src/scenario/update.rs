@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context as _, Result};
 
 use super::{Ctx, Scenario, FIND_BOOT_DISK};
 use crate::flash::Payload;
@@ -71,7 +71,7 @@ fn update(ctx: &mut Ctx<'_>) -> Result<()> {
     ensure!(slot_state(&st, "B") == "bootable", "{st}");
     ensure!(compact(&st).contains("\"order\":[\"B\",\"A\"]"), "{st}");
 
-    ctx.send("qinit ctl reboot")?;
+    ctx.spawn("qinit ctl reboot")?;
     let line = ctx.wait_ready()?;
     ensure!(line.contains(READY_B), "{line}");
     let st = ctx.wait_status(Duration::from_secs(120), |s| slot_state(s, "B") == "good")?;
@@ -91,7 +91,7 @@ fn rollback(ctx: &mut Ctx<'_>) -> Result<()> {
     let apply = apply_command(&ctx.payload("broken")?, "");
     let t = ctx.timeouts.apply;
     ctx.sh_within(&apply, t)?;
-    ctx.send("qinit ctl reboot")?;
+    ctx.spawn("qinit ctl reboot")?;
     // Slot B fails its boot-critical service and reboots, three times.
     let boot = ctx.timeouts.boot;
     for i in 0..3 {
@@ -107,16 +107,32 @@ fn rollback(ctx: &mut Ctx<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Where the power-cut scenario's apply writes its output in dom0.
+const APPLY_LOG: &str = "/run/qlab-apply.log";
+/// The line the apply's shell appends once it ends, before its status.
+const APPLY_ENDED: &str = "qlab-apply-status=";
+/// The progress line at which the plug is pulled.
+const WRITING: &str = "qupdate: write 30%";
+
 fn power_cut(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
     ctx.boot(image)?;
     ctx.wait_ready()?;
-    // Through a pipe, so progress comes as whole lines the test can see.
-    let apply = apply_command(&ctx.payload("next")?, " 2>&1 | cat");
-    ctx.send(&apply)?;
+    // In the background, its progress (whole lines: not a terminal) and
+    // then its status in a file that dom0 itself watches.
+    let apply = apply_command(&ctx.payload("next")?, &format!(" >{APPLY_LOG} 2>&1"));
+    ctx.spawn(&format!("{apply}; echo \"{APPLY_ENDED}$?\" >>{APPLY_LOG}"))?;
     // Pull the plug while the payloads are being written.
     let t = ctx.timeouts.apply;
-    ctx.wait_for("qupdate: write 30%", t)?;
+    ctx.sh_within(
+        &format!(
+            "until grep -q '{WRITING}' {APPLY_LOG} 2>/dev/null; do \
+             if grep -q '{APPLY_ENDED}' {APPLY_LOG} 2>/dev/null; then cat {APPLY_LOG}; exit 1; fi; \
+             sleep 0.2; done"
+        ),
+        t,
+    )
+    .context("the apply ended before it wrote 30%")?;
     ctx.power_cut()?;
 
     let line = ctx.wait_ready()?;

@@ -17,8 +17,15 @@
 //!
 //! Commands run with `sh -c` in the file's directory. Their environment
 //! holds `QLAB_TARGET` (the name), `QLAB_WORK` (a directory the runner
-//! keeps for this target, for state such as a pid file) and, for flash,
+//! keeps for this target, for state such as a pid file), with a `tcp`
+//! console `QLAB_CONSOLE_ADDR` (its `host:port`) and, for flash,
 //! `QLAB_IMAGE` (the disk image to write).
+//!
+//! A `tcp` console on port 0 (`"127.0.0.1:0"`) is one the lab's own
+//! commands serve (a VM playing a lab machine, a ser2net started by
+//! `power.on`): qlab picks a free port for it when the run starts and
+//! passes it in `QLAB_CONSOLE_ADDR`, so two runs on one host never
+//! collide on a fixed port.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -201,9 +208,12 @@ impl LabConfig {
             (Some(addr), None, None) => {
                 let port_ok = addr
                     .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
                 if !port_ok {
-                    return Err(invalid("console.tcp", "expected host:port"));
+                    return Err(invalid(
+                        "console.tcp",
+                        "expected host:port (port 0: qlab picks a free one)",
+                    ));
                 }
                 ConsoleSpec::Tcp(addr)
             }
@@ -284,6 +294,8 @@ pub struct LabTarget {
     cfg: LabConfig,
     work: PathBuf,
     console: Console,
+    /// The `tcp` console's address, its port picked if the file said 0.
+    console_addr: Option<String>,
 }
 
 impl LabTarget {
@@ -304,8 +316,18 @@ impl LabTarget {
             source,
         })?;
         let console = Console::new(Some(&work.join("serial.log")), echo)?;
+        let mut console_addr = None;
         match &cfg.console {
-            ConsoleSpec::Tcp(addr) => console.follow(TcpLink { addr: addr.clone() })?,
+            ConsoleSpec::Tcp(addr) => {
+                let addr = pick_port(addr).map_err(|source| TargetError::Io {
+                    target: cfg.name.clone(),
+                    what: "picking a free port for the console at",
+                    path: addr.into(),
+                    source,
+                })?;
+                console.follow(TcpLink { addr: addr.clone() })?;
+                console_addr = Some(addr);
+            }
             ConsoleSpec::Device { path, baud } => console.follow(DeviceLink {
                 path: path.clone(),
                 baud: *baud,
@@ -315,7 +337,12 @@ impl LabTarget {
                 dir: cfg.dir.clone(),
             })?,
         }
-        Ok(Self { cfg, work, console })
+        Ok(Self {
+            cfg,
+            work,
+            console,
+            console_addr,
+        })
     }
 
     /// Runs one of the lab's commands to its end, within `timeout`.
@@ -335,6 +362,9 @@ impl LabTarget {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(addr) = &self.console_addr {
+            cmd.env("QLAB_CONSOLE_ADDR", addr);
+        }
         if let Some(image) = image {
             cmd.env("QLAB_IMAGE", image);
         }
@@ -378,6 +408,19 @@ impl LabTarget {
             status: status.to_string(),
             output: String::from_utf8_lossy(&output).trim_end().to_owned(),
         })
+    }
+}
+
+/// `addr` as it is, or with port 0 replaced by one that is free now: the
+/// kernel hands out an unused port for a listener bound to port 0, and
+/// the lab command that serves the console binds it again moments later.
+fn pick_port(addr: &str) -> std::io::Result<String> {
+    match addr.rsplit_once(':') {
+        Some((host, "0")) => {
+            let l = std::net::TcpListener::bind((host, 0))?;
+            Ok(format!("{host}:{}", l.local_addr()?.port()))
+        }
+        _ => Ok(addr.to_owned()),
     }
 }
 
@@ -439,7 +482,12 @@ impl Target for LabTarget {
 
     fn describe(&self) -> String {
         let console = match &self.cfg.console {
-            ConsoleSpec::Tcp(a) => format!("serial over TCP {a}"),
+            ConsoleSpec::Tcp(a) => {
+                format!(
+                    "serial over TCP {}",
+                    self.console_addr.as_deref().unwrap_or(a)
+                )
+            }
             ConsoleSpec::Device { path, baud } => {
                 format!("serial device {} at {baud}", path.display())
             }
@@ -506,7 +554,7 @@ boot_s = 200
                 "host:port",
             ),
             (
-                &GOOD.replace("ser2net.lab:4001", "h:0"),
+                &GOOD.replace("ser2net.lab:4001", "h:65536"),
                 "console.tcp",
                 "host:port",
             ),
@@ -556,6 +604,34 @@ boot_s = 200
                 "{msg} lacks {reason}"
             );
         }
+    }
+
+    #[test]
+    fn port_zero_is_a_free_port_that_the_commands_are_told() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = r#"
+name = "vm"
+[power]
+on = "echo \"$QLAB_CONSOLE_ADDR\" > addr"
+off = "true"
+[flash]
+command = "true"
+[console]
+tcp = "127.0.0.1:0"
+"#;
+        let cfg = LabConfig::parse(&dir.path().join("vm.toml"), dir.path(), text).expect("cfg");
+        let mut t = LabTarget::new(cfg, &dir.path().join("work"), false).expect("target");
+        t.power_on().expect("on");
+        let addr = std::fs::read_to_string(dir.path().join("addr")).expect("addr");
+        let port: u16 = addr
+            .trim()
+            .strip_prefix("127.0.0.1:")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{addr}"));
+        assert_ne!(port, 0);
+        assert!(t.describe().contains(addr.trim()), "{}", t.describe());
+        // The port is free again: the lab's command can serve it.
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("port free");
     }
 
     #[test]

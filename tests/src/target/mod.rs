@@ -1,6 +1,7 @@
 //! Targets: a machine the scenarios run on. Whatever it is, it can be
 //! flashed with a disk image, powered on and off, and talked to over its
-//! serial console. Two kinds:
+//! serial console (and where it has one, a command channel of its own).
+//! Two kinds:
 //!
 //! - [`qemu::QemuTarget`]: the QEMU launcher of `qemu/` (power through the
 //!   QEMU process and QMP, serial over a socket, the disk a file);
@@ -97,6 +98,11 @@ pub trait Target {
     fn power_off(&mut self) -> Result<(), TargetError>;
     /// The serial console: one transcript across power cycles.
     fn console(&mut self) -> &mut Console;
+    /// Where commands go: a channel nothing else writes to where the
+    /// target has one (QEMU's virtio-serial port), else the serial shell.
+    fn commands(&mut self) -> &mut Console {
+        self.console()
+    }
     /// Whether the machine has switched itself off, where the target can
     /// tell (QEMU can; most lab power switches cannot).
     fn powered_off_by_itself(&mut self, within: Duration) -> Option<bool>;

@@ -1,12 +1,13 @@
 //! The QEMU target: the launcher of `qemu/` with its disk a file in the
 //! target's work directory. Power on starts QEMU, power off kills it (a
-//! real power cut: nothing is flushed), and the serial socket of each run
-//! is attached to one console.
+//! real power cut: nothing is flushed). The serial socket of each run is
+//! attached to one console, the command channel's socket to another: the
+//! commands never share a line with the kernel or the services.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qconsole::Console;
+use qconsole::{Channel, Console};
 
 use super::{Target, TargetError, Timeouts};
 
@@ -18,6 +19,8 @@ pub struct QemuTarget {
     disk: PathBuf,
     machine: Option<qemu::Machine>,
     console: Console,
+    /// The dedicated command channel, across power cycles like `console`.
+    commands: Console,
 }
 
 impl QemuTarget {
@@ -34,6 +37,8 @@ impl QemuTarget {
             disk: work.join("disk.img"),
             machine: None,
             console: Console::new(Some(&work.join("serial.log")), echo)?,
+            commands: Console::new(Some(&work.join("channel.log")), false)?
+                .with_channel(Channel::Dedicated),
         })
     }
 }
@@ -61,13 +66,9 @@ impl Target for QemuTarget {
             source,
         };
         let (machine, serial) = qemu::Machine::spawn(&cfg).map_err(qemu_err)?;
-        let reader = serial.try_clone().map_err(|source| TargetError::Io {
-            target: NAME.into(),
-            what: "duplicating the serial socket of",
-            path: self.work.clone(),
-            source,
-        })?;
-        self.console.attach(reader, serial)?;
+        qemu::attach_stream(&self.console, serial, &self.work).map_err(qemu_err)?;
+        let channel = machine.command_channel().map_err(qemu_err)?;
+        qemu::attach_stream(&self.commands, channel, &self.work).map_err(qemu_err)?;
         self.machine = Some(machine);
         Ok(())
     }
@@ -81,6 +82,10 @@ impl Target for QemuTarget {
 
     fn console(&mut self) -> &mut Console {
         &mut self.console
+    }
+
+    fn commands(&mut self) -> &mut Console {
+        &mut self.commands
     }
 
     fn powered_off_by_itself(&mut self, within: Duration) -> Option<bool> {
@@ -97,7 +102,7 @@ impl Target for QemuTarget {
 
     fn describe(&self) -> String {
         format!(
-            "QEMU {} (TCG, OVMF, virtio disk), serial over a socket, power through the QEMU process",
+            "QEMU {} (TCG, OVMF, virtio disk), serial over a socket, commands over virtio-serial, power through the QEMU process",
             qemu::CPU_MODEL
         )
     }

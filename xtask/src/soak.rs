@@ -1,0 +1,218 @@
+//! `cargo xtask soak --runs N`: the suite's scenario legs N times back to
+//! back, and each scenario's pass count: the flake budget of docs/lab.md.
+//! A failing run does not stop the soak; it is counted, and its run
+//! directory named, so one soak shows the whole flake rate.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{run_qlab, TestTotals, SUITE_LEGS};
+
+/// One scenario's line of a run's `summary.txt`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub scenario: String,
+    pub passed: bool,
+    pub seconds: f64,
+}
+
+/// The scenario lines of a `summary.txt` (qlab's runner writes them as
+/// `<scenario> <passed|FAILED> <seconds> s`, each maybe followed by
+/// indented notes).
+pub fn parse_summary(text: &str) -> Result<Vec<Outcome>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with(char::is_whitespace) {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [scenario, verdict, seconds, "s"] = words[..] else {
+            continue;
+        };
+        let passed = match verdict {
+            "passed" => true,
+            "FAILED" => false,
+            _ => continue,
+        };
+        let seconds = seconds
+            .parse()
+            .with_context(|| format!("summary line {line:?}: seconds"))?;
+        out.push(Outcome {
+            scenario: scenario.to_owned(),
+            passed,
+            seconds,
+        });
+    }
+    if out.is_empty() {
+        bail!("no scenario lines in the summary");
+    }
+    Ok(out)
+}
+
+/// What one leg's scenario did over the soak.
+#[derive(Debug, Default)]
+struct Tally {
+    runs: u32,
+    passed: u32,
+    seconds: Vec<f64>,
+    /// Run directories of the failures.
+    failures: Vec<PathBuf>,
+}
+
+/// Runs the legs named in `only` (all if empty) `runs` times each, one
+/// leg after the other within a run.
+pub fn run(root: &Path, runs: u32, only: &[String]) -> Result<()> {
+    for name in only {
+        if !SUITE_LEGS.iter().any(|l| l.name == name) {
+            let known: Vec<&str> = SUITE_LEGS.iter().map(|l| l.name).collect();
+            bail!("no suite leg {name:?}; the legs are {known:?}");
+        }
+    }
+    let legs: Vec<_> = SUITE_LEGS
+        .iter()
+        .filter(|l| only.is_empty() || only.iter().any(|n| n == l.name))
+        .collect();
+    let started = Instant::now();
+    let base = root.join("target/soak");
+    // Each run gets a directory of its own, so a run that wrote no
+    // summary can never be read as an earlier run's.
+    let _ = std::fs::remove_dir_all(&base);
+    let mut tallies: BTreeMap<(&str, String), Tally> = BTreeMap::new();
+    let mut broken_runs = Vec::new();
+    for i in 1..=runs {
+        for leg in &legs {
+            eprintln!("soak: run {i} of {runs}, {}", leg.name);
+            let out = base.join(leg.name).join(format!("run-{i}"));
+            let mut totals = TestTotals::default();
+            // A failure is what the soak counts; it goes on.
+            let _ = run_qlab(root, leg.args, &out, &mut totals);
+            let run_dir = std::fs::read_link(out.join("latest"))
+                .map(|d| out.join(d))
+                .unwrap_or_else(|_| out.clone());
+            let summary = std::fs::read_to_string(run_dir.join("summary.txt"))
+                .map_err(anyhow::Error::from)
+                .and_then(|t| parse_summary(&t));
+            match summary {
+                Ok(outcomes) => {
+                    for o in outcomes {
+                        let t = tallies.entry((leg.name, o.scenario)).or_default();
+                        t.runs += 1;
+                        t.seconds.push(o.seconds);
+                        if o.passed {
+                            t.passed += 1;
+                        } else {
+                            t.failures.push(run_dir.clone());
+                        }
+                    }
+                }
+                Err(e) => broken_runs.push(format!("{} run {i}: no summary ({e:#})", leg.name)),
+            }
+        }
+    }
+    let report = render(
+        runs,
+        &tallies,
+        &broken_runs,
+        started.elapsed().as_secs_f64(),
+    );
+    print!("{report}");
+    let path = base.join("report.md");
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("soak: report in {}", path.display());
+    let failed: u32 = tallies.values().map(|t| t.runs - t.passed).sum();
+    if failed > 0 || !broken_runs.is_empty() {
+        bail!(
+            "{failed} scenario runs failed, {} runs wrote no summary",
+            broken_runs.len()
+        );
+    }
+    Ok(())
+}
+
+/// The report: a Markdown table, a row per leg and scenario.
+fn render(
+    runs: u32,
+    tallies: &BTreeMap<(&str, String), Tally>,
+    broken_runs: &[String],
+    seconds: f64,
+) -> String {
+    let mut s = format!("soak: {runs} runs of the suite's scenarios, {seconds:.0} s in all\n\n");
+    s.push_str("| target | scenario | passed | mean s | max s |\n");
+    s.push_str("| --- | --- | ---: | ---: | ---: |\n");
+    for ((leg, scenario), t) in tallies {
+        let mean = t.seconds.iter().sum::<f64>() / f64::from(t.runs.max(1));
+        let max = t.seconds.iter().copied().fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "| {leg} | {scenario} | {}/{runs} | {mean:.0} | {max:.0} |",
+            t.passed
+        );
+    }
+    for ((leg, scenario), t) in tallies {
+        for dir in &t.failures {
+            let _ = writeln!(s, "\n{leg} {scenario} failed: see {}", dir.display());
+        }
+    }
+    for b in broken_runs {
+        let _ = writeln!(s, "\n{b}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUMMARY: &str = "qlab run on qemu (QEMU ...)\nstarted 2026-12-02T10:00:00Z UTC\n\n\
+        boot           passed      36 s\n    QINIT-READY slot=A (20.1 s after the wait began)\n\
+        power-cut      FAILED     129 s\n    ! timed out after 60s\n\n\
+        1 passed, 1 failed\nhardware report: hcl.yml\n";
+
+    #[test]
+    fn a_summary_gives_each_scenario_its_verdict_and_time() {
+        let o = parse_summary(SUMMARY).expect("summary");
+        assert_eq!(
+            o,
+            vec![
+                Outcome {
+                    scenario: "boot".into(),
+                    passed: true,
+                    seconds: 36.0
+                },
+                Outcome {
+                    scenario: "power-cut".into(),
+                    passed: false,
+                    seconds: 129.0
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_summary_without_scenarios_is_an_error() {
+        assert!(parse_summary("qlab run on qemu\n\n0 passed, 0 failed\n").is_err());
+        assert!(parse_summary("boot passed many s\n").is_err());
+    }
+
+    #[test]
+    fn the_report_counts_passes_out_of_the_runs() {
+        let mut tallies = BTreeMap::new();
+        tallies.insert(
+            ("qemu", "boot".to_owned()),
+            Tally {
+                runs: 2,
+                passed: 1,
+                seconds: vec![30.0, 40.0],
+                failures: vec![PathBuf::from("/r/2")],
+            },
+        );
+        let r = render(2, &tallies, &[], 80.0);
+        assert!(r.contains("| qemu | boot | 1/2 | 35 | 40 |"), "{r}");
+        assert!(r.contains("qemu boot failed: see /r/2"), "{r}");
+    }
+}
