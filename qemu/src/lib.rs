@@ -452,16 +452,23 @@ impl Vm {
     ) -> Result<(usize, String), VmError> {
         match self.console.wait_for_any(needles, timeout) {
             Ok(found) => Ok(found),
-            Err(ConsoleError::Closed { wanted, tail }) => {
-                match self.machine.wait_exit(Duration::from_secs(5)) {
-                    Some(status) => Err(VmError::Exited {
-                        wanted,
-                        status,
-                        tail,
-                    }),
-                    None => Err(ConsoleError::Closed { wanted, tail }.into()),
+            Err(ConsoleError::Closed {
+                console,
+                wanted,
+                tail,
+            }) => match self.machine.wait_exit(Duration::from_secs(5)) {
+                Some(status) => Err(VmError::Exited {
+                    wanted,
+                    status,
+                    tail,
+                }),
+                None => Err(ConsoleError::Closed {
+                    console,
+                    wanted,
+                    tail,
                 }
-            }
+                .into()),
+            },
             Err(e) => Err(e.into()),
         }
     }

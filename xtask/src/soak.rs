@@ -3,7 +3,6 @@
 //! A failing run does not stop the soak; it is counted, and its run
 //! directory named, so one soak shows the whole flake rate.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -81,7 +80,8 @@ pub fn run(root: &Path, runs: u32, only: &[String]) -> Result<()> {
     // Each run gets a directory of its own, so a run that wrote no
     // summary can never be read as an earlier run's.
     let _ = std::fs::remove_dir_all(&base);
-    let mut tallies: BTreeMap<(&str, String), Tally> = BTreeMap::new();
+    // In the order the suite runs them.
+    let mut tallies: Vec<((&str, String), Tally)> = Vec::new();
     let mut broken_runs = Vec::new();
     for i in 1..=runs {
         for leg in &legs {
@@ -99,7 +99,15 @@ pub fn run(root: &Path, runs: u32, only: &[String]) -> Result<()> {
             match summary {
                 Ok(outcomes) => {
                     for o in outcomes {
-                        let t = tallies.entry((leg.name, o.scenario)).or_default();
+                        let key = (leg.name, o.scenario);
+                        let at = match tallies.iter().position(|(k, _)| *k == key) {
+                            Some(at) => at,
+                            None => {
+                                tallies.push((key, Tally::default()));
+                                tallies.len() - 1
+                            }
+                        };
+                        let t = &mut tallies[at].1;
                         t.runs += 1;
                         t.seconds.push(o.seconds);
                         if o.passed {
@@ -124,7 +132,7 @@ pub fn run(root: &Path, runs: u32, only: &[String]) -> Result<()> {
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("soak: report in {}", path.display());
-    let failed: u32 = tallies.values().map(|t| t.runs - t.passed).sum();
+    let failed: u32 = tallies.iter().map(|(_, t)| t.runs - t.passed).sum();
     if failed > 0 || !broken_runs.is_empty() {
         bail!(
             "{failed} scenario runs failed, {} runs wrote no summary",
@@ -137,7 +145,7 @@ pub fn run(root: &Path, runs: u32, only: &[String]) -> Result<()> {
 /// The report: a Markdown table, a row per leg and scenario.
 fn render(
     runs: u32,
-    tallies: &BTreeMap<(&str, String), Tally>,
+    tallies: &[((&str, String), Tally)],
     broken_runs: &[String],
     seconds: f64,
 ) -> String {
@@ -201,8 +209,7 @@ mod tests {
 
     #[test]
     fn the_report_counts_passes_out_of_the_runs() {
-        let mut tallies = BTreeMap::new();
-        tallies.insert(
+        let tallies = vec![(
             ("qemu", "boot".to_owned()),
             Tally {
                 runs: 2,
@@ -210,7 +217,7 @@ mod tests {
                 seconds: vec![30.0, 40.0],
                 failures: vec![PathBuf::from("/r/2")],
             },
-        );
+        )];
         let r = render(2, &tallies, &[], 80.0);
         assert!(r.contains("| qemu | boot | 1/2 | 35 | 40 |"), "{r}");
         assert!(r.contains("qemu boot failed: see /r/2"), "{r}");

@@ -41,14 +41,21 @@ pub enum ConsoleError {
         #[source]
         source: std::io::Error,
     },
-    #[error("timed out after {waited:?} waiting for {wanted:?} on the serial console; last output:\n{tail}")]
+    #[error(
+        "timed out after {waited:?} waiting for {wanted:?} on the {console}; last output:\n{tail}"
+    )]
     Timeout {
+        console: &'static str,
         wanted: Vec<String>,
         waited: Duration,
         tail: String,
     },
-    #[error("the serial console closed while waiting for {wanted:?}; last output:\n{tail}")]
-    Closed { wanted: Vec<String>, tail: String },
+    #[error("the {console} closed while waiting for {wanted:?}; last output:\n{tail}")]
+    Closed {
+        console: &'static str,
+        wanted: Vec<String>,
+        tail: String,
+    },
     #[error("the serial console is not connected")]
     NotConnected,
     #[error("writing to the serial console: {0}")]
@@ -84,6 +91,8 @@ pub enum ConsoleError {
     },
     #[error("command `{command}`: printed more than dom0 keeps ({dropped} bytes dropped)")]
     OutputTooLarge { command: String, dropped: u64 },
+    #[error("command `{command}`: dom0 could not start it: {reason}")]
+    NotStarted { command: String, reason: String },
 }
 
 /// A source of console connections that can be opened again after the
@@ -353,6 +362,7 @@ impl Console {
             if guard.link == LinkState::Down {
                 drop(guard);
                 return Err(ConsoleError::Closed {
+                    console: self.channel.console_name(),
                     wanted: wanted(),
                     tail: self.tail(40),
                 });
@@ -360,6 +370,7 @@ impl Console {
             if now >= deadline {
                 drop(guard);
                 return Err(ConsoleError::Timeout {
+                    console: self.channel.console_name(),
                     wanted: wanted(),
                     waited: timeout,
                     tail: self.tail(40),

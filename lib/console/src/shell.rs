@@ -38,6 +38,14 @@ impl Channel {
         }
     }
 
+    /// What errors call a console of this channel.
+    pub(crate) fn console_name(self) -> &'static str {
+        match self {
+            Channel::SerialShell => "serial console",
+            Channel::Dedicated => "command channel",
+        }
+    }
+
     /// The longest line this channel takes. Busybox's line editor keeps
     /// 1024 bytes of a typed line; the dedicated port has no such limit
     /// but the protocol's.
@@ -164,10 +172,9 @@ impl Console {
     pub fn spawn(&mut self, command: &str, timeout: Duration) -> Result<(), ConsoleError> {
         let o = self.exchange(Request::spawn, command, timeout)?;
         if o.rc != 0 {
-            return Err(ConsoleError::Refused {
+            return Err(ConsoleError::NotStarted {
                 command: command.to_owned(),
-                sends: 1,
-                reason: String::from_utf8_lossy(&o.output).into_owned(),
+                reason: String::from_utf8_lossy(&o.output).trim().to_owned(),
             });
         }
         Ok(())
@@ -357,12 +364,14 @@ impl Console {
             }
             if link == LinkState::Down {
                 return Err(ConsoleError::Closed {
+                    console: self.channel.console_name(),
                     wanted: vec![format!("the reply to `{command}`")],
                     tail: self.tail(40),
                 });
             }
             if now >= deadline {
                 return Err(ConsoleError::Timeout {
+                    console: self.channel.console_name(),
                     wanted: vec![format!("the reply to `{command}`")],
                     waited: timeout,
                     tail: self.tail(40),
