@@ -8,10 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-/// The build's verity parameters next to `root.img`.
-pub const ROOT_VERITY: &str = "root.verity";
-/// A copy of the image's /etc/qinit/image next to the slot images.
-pub const IMAGE_INFO_FILE: &str = "image.info";
+use qcontract::paths::output::{BOOT_IMAGE, IMAGE_INFO, ROOT_IMAGE, ROOT_VERITY};
+use qcontract::ImageInfo;
 
 /// What the manifest says about the release.
 #[derive(Debug, Clone)]
@@ -100,56 +98,31 @@ pub fn write_signed(
     result
 }
 
-fn info_field<'a>(text: &'a str, file: &Path, key: &str) -> Result<&'a str> {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.trim())
-        .with_context(|| format!("{}: no `{key}`", file.display()))
-}
-
 /// `qimage bundle`: signs the slot built into `dir`, with the release
 /// identity the build put into the image (so what the manifest says and
 /// what the slot says when booted agree). The root image's verity root hash
 /// is recomputed first, so a stale or altered `root.img` is never signed.
 pub fn from_image_dir(dir: &Path, keys: &[PathBuf], out: Option<&Path>) -> Result<PathBuf> {
-    let info_path = dir.join(IMAGE_INFO_FILE);
-    let info = fs::read_to_string(&info_path)
-        .with_context(|| format!("{}: not a qimage build output", info_path.display()))?;
-    let field = |k| info_field(&info, &info_path, k);
+    let info_path = dir.join(IMAGE_INFO);
+    let info = ImageInfo::load(&info_path).context("not a qimage build output")?;
     let release = Release {
-        compatible: field("compatible")?.to_owned(),
-        version: field("version")?.to_owned(),
-        security_epoch: field("security_epoch")?
-            .parse()
-            .with_context(|| format!("{}: `security_epoch`", info_path.display()))?,
-        build_id: field("build_epoch")?.to_owned(),
+        compatible: info.compatible,
+        version: info.version,
+        security_epoch: info.security_epoch,
+        build_id: info.build_epoch.to_string(),
     };
     let verity_path = dir.join(ROOT_VERITY);
     let vinfo = verity::VerityInfo::from_text(
         &fs::read_to_string(&verity_path).with_context(|| format!("{}", verity_path.display()))?,
     )
     .with_context(|| format!("{}", verity_path.display()))?;
-    let root = dir.join(crate::pipeline::ROOT_IMAGE);
+    let root = dir.join(ROOT_IMAGE);
     check_root_hash(&root, &vinfo)?;
     let out = out.map_or_else(
-        || {
-            dir.join(format!(
-                "{}-{}.bundle",
-                field("name").unwrap_or("image"),
-                release.version
-            ))
-        },
+        || dir.join(format!("{}-{}.bundle", info.name, release.version)),
         Path::to_owned,
     );
-    write_signed(
-        &out,
-        &release,
-        &dir.join(crate::pipeline::BOOT_IMAGE),
-        &root,
-        &vinfo,
-        keys,
-    )?;
+    write_signed(&out, &release, &dir.join(BOOT_IMAGE), &root, &vinfo, keys)?;
     Ok(out)
 }
 
@@ -201,7 +174,7 @@ mod tests {
         .unwrap();
         fs::write(d.join(ROOT_VERITY), vinfo.to_text()).unwrap();
         fs::write(
-            d.join(IMAGE_INFO_FILE),
+            d.join(IMAGE_INFO),
             "name=t\nversion=1.2.3\ncompatible=c-x86_64\nkernel=k\nbuild_epoch=42\nproduction=false\nsecurity_epoch=7\n",
         )
         .unwrap();
@@ -246,7 +219,7 @@ mod tests {
         assert!(!dir.path().join("t-1.2.3.bundle").exists());
         assert!(!dir.path().join("t-1.2.3.bundle.partial").exists());
 
-        fs::remove_file(dir.path().join(IMAGE_INFO_FILE)).unwrap();
+        fs::remove_file(dir.path().join(IMAGE_INFO)).unwrap();
         let e = format!(
             "{:#}",
             from_image_dir(dir.path(), &[key_path], None).unwrap_err()

@@ -11,6 +11,11 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+// File names inside the output directory and the image are the contract
+// crate's: xtask, the lab, qinit and qupdate use the same ones.
+use qcontract::paths::output::{self, BOOT_IMAGE, DISK_IMAGE, ROOT_IMAGE};
+use qcontract::paths::{DOM0_MODULES, EARLY_MODULES, IMAGE_INFO, ROOT_VERITY};
+use qcontract::{ImageInfo, Partition, Slot};
 use sha2::{Digest, Sha256};
 
 use crate::apt::PrivateApt;
@@ -60,20 +65,6 @@ pub struct BuildOutput {
     pub root_hash: String,
     pub kernel_version: String,
 }
-
-/// File names inside the output directory (a contract with xtask/tests).
-pub const DISK_IMAGE: &str = "disk.img";
-pub const ROOT_IMAGE: &str = "root.img";
-pub const BOOT_IMAGE: &str = "boot.img";
-
-/// The early modules' load list inside the initramfs.
-pub const EARLY_MODULE_LIST: &str = "/etc/qinit/modules.early";
-/// The dom0 modules' load list inside the root.
-pub const DOM0_MODULE_LIST: &str = "/etc/qinit/modules.dom0";
-/// The root's verity parameters inside the initramfs.
-pub const VERITY_PARAMS: &str = "/etc/qinit/root.verity";
-/// Image identity, in both the initramfs and the root.
-pub const IMAGE_INFO: &str = "/etc/qinit/image";
 
 pub fn build(opts: &BuildOptions) -> Result<BuildOutput> {
     let profile = profile::load(&opts.profile)?;
@@ -247,7 +238,7 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
 
     // Root tree: composed from the profile, or taken as given (benchmarks
     // against a stock Debian root).
-    let info = image_info(&profile, &kver, opts.epoch);
+    let info = image_info(&profile, &kver, opts.epoch).render();
     let mut uncompressed = None;
     let tree_dir = match &opts.root_tree {
         Some(dir) => dir.clone(),
@@ -294,15 +285,9 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
     let qinit = opts.bin_dir.join("qinit");
     let qinit_bytes = fs::read(&qinit)
         .with_context(|| format!("reading {} (build qinit first)", qinit.display()))?;
-    let verity_text = format!(
-        "data_blocks={}\ndata_block_size={}\nhash_block_size={}\nhash_start_block={}\nalgorithm=sha256\nroot_hash={}\nsalt={}\n",
-        vinfo.data_blocks,
-        vinfo.data_block_size,
-        vinfo.hash_block_size,
-        vinfo.hash_start_block,
-        vinfo.root_hash_hex(),
-        hex::encode(&vinfo.salt),
-    );
+    // The same text as root.verity next to the slot images: one format,
+    // which stage 1 reads with the same parser.
+    let verity_text = vinfo.to_text();
     write_initramfs(
         &initrd,
         opts.epoch,
@@ -413,8 +398,8 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
 
     fs::copy(&initrd, staging.join("initrd.gz"))?;
     // What `qimage bundle` needs to sign this slot later.
-    fs::write(staging.join(crate::bundle::ROOT_VERITY), vinfo.to_text())?;
-    fs::write(staging.join(crate::bundle::IMAGE_INFO_FILE), &info)?;
+    fs::write(staging.join(output::ROOT_VERITY), &verity_text)?;
+    fs::write(staging.join(output::IMAGE_INFO), &info)?;
     if !profile.update.signing_keys.is_empty() {
         let name = format!("{}-{}.bundle", profile.image.name, profile.image.version);
         let keys: Vec<PathBuf> = profile
@@ -608,7 +593,7 @@ fn compose_root(
     for ov in &profile.root.overlays {
         tree.add_overlay(&opts.source_dir.join(ov), &ov.display().to_string())?;
     }
-    tree.add_modules(kver, dom0, DOM0_MODULE_LIST, kernel.package)?;
+    tree.add_modules(kver, dom0, DOM0_MODULES, kernel.package)?;
     tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
     if let Some(g) = &profile.guivm {
         add_guivm(&mut tree, g, opts, vmlinuz, kernel.package)?;
@@ -708,11 +693,16 @@ impl Ids {
     }
 }
 
-fn image_info(p: &Profile, kver: &str, epoch: u64) -> String {
-    format!(
-        "name={}\nversion={}\ncompatible={}\nkernel={kver}\nbuild_epoch={epoch}\nproduction={}\nsecurity_epoch={}\n",
-        p.image.name, p.image.version, p.image.compatible, p.image.production, p.update.security_epoch
-    )
+fn image_info(p: &Profile, kver: &str, epoch: u64) -> ImageInfo {
+    ImageInfo {
+        name: p.image.name.clone(),
+        version: p.image.version.clone(),
+        compatible: p.image.compatible.clone(),
+        kernel: kver.to_owned(),
+        build_epoch: epoch,
+        production: p.image.production,
+        security_epoch: p.update.security_epoch,
+    }
 }
 
 fn one_line(text: &str) -> Result<String> {
@@ -814,12 +804,12 @@ fn write_initramfs(
         list.push('\n');
     }
     w.file(
-        EARLY_MODULE_LIST.trim_start_matches('/'),
+        EARLY_MODULES.trim_start_matches('/'),
         0o644,
         list.as_bytes(),
     )?;
     w.file(
-        VERITY_PARAMS.trim_start_matches('/'),
+        ROOT_VERITY.trim_start_matches('/'),
         0o644,
         verity_text.as_bytes(),
     )?;
@@ -840,13 +830,17 @@ fn assemble_disk(
     data: &Path,
 ) -> Result<()> {
     let mib = |n: u64| n << 20;
-    let layout = qgpt::Layout::new()
-        .add("esp", qgpt::Guid::ESP, mib(p.disk.esp_mib))
-        .add("boot_a", qgpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
-        .add("root_a", qgpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
-        .add("boot_b", qgpt::Guid::XBOOTLDR, mib(p.disk.boot_mib))
-        .add("root_b", qgpt::Guid::ROOT_X86_64, mib(p.disk.root_mib))
-        .add("data", qgpt::Guid::LINUX_DATA, mib(p.disk.data_mib));
+    let layout = Partition::LAYOUT
+        .into_iter()
+        .fold(qgpt::Layout::new(), |l, part| {
+            let (kind, size) = match part {
+                Partition::Esp => (qgpt::Guid::ESP, p.disk.esp_mib),
+                Partition::Boot(_) => (qgpt::Guid::XBOOTLDR, p.disk.boot_mib),
+                Partition::Root(_) => (qgpt::Guid::ROOT_X86_64, p.disk.root_mib),
+                Partition::Data => (qgpt::Guid::LINUX_DATA, p.disk.data_mib),
+            };
+            l.add(part.name(), kind, mib(size))
+        });
     let plan = layout.plan(qgpt::Guid::derive(&ids.namespace, "disk"), |name| {
         qgpt::Guid::derive(&ids.namespace, name)
     })?;
@@ -859,10 +853,10 @@ fn assemble_disk(
         .with_context(|| format!("creating {}", disk.display()))?;
     qgpt::write_tables(&mut f, &plan)?;
     for (name, src) in [
-        ("esp", esp),
-        ("boot_a", boot),
-        ("root_a", root),
-        ("data", data),
+        (Partition::Esp.name(), esp),
+        (Slot::A.boot_name(), boot),
+        (Slot::A.root_name(), root),
+        (Partition::Data.name(), data),
     ] {
         let part = plan
             .partitions

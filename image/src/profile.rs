@@ -370,11 +370,9 @@ impl Profile {
             field: field.to_owned(),
             reason,
         };
-        let name_ok = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-        };
+        // What the image info (qcontract) accepts, so a built image's
+        // info always parses.
+        let name_ok = qcontract::ImageInfo::valid_name;
         if !name_ok(&self.image.name) {
             return Err(invalid(
                 "image.name",

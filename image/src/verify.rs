@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::bundle::{IMAGE_INFO_FILE, ROOT_VERITY};
+use qcontract::paths::output::{BOOT_IMAGE, DISK_IMAGE, IMAGE_INFO, ROOT_IMAGE, ROOT_VERITY};
+use qcontract::ImageInfo;
+
 use crate::lock::LOCK_FILE;
-use crate::pipeline::{self, BuildOptions, BOOT_IMAGE, DISK_IMAGE, ROOT_IMAGE};
+use crate::pipeline::{self, BuildOptions};
 
 /// The build outputs compared file by file, when the published build has
 /// them. Bundles (`*.bundle`) are added as found.
@@ -23,7 +25,7 @@ pub const COMPARED: &[&str] = &[
     ROOT_IMAGE,
     "initrd.gz",
     ROOT_VERITY,
-    IMAGE_INFO_FILE,
+    IMAGE_INFO,
     LOCK_FILE,
     crate::sbom::SBOM_FILE,
     crate::sbom::FILES_TSV,
@@ -46,8 +48,8 @@ pub enum VerifyError {
     },
     #[error("--root-hash `{0}` is not 64 hex digits")]
     RootHash(String),
-    #[error("{path}: `build_epoch` is not a number")]
-    Epoch { path: PathBuf },
+    #[error(transparent)]
+    Info(#[from] qcontract::InfoError),
     #[error(transparent)]
     Hash(#[from] crate::apt::AptError),
 }
@@ -87,15 +89,9 @@ impl Published {
             path: verity_path.clone(),
             source,
         })?;
-        let info_path = dir.join(IMAGE_INFO_FILE);
+        let info_path = dir.join(IMAGE_INFO);
         let epoch = if info_path.exists() {
-            let info = read(&info_path)?;
-            match info.lines().find_map(|l| l.strip_prefix("build_epoch=")) {
-                Some(v) => Some(v.trim().parse().map_err(|_| VerifyError::Epoch {
-                    path: info_path.clone(),
-                })?),
-                None => None,
-            }
+            Some(ImageInfo::load(&info_path)?.build_epoch)
         } else {
             None
         };
@@ -284,11 +280,16 @@ mod tests {
         let params = verity::VerityParams::new(vec![7; 32], [1; 16]).unwrap();
         let vinfo = verity::append_tree(&img, &params).unwrap();
         fs::write(dir.join(ROOT_VERITY), vinfo.to_text()).unwrap();
-        fs::write(
-            dir.join(IMAGE_INFO_FILE),
-            format!("name=t\nbuild_epoch={epoch}\n"),
-        )
-        .unwrap();
+        let info = ImageInfo {
+            name: "t".into(),
+            version: "1".into(),
+            compatible: "c".into(),
+            kernel: "k".into(),
+            build_epoch: epoch,
+            production: false,
+            security_epoch: 0,
+        };
+        fs::write(dir.join(IMAGE_INFO), info.render()).unwrap();
         fs::write(dir.join(DISK_IMAGE), b"disk").unwrap();
         fs::write(dir.join("t-1.bundle"), b"bundle").unwrap();
         vinfo.root_hash_hex()

@@ -7,7 +7,6 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-pub const SOCKET: &str = "/run/qinit/control";
 /// A request line longer than this is refused.
 pub const MAX_REQUEST: usize = 256;
 
@@ -118,7 +117,7 @@ pub fn main(args: &[String]) -> i32 {
     };
     let socket = std::env::var_os("QINIT_CONTROL")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| SOCKET.into());
+        .unwrap_or_else(|| qcontract::paths::CONTROL_SOCKET.into());
     match call(&socket, &req) {
         Ok(lines) => {
             for l in lines {

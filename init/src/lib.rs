@@ -2,14 +2,14 @@
 //!
 //! Stage 1 ([`stage1`]) runs from the initramfs: it mounts the kernel
 //! filesystems, loads the early modules ([`modules`]), finds the slot's root
-//! by GPT name ([`blockdev`]), sets up dm-verity with the root hash carried
-//! in the initramfs ([`verity_params`], [`dm`]) and switches root. Stage 2
+//! by GPT name (`qcontract::partition`), sets up dm-verity with the root
+//! hash carried in the initramfs (`verity::VerityInfo`, [`dm`]) and
+//! switches root. The kernel command line and the image info are
+//! `qcontract`'s. Stage 2
 //! ([`stage2`]) mounts what Xen needs and runs the services ([`services`]
 //! definitions, [`supervisor`] event loop). Logs go to the kernel log
 //! ([`kmsg`]).
 
-pub mod blockdev;
-pub mod cmdline;
 pub mod confine;
 pub mod control;
 pub mod dm;
@@ -21,5 +21,4 @@ pub mod services;
 pub mod stage1;
 pub mod stage2;
 pub mod supervisor;
-pub mod verity_params;
 pub mod xenstore;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use qinit::cmdline::OnFailure;
+use qcontract::OnFailure;
 use qinit::kmsg::{marker, KmsgLogger};
 
 fn main() {
@@ -42,13 +42,7 @@ fn stage1(started: Instant) -> ! {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    let mut chain = err.to_string();
-    let mut src = std::error::Error::source(&err);
-    while let Some(s) = src {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        src = s.source();
-    }
+    let chain = qcontract::error_chain(&err);
     marker(&format!("QINIT-FAILED reason=stage1: {chain}"));
     let action = cmdline.map_or(OnFailure::Reboot, |c| c.on_failure);
     if action == OnFailure::Halt {

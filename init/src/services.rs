@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub const SERVICE_DIR: &str = "/etc/qinit/services";
-
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ServiceError {
     #[error("{path}: {reason}")]

@@ -8,15 +8,14 @@ use std::time::{Duration, Instant};
 
 use rustix::mount::{mount_move, MountFlags};
 
-use crate::blockdev::{self, BlockError};
-use crate::cmdline::{Cmdline, CmdlineError};
+use qcontract::partition::{self, BlockDev, LookupError, SYS_CLASS_BLOCK};
+use qcontract::{paths, Cmdline, CmdlineError, ImageInfo, Partition};
+use verity::VerityInfo;
+
 use crate::dm::{self, DmError, Target};
 use crate::modules::{self, ModuleError};
 use crate::mounts::{self, MountError};
-use crate::verity_params::{ParamsError, RootVerity};
 
-pub const EARLY_MODULES: &str = "/etc/qinit/modules.early";
-pub const ROOT_VERITY: &str = "/etc/qinit/root.verity";
 pub const NEW_ROOT: &str = "/newroot";
 pub const STAGE2: &str = "/usr/sbin/qinit";
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -32,9 +31,17 @@ pub enum Stage1Error {
     #[error("early modules")]
     Modules(#[from] ModuleError),
     #[error(transparent)]
-    Block(#[from] BlockError),
-    #[error("root verity parameters")]
-    Params(#[from] ParamsError),
+    Lookup(#[from] LookupError),
+    #[error("no partition named `{name}` appeared within {waited:?} (block devices seen: {seen})")]
+    NoPartition {
+        name: &'static str,
+        waited: Duration,
+        seen: String,
+    },
+    #[error("root verity parameters {}: cannot read", paths::ROOT_VERITY)]
+    ReadParams(#[source] std::io::Error),
+    #[error("root verity parameters {}", paths::ROOT_VERITY)]
+    Params(#[source] verity::Error),
     #[error("dm-verity setup")]
     Dm(#[from] DmError),
     #[error(
@@ -77,14 +84,14 @@ fn run_inner(
     *cmdline_out = Some(cmdline.clone());
     log::info!("stage 1: slot {}", cmdline.slot);
 
-    let n = modules::load_list(Path::new(EARLY_MODULES))?;
+    let n = modules::load_list(Path::new(paths::EARLY_MODULES))?;
     log::info!("loaded {n} early modules");
 
-    let sys = Path::new("/sys/class/block");
-    let root_part = blockdev::wait_for(sys, cmdline.slot.root_name(), DEVICE_TIMEOUT)?;
+    let root_part = wait_for_partition(Partition::Root(cmdline.slot), DEVICE_TIMEOUT)?;
     log::info!("root of slot {} is {}", cmdline.slot, root_part.kname);
 
-    let params = RootVerity::load(Path::new(ROOT_VERITY))?;
+    let text = std::fs::read_to_string(paths::ROOT_VERITY).map_err(Stage1Error::ReadParams)?;
+    let params = VerityInfo::from_text(&text).map_err(Stage1Error::Params)?;
     let control = dm::Control::open()?;
     let (major, minor) = control.create_readonly(
         "root",
@@ -92,14 +99,14 @@ fn run_inner(
             start_sector: 0,
             sectors: params.data_sectors(),
             target_type: "verity".into(),
-            params: params.table(&root_part.dev),
+            params: params.kernel_table(&root_part.dev, &root_part.dev),
         }],
     )?;
     let root_dev = PathBuf::from(format!("/dev/dm-{minor}"));
     wait_for_node(&root_dev)?;
     log::info!(
         "verity root {major}:{minor} up, root hash {}",
-        params.root_hash
+        params.root_hash_hex()
     );
 
     if cmdline.verify_full {
@@ -144,8 +151,8 @@ fn run_inner(
         let target = Path::new(NEW_ROOT).join(m.trim_start_matches('/'));
         mount_move(m, &target).map_err(Stage1Error::SwitchRoot)?;
     }
-    let info = std::fs::read_to_string(crate::stage2::IMAGE_INFO).unwrap_or_default();
-    let production = crate::stage2::image_field(&info, "production").as_deref() != Some("false");
+    // The initramfs's copy: the same image as the root's.
+    let production = is_production(Path::new(paths::IMAGE_INFO));
     let other_init = match &cmdline.init {
         Some(init) if !production => Some(init.clone()),
         Some(init) => {
@@ -162,11 +169,7 @@ fn run_inner(
 fn mount_data(cmdline: &Cmdline) -> Result<(), Stage1Error> {
     let target = Path::new(NEW_ROOT).join("var");
     let flags = MountFlags::NOSUID | MountFlags::NODEV;
-    let found = blockdev::wait_for(
-        Path::new("/sys/class/block"),
-        "data",
-        Duration::from_secs(2),
-    );
+    let found = wait_for_partition(Partition::Data, Duration::from_secs(2));
     let mounted = match found {
         Ok(d) => match mounts::mount_one(&d.node().to_string_lossy(), &target, "ext4", flags, "") {
             Ok(()) => true,
@@ -188,6 +191,44 @@ fn mount_data(cmdline: &Cmdline) -> Result<(), Stage1Error> {
         mounts::mount_one("tmpfs", &target, "tmpfs", flags, "mode=0755")?;
     }
     Ok(())
+}
+
+/// Whether the image at hand is a production one, failing closed: an
+/// image info that cannot be read or parsed counts as production (no
+/// debug switches), and says why.
+pub fn is_production(info: &Path) -> bool {
+    match ImageInfo::load(info) {
+        Ok(i) => i.production,
+        Err(e) => {
+            log::error!(
+                "{}: treating the image as a production one",
+                qcontract::error_chain(&e)
+            );
+            true
+        }
+    }
+}
+
+/// Waits until the partition `part` shows up (disk drivers probe
+/// asynchronously after their module loads); two of that name are
+/// refused at once.
+fn wait_for_partition(part: Partition, timeout: Duration) -> Result<BlockDev, Stage1Error> {
+    let sys = Path::new(SYS_CLASS_BLOCK);
+    let start = Instant::now();
+    loop {
+        let devs = partition::scan(sys);
+        if let Some(d) = partition::find(&devs, part.name())? {
+            return Ok(d);
+        }
+        if start.elapsed() >= timeout {
+            return Err(Stage1Error::NoPartition {
+                name: part.name(),
+                waited: timeout,
+                seen: partition::describe(&devs),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn wait_for_node(path: &Path) -> Result<(), Stage1Error> {

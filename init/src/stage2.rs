@@ -6,15 +6,13 @@ use std::time::{Duration, Instant};
 
 use rustix::mount::MountFlags;
 
-use crate::cmdline::{Cmdline, OnFailure, Slot};
+use qcontract::{paths, Cmdline, ImageInfo, OnFailure, Slot};
+
 use crate::kmsg::marker;
 use crate::mounts;
 use crate::services;
 use crate::supervisor::{Hooks, Paths, Shutdown, Supervisor};
 
-pub const DOM0_MODULES: &str = "/etc/qinit/modules.dom0";
-pub const IMAGE_INFO: &str = "/etc/qinit/image";
-pub const NOTIFY_DIR: &str = "/run/qinit/notify";
 /// Set by the host integration tests; see [`run`].
 pub const SANDBOX_ENV: &str = "QINIT_SANDBOX";
 
@@ -28,14 +26,6 @@ const RUNTIME_DIRS: &[&str] = &[
     "/var/lib/xen",
     "/var/lib/xenstored",
 ];
-
-/// Reads `key=value` lines of /etc/qinit/image.
-pub fn image_field(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.to_owned())
-}
 
 struct BootHooks {
     slot: Option<Slot>,
@@ -112,8 +102,19 @@ pub fn run(offset: Duration) -> ! {
     } else if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         log::warn!("cannot become a subreaper: {e}");
     }
-    let info = std::fs::read_to_string(IMAGE_INFO).unwrap_or_default();
-    let version = image_field(&info, "version").unwrap_or_else(|| "unknown".into());
+    // Fail closed: an image whose info cannot be read is treated as a
+    // production one (no debug shell, nothing on a terminal).
+    let info = ImageInfo::load(Path::new(paths::IMAGE_INFO));
+    if let Err(e) = &info {
+        log::error!(
+            "{}: treating the image as a production one",
+            qcontract::error_chain(e)
+        );
+    }
+    let version = info
+        .as_ref()
+        .map_or_else(|_| "unknown".to_owned(), |i| i.version.clone());
+    let production = info.as_ref().map_or(true, |i| i.production);
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .ok()
         .and_then(|t| Cmdline::parse(&t).ok());
@@ -131,8 +132,7 @@ pub fn run(offset: Duration) -> ! {
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| default.into())
     };
-    let dir = env_path("QINIT_SERVICE_DIR", services::SERVICE_DIR);
-    let production = image_field(&info, "production").as_deref() == Some("true");
+    let dir = env_path("QINIT_SERVICE_DIR", paths::SERVICE_DIR);
     let mut set = services::load_dir(&dir);
     if production {
         // A production image has no shell: a service on a terminal is one.
@@ -160,8 +160,8 @@ pub fn run(offset: Duration) -> ! {
         dir.display()
     );
     let paths = Paths {
-        notify_dir: env_path("QINIT_NOTIFY_DIR", NOTIFY_DIR),
-        control: env_path("QINIT_CONTROL", crate::control::SOCKET),
+        notify_dir: env_path("QINIT_NOTIFY_DIR", paths::NOTIFY_DIR),
+        control: env_path("QINIT_CONTROL", paths::CONTROL_SOCKET),
         xenstore: crate::xenstore::SOCKET.into(),
     };
     let shutdown = match Supervisor::new(set.services, paths) {
@@ -223,7 +223,7 @@ fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
         std::os::unix::fs::symlink("/run", var_run)?;
     }
     let t = Instant::now();
-    match crate::modules::load_list(Path::new(DOM0_MODULES)) {
+    match crate::modules::load_list(Path::new(paths::DOM0_MODULES)) {
         Ok(n) => log::info!("loaded {n} dom0 modules in {} ms", t.elapsed().as_millis()),
         Err(e) => log::error!("dom0 modules: {e}"),
     }

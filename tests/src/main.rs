@@ -1,5 +1,6 @@
 //! `qlab`: run the scenario suite on a target.
 
+use qcontract::paths::output::DISK_IMAGE;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -122,7 +123,7 @@ fn export_lava(
         Some(t) => qlab::target::lab::LabConfig::load(t)?.timeouts,
         None => qlab::target::Timeouts::default(),
     };
-    let disk = images.join("qemu-test/disk.img");
+    let disk = images.join("qemu-test").join(DISK_IMAGE);
     let mut bundles = Vec::new();
     default_bundles(images, &mut bundles);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -206,7 +207,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     })
                     .collect::<Result<Vec<_>>>()?
             };
-            let disk = disk.unwrap_or_else(|| images.join("qemu-test/disk.img"));
+            let disk = disk.unwrap_or_else(|| images.join("qemu-test").join(DISK_IMAGE));
             if !disk.is_file() {
                 bail!(
                     "no disk image {}: build it with `cargo xtask image --profile qemu-test`",

@@ -355,7 +355,7 @@ fn boot(root: &Path, image_dir: &Path, profile: &str, timeout: Duration) -> Resu
     std::fs::create_dir_all(&work)?;
     // Boot a copy: the built image stays pristine for the next run.
     let disk = work.join("disk.img");
-    std::fs::copy(image_dir.join("disk.img"), &disk)
+    std::fs::copy(image_dir.join(qcontract::paths::output::DISK_IMAGE), &disk)
         .with_context(|| format!("copying the disk image to {}", disk.display()))?;
     let mut cfg = qemu::VmConfig::new(&disk, &work);
     cfg.echo = true;

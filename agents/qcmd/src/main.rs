@@ -26,11 +26,11 @@ fn main() -> ExitCode {
             let name = args
                 .get(1)
                 .map_or(qcmdchan::VIRTIO_PORT_NAME, String::as_str);
-            serve::serve(name).map_err(|e| error_chain(&e))
+            serve::serve(name).map_err(|e| qcontract::error_chain(&e))
         }
         Some("worker") => match (args.get(1), args.get(2)) {
             (Some(id), Some(dir)) => {
-                serial::worker(id, Path::new(dir)).map_err(|e| error_chain(&e))
+                serial::worker(id, Path::new(dir)).map_err(|e| qcontract::error_chain(&e))
             }
             _ => Err(USAGE.to_owned()),
         },
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             // Host tests keep their replies elsewhere than dom0's /run.
             let dir = std::env::var_os("QCMD_STATE_DIR")
                 .map_or_else(|| PathBuf::from(serial::STATE_DIR), PathBuf::from);
-            serial::request(&line, &dir, &exe).map_err(|e| error_chain(&e))
+            serial::request(&line, &dir, &exe).map_err(|e| qcontract::error_chain(&e))
         }
         _ => Err(USAGE.to_owned()),
     };
@@ -52,16 +52,4 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// An error and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -38,13 +38,13 @@ impl SystemArgs {
                 compatible: self
                     .compatible
                     .clone()
-                    .ok_or_else(|| UpdateError::Config("--disk needs --compatible".into()))?,
+                    .ok_or_else(|| UpdateError::Usage("--disk needs --compatible".into()))?,
                 booted: self
                     .booted
                     .as_deref()
-                    .ok_or_else(|| UpdateError::Config("--disk needs --booted".into()))?
+                    .ok_or_else(|| UpdateError::Usage("--disk needs --booted".into()))?
                     .parse()
-                    .map_err(|e| UpdateError::Config(format!("--booted: {e}")))?,
+                    .map_err(|e| UpdateError::Usage(format!("--booted: {e}")))?,
                 image_version: "unknown".into(),
                 image_epoch: 0,
                 tries: crate::DEFAULT_TRIES,

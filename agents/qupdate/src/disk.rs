@@ -1,12 +1,12 @@
-//! The disk the slots live on: its GPT names the partitions (a contract:
-//! `esp`, `boot_a`, `root_a`, `boot_b`, `root_b`, `data`), so the updater
+//! The disk the slots live on: its GPT names the partitions
+//! ([`qcontract::Partition`]), so the updater
 //! addresses them by name and offset on one open disk, whether that is
 //! `/dev/vda` in dom0 or a disk image file in host tests.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use grubenv::Slot;
+use qcontract::{Partition, Slot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -23,9 +23,9 @@ pub enum DiskError {
         source: qgpt::Error,
     },
     #[error("{path}: no partition named `{name}` (or more than one)")]
-    NoPartition { path: PathBuf, name: String },
-    #[error("cannot find the disk holding partition `{0}` in /sys/class/block")]
-    NoDisk(String),
+    NoPartition { path: PathBuf, name: &'static str },
+    #[error("finding the disk that holds the slots")]
+    NoDisk(#[from] qcontract::partition::LookupError),
 }
 
 /// A byte range of the disk.
@@ -45,13 +45,6 @@ pub struct Disk {
     root: [Part; 2],
 }
 
-fn idx(slot: Slot) -> usize {
-    match slot {
-        Slot::A => 0,
-        Slot::B => 1,
-    }
-}
-
 impl Disk {
     pub fn open(path: &Path) -> Result<Self, DiskError> {
         let mut file = File::options()
@@ -66,31 +59,34 @@ impl Disk {
             path: path.to_owned(),
             source,
         })?;
-        let part = |name: &str| -> Result<Part, DiskError> {
-            let p = table.find(name).ok_or_else(|| DiskError::NoPartition {
+        let part = |p: Partition| -> Result<Part, DiskError> {
+            let entry = table.find(p.name()).ok_or(DiskError::NoPartition {
                 path: path.to_owned(),
-                name: name.to_owned(),
+                name: p.name(),
             })?;
             Ok(Part {
-                offset: p.offset(),
-                size: p.size(),
+                offset: entry.offset(),
+                size: entry.size(),
             })
+        };
+        let slots = |kind: fn(Slot) -> Partition| -> Result<[Part; 2], DiskError> {
+            Ok([part(kind(Slot::A))?, part(kind(Slot::B))?])
         };
         Ok(Self {
             path: path.to_owned(),
-            esp: part("esp")?,
-            boot: [part("boot_a")?, part("boot_b")?],
-            root: [part("root_a")?, part("root_b")?],
+            esp: part(Partition::Esp)?,
+            boot: slots(Partition::Boot)?,
+            root: slots(Partition::Root)?,
             file,
         })
     }
 
     pub fn boot(&self, slot: Slot) -> Part {
-        self.boot[idx(slot)]
+        self.boot[slot.index()]
     }
 
     pub fn root(&self, slot: Slot) -> Part {
-        self.root[idx(slot)]
+        self.root[slot.index()]
     }
 
     /// The partition a bundle payload of `kind` goes to in `slot`.
@@ -102,23 +98,9 @@ impl Disk {
     }
 }
 
-/// The whole-disk device holding the partition named `partname`, found
-/// through sysfs (`/sys/class/block/<part>` is a child of its disk).
-pub fn disk_of(partname: &str) -> Result<PathBuf, DiskError> {
-    let rd =
-        std::fs::read_dir("/sys/class/block").map_err(|_| DiskError::NoDisk(partname.into()))?;
-    for e in rd.flatten() {
-        let uevent = std::fs::read_to_string(e.path().join("uevent")).unwrap_or_default();
-        if !uevent.lines().any(|l| l == format!("PARTNAME={partname}")) {
-            continue;
-        }
-        let real =
-            std::fs::canonicalize(e.path()).map_err(|_| DiskError::NoDisk(partname.into()))?;
-        let disk = real
-            .parent()
-            .and_then(|p| p.file_name())
-            .ok_or_else(|| DiskError::NoDisk(partname.into()))?;
-        return Ok(Path::new("/dev").join(disk));
-    }
-    Err(DiskError::NoDisk(partname.into()))
+/// The whole-disk device holding partition `part`, found through sysfs;
+/// two disks with a partition of that name are refused.
+pub fn disk_of(part: Partition) -> Result<PathBuf, DiskError> {
+    let sys = Path::new(qcontract::partition::SYS_CLASS_BLOCK);
+    Ok(qcontract::partition::lookup(sys, part)?.disk()?)
 }

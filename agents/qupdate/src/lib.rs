@@ -29,7 +29,6 @@ use crate::state::{SlotInfo, State, StateError};
 
 pub const TRUST_STORE: &str = "/etc/qupdate/trust.toml";
 pub const STATE_FILE: &str = "/var/lib/qupdate/state.json";
-pub const IMAGE_INFO: &str = "/etc/qinit/image";
 /// How long to wait for another updater to finish.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Tries a freshly installed slot gets before the boot loader gives up.
@@ -78,8 +77,16 @@ pub enum UpdateError {
     Verity(#[from] verity::Error),
     #[error("slot {0} is not good; nothing to roll back to")]
     NotGood(Slot),
-    #[error("system configuration: {0}")]
-    Config(String),
+    #[error("the bundle has no root payload to verify")]
+    NoRootPayload,
+    #[error("/proc/cmdline: cannot read")]
+    ReadCmdline(#[source] std::io::Error),
+    #[error(transparent)]
+    Cmdline(#[from] qcontract::CmdlineError),
+    #[error("this system's image")]
+    ImageInfo(#[from] qcontract::InfoError),
+    #[error("{0}")]
+    Usage(String),
     #[error("another qupdate holds {0}; try again when it is done")]
     Busy(PathBuf),
 }
@@ -99,40 +106,23 @@ pub struct Config {
     pub lock_wait: std::time::Duration,
 }
 
-fn field(text: &str, key: &str) -> Option<String> {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.trim().to_owned())
-}
-
 impl Config {
     /// The running dom0: slot from the kernel command line, identity from
-    /// /etc/qinit/image, the disk that holds the slots from sysfs.
+    /// /etc/qinit/image, the disk that holds the slots from sysfs. Each
+    /// must read and parse: the updater never guesses its floor or its
+    /// compatibility.
     pub fn from_system() -> Result<Self, UpdateError> {
-        let cmdline = std::fs::read_to_string("/proc/cmdline")
-            .map_err(|e| UpdateError::Config(format!("/proc/cmdline: {e}")))?;
-        let booted = cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("qinit.slot="))
-            .ok_or_else(|| UpdateError::Config("no qinit.slot= on the kernel command line".into()))?
-            .parse::<Slot>()
-            .map_err(|e| UpdateError::Config(format!("qinit.slot: {e}")))?;
-        let info = std::fs::read_to_string(IMAGE_INFO)
-            .map_err(|e| UpdateError::Config(format!("{IMAGE_INFO}: {e}")))?;
-        let need = |k: &str| {
-            field(&info, k).ok_or_else(|| UpdateError::Config(format!("{IMAGE_INFO}: no `{k}`")))
-        };
+        let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(UpdateError::ReadCmdline)?;
+        let booted = qcontract::Cmdline::parse(&cmdline)?.slot;
+        let info = qcontract::ImageInfo::load(Path::new(qcontract::paths::IMAGE_INFO))?;
         Ok(Self {
-            disk: disk::disk_of("root_a")?,
+            disk: disk::disk_of(qcontract::Partition::Root(Slot::A))?,
             trust: TRUST_STORE.into(),
             state: STATE_FILE.into(),
-            compatible: need("compatible")?,
+            compatible: info.compatible,
             booted,
-            image_version: need("version")?,
-            image_epoch: field(&info, "security_epoch")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+            image_version: info.version,
+            image_epoch: info.security_epoch,
             tries: DEFAULT_TRIES,
             lock_wait: LOCK_WAIT,
         })
@@ -482,9 +472,7 @@ impl Updater {
         if let Some(e) = read_err {
             return Err(read_back(e));
         }
-        let root_hash = root_hash.ok_or_else(|| {
-            UpdateError::Config("the bundle has no root payload to verify".into())
-        })?;
+        let root_hash = root_hash.ok_or(UpdateError::NoRootPayload)?;
         if root_hash != v.root_hash {
             return Err(UpdateError::VerityMismatch {
                 expected: hex::encode(v.root_hash),
@@ -599,14 +587,7 @@ impl Updater {
 
 /// The whole cause chain of an error on one line.
 pub fn error_chain(e: &UpdateError) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+    qcontract::error_chain(e)
 }
 
 /// Convenience for callers that hold a path to a bundle file.

@@ -1,6 +1,3 @@
-use std::fmt;
-use std::str::FromStr;
-
 use crate::{Env, Error};
 
 /// Variable holding the space-separated slot preference, e.g. `A B`.
@@ -8,93 +5,9 @@ pub const SLOT_ORDER: &str = "SLOT_ORDER";
 /// Largest try count the GRUB script can decrement.
 pub const MAX_TRIES: u8 = 9;
 
-/// One of the two A/B slots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Slot {
-    A,
-    B,
-}
-
-impl Slot {
-    pub const ALL: [Slot; 2] = [Slot::A, Slot::B];
-
-    pub fn other(self) -> Slot {
-        match self {
-            Slot::A => Slot::B,
-            Slot::B => Slot::A,
-        }
-    }
-
-    /// Name of the `<X>_OK` variable.
-    pub fn ok_var(self) -> &'static str {
-        match self {
-            Slot::A => "A_OK",
-            Slot::B => "B_OK",
-        }
-    }
-
-    /// Name of the `<X>_TRIES` variable.
-    pub fn tries_var(self) -> &'static str {
-        match self {
-            Slot::A => "A_TRIES",
-            Slot::B => "B_TRIES",
-        }
-    }
-
-    /// GPT partition number of the slot's boot partition on the fixed
-    /// layout (esp=1, boot_a=2, root_a=3, boot_b=4, root_b=5, data=6); the
-    /// GRUB script exports it as `slot_part`.
-    pub fn boot_partition(self) -> u32 {
-        match self {
-            Slot::A => 2,
-            Slot::B => 4,
-        }
-    }
-
-    /// GPT partition number of the slot's root partition on the fixed layout.
-    pub fn root_partition(self) -> u32 {
-        self.boot_partition() + 1
-    }
-
-    /// GPT partition name of the slot's boot partition.
-    pub fn boot_name(self) -> &'static str {
-        match self {
-            Slot::A => "boot_a",
-            Slot::B => "boot_b",
-        }
-    }
-
-    /// GPT partition name of the slot's root partition.
-    pub fn root_name(self) -> &'static str {
-        match self {
-            Slot::A => "root_a",
-            Slot::B => "root_b",
-        }
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Slot::A => "A",
-            Slot::B => "B",
-        })
-    }
-}
-
-impl FromStr for Slot {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Slot, Error> {
-        match s {
-            "A" => Ok(Slot::A),
-            "B" => Ok(Slot::B),
-            _ => Err(Error::InvalidSlot {
-                value: s.to_owned(),
-            }),
-        }
-    }
-}
+/// The slot type is the contract crate's: one definition for the
+/// partition table, this environment, the kernel command line and qinit.
+pub use qcontract::Slot;
 
 /// Health of one slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

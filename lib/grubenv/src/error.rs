@@ -72,9 +72,6 @@ pub enum Error {
         expected: &'static str,
     },
 
-    #[error("invalid slot {value:?}: expected A or B")]
-    InvalidSlot { value: String },
-
     #[error("{tries} tries for slot {slot} is outside {allowed}")]
     BadTries {
         slot: Slot,

@@ -70,9 +70,11 @@ fn boot(ctx: &mut Ctx<'_>) -> Result<()> {
 
 fn corrupt_root(ctx: &mut Ctx<'_>) -> Result<()> {
     // 64 KiB in: inside the squashfs data, never in the verity tree.
-    let bad =
-        ctx.image
-            .with_flipped_bit(&ctx.work.join("corrupt.img"), "root_a", 64 * 1024 + 123)?;
+    let bad = ctx.image.with_flipped_bit(
+        &ctx.work.join("corrupt.img"),
+        qcontract::Slot::A.root_name(),
+        64 * 1024 + 123,
+    )?;
     ctx.boot(&bad)?;
     let t = ctx.timeouts.boot;
     let (which, line) = ctx.wait_any(&["QINIT-FAILED", "QINIT-READY"], t)?;

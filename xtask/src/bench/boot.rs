@@ -84,7 +84,7 @@ fn boot_once(root: &Path, image_dir: &Path, name: &str, marker: &str) -> Result<
     let work = root.join("target/bench").join(name);
     std::fs::create_dir_all(&work)?;
     let disk = work.join("disk.img");
-    std::fs::copy(image_dir.join("disk.img"), &disk)?;
+    std::fs::copy(image_dir.join(qcontract::paths::output::DISK_IMAGE), &disk)?;
     let mut vm = qemu::Vm::start(&qemu::VmConfig::new(&disk, &work))?;
     let line = vm
         .wait_for(marker, Duration::from_secs(600))

@@ -15,6 +15,7 @@
 //! mount its bundle, is in the dom0 kernel but not in this host's, which is
 //! why the comparison runs in the guest.
 
+use qcontract::paths::output;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -182,7 +183,7 @@ fn prepare(root: &Path, image: &Path, work: &Path, size_mib: u64) -> Result<Prep
     }
 
     eprintln!("xtask: writing a {size_mib} MiB root image with its verity tree");
-    let root_img = slot.join("root.img");
+    let root_img = slot.join(output::ROOT_IMAGE);
     super::write_pseudo_random(
         &root_img,
         size_mib << 20,
@@ -192,9 +193,12 @@ fn prepare(root: &Path, image: &Path, work: &Path, size_mib: u64) -> Result<Prep
         &root_img,
         &verity::VerityParams::new(vec![0x5a; 32], [0x11; 16])?,
     )?;
-    fs::write(slot.join("root.verity"), vinfo.to_text())?;
-    fs::write(slot.join("boot.img"), vec![0u8; BOOT_PAYLOAD])?;
-    fs::copy(image.join("image.info"), slot.join("image.info"))?;
+    fs::write(slot.join(output::ROOT_VERITY), vinfo.to_text())?;
+    fs::write(slot.join(output::BOOT_IMAGE), vec![0u8; BOOT_PAYLOAD])?;
+    fs::copy(
+        image.join(output::IMAGE_INFO),
+        slot.join(output::IMAGE_INFO),
+    )?;
     let root_bytes = fs::metadata(&root_img)?.len();
 
     // qupdate's bundle, signed the product's way.
@@ -259,7 +263,7 @@ fn prepare(root: &Path, image: &Path, work: &Path, size_mib: u64) -> Result<Prep
     sparse_file(&rauc_slot, slot_len << 20)?;
     sparse_file(&plain_slot, slot_len << 20)?;
     let disk = work.join("disk.img");
-    fs::copy(image.join("disk.img"), &disk)?;
+    fs::copy(image.join(output::DISK_IMAGE), &disk)?;
     let bundle_payload_bytes = root_bytes + BOOT_PAYLOAD as u64;
     // The tree is not needed on the host once it is in the disk images.
     fs::remove_dir_all(&rauc_in)?;

@@ -1,10 +1,14 @@
-//! The kernel command line: the slot GRUB booted and qinit's switches.
+//! The kernel command line's `qinit.*` keys: GRUB's configuration (which
+//! qimage writes) passes the slot it booted, the test profiles add
+//! switches, and qinit and qupdate read them.
+
+use crate::Slot;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {
-    #[error("kernel command line has no qinit.slot= (GRUB passes it)")]
+    #[error("kernel command line has no {SLOT_KEY}= (GRUB passes it)")]
     NoSlot,
-    #[error("kernel command line: qinit.slot=`{0}` is not A or B")]
+    #[error("kernel command line: {SLOT_KEY}=`{0}` is not A or B")]
     BadSlot(String),
     #[error("kernel command line: {key}=`{value}` is not one of {allowed}")]
     BadValue {
@@ -12,11 +16,20 @@ pub enum CmdlineError {
         value: String,
         allowed: &'static str,
     },
+    #[error("kernel command line: {0} is given twice; refusing to pick one")]
+    Twice(&'static str),
 }
 
-/// The A/B slot type is the boot state's own (one definition for GRUB's
-/// contract, the updater and PID 1).
-pub use grubenv::Slot;
+/// The slot GRUB booted: `qinit.slot=A|B`.
+pub const SLOT_KEY: &str = "qinit.slot";
+/// What to do when the boot fails: `reboot` (default), `poweroff`, `halt`.
+pub const ON_FAILURE_KEY: &str = "qinit.on_failure";
+/// `full` (default): read the whole root once before use; `lazy`.
+pub const VERIFY_KEY: &str = "qinit.verify";
+/// A root shell on the console; ignored by production images.
+pub const DEBUG_KEY: &str = "qinit.debug";
+/// Another init after switch root; ignored by production images.
+pub const INIT_KEY: &str = "qinit.init";
 
 /// What to do when boot cannot complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,67 +56,77 @@ pub struct Cmdline {
 }
 
 impl Cmdline {
+    /// Parses `/proc/cmdline`. Other words are the kernel's and Xen's.
+    /// A `qinit.*` key given twice is refused: the two readers must never
+    /// pick different ones.
     pub fn parse(text: &str) -> Result<Self, CmdlineError> {
         let mut slot = None;
-        let mut on_failure = OnFailure::Reboot;
-        let mut verify_full = true;
+        let mut on_failure = None;
+        let mut verify_full = None;
         let mut debug = false;
         let mut init = None;
+        fn once<T>(field: &mut Option<T>, key: &'static str, v: T) -> Result<(), CmdlineError> {
+            match field.replace(v) {
+                Some(_) => Err(CmdlineError::Twice(key)),
+                None => Ok(()),
+            }
+        }
         for word in text.split_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
-                "qinit.slot" => {
-                    slot = Some(
-                        value
-                            .parse()
-                            .map_err(|_| CmdlineError::BadSlot(value.to_owned()))?,
-                    )
+                SLOT_KEY => {
+                    let s = value
+                        .parse()
+                        .map_err(|_| CmdlineError::BadSlot(value.to_owned()))?;
+                    once(&mut slot, SLOT_KEY, s)?;
                 }
-                "qinit.on_failure" => {
-                    on_failure = match value {
+                ON_FAILURE_KEY => {
+                    let v = match value {
                         "reboot" => OnFailure::Reboot,
                         "poweroff" => OnFailure::Poweroff,
                         "halt" => OnFailure::Halt,
                         v => {
                             return Err(CmdlineError::BadValue {
-                                key: "qinit.on_failure",
+                                key: ON_FAILURE_KEY,
                                 value: v.to_owned(),
                                 allowed: "reboot, poweroff, halt",
                             })
                         }
-                    }
+                    };
+                    once(&mut on_failure, ON_FAILURE_KEY, v)?;
                 }
-                "qinit.verify" => {
-                    verify_full = match value {
+                VERIFY_KEY => {
+                    let v = match value {
                         "full" => true,
                         "lazy" => false,
                         v => {
                             return Err(CmdlineError::BadValue {
-                                key: "qinit.verify",
+                                key: VERIFY_KEY,
                                 value: v.to_owned(),
                                 allowed: "full, lazy",
                             })
                         }
-                    }
+                    };
+                    once(&mut verify_full, VERIFY_KEY, v)?;
                 }
-                "qinit.debug" => debug = true,
-                "qinit.init" => {
+                DEBUG_KEY => debug = true,
+                INIT_KEY => {
                     if !value.starts_with('/') || value.contains("..") {
                         return Err(CmdlineError::BadValue {
-                            key: "qinit.init",
+                            key: INIT_KEY,
                             value: value.to_owned(),
                             allowed: "an absolute path",
                         });
                     }
-                    init = Some(value.to_owned());
+                    once(&mut init, INIT_KEY, value.to_owned())?;
                 }
                 _ => {}
             }
         }
         Ok(Self {
             slot: slot.ok_or(CmdlineError::NoSlot)?,
-            on_failure,
-            verify_full,
+            on_failure: on_failure.unwrap_or(OnFailure::Reboot),
+            verify_full: verify_full.unwrap_or(true),
             debug,
             init,
         })
@@ -123,13 +146,15 @@ mod tests {
         assert_eq!(c.on_failure, OnFailure::Poweroff);
         assert!(!c.verify_full);
         assert!(!c.debug);
+        assert_eq!(c.init, None);
     }
 
     #[test]
     fn defaults() {
-        let c = Cmdline::parse("qinit.slot=A").unwrap();
+        let c = Cmdline::parse("qinit.slot=A qinit.debug").unwrap();
         assert_eq!(c.on_failure, OnFailure::Reboot);
         assert!(c.verify_full);
+        assert!(c.debug);
     }
 
     #[test]
@@ -146,5 +171,26 @@ mod tests {
                 ..
             }
         ));
+        assert!(matches!(
+            Cmdline::parse("qinit.slot=A qinit.init=../x").unwrap_err(),
+            CmdlineError::BadValue {
+                key: "qinit.init",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        for text in [
+            "qinit.slot=A qinit.slot=B",
+            "qinit.slot=A qinit.slot=A",
+            "qinit.slot=A qinit.verify=full qinit.verify=lazy",
+        ] {
+            assert!(
+                matches!(Cmdline::parse(text), Err(CmdlineError::Twice(_))),
+                "{text}"
+            );
+        }
     }
 }

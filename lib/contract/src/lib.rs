@@ -1,0 +1,30 @@
+//! The contracts between the programs that build, boot and update the
+//! appliance. Each format, name or path that two programs share is
+//! defined here once, with one parser and one renderer:
+//!
+//! | contract | written by | read by |
+//! | --- | --- | --- |
+//! | [`Slot`] and the [`Partition`] names | qimage (the GPT) | GRUB, qinit stage 1, qupdate |
+//! | [`ImageInfo`] (`/etc/qinit/image`, `image.info`) | qimage | qinit, qupdate, qimage bundle/verify |
+//! | the kernel command line's `qinit.*` keys ([`Cmdline`]) | qimage (grub.cfg) | qinit, qupdate |
+//! | the [`paths`] of qinit's files | qimage, qinit | qinit, qupdate, the test tools |
+//!
+//! The root's dm-verity parameters (`root.verity`) are `qverity`'s
+//! `VerityInfo` text form, and the GRUB environment is `grubenv`'s; they
+//! use the [`Slot`] defined here.
+//!
+//! Nothing here does I/O except reading the files it names; parsing is
+//! strict, and a caller on a security path treats any error as "refuse".
+
+pub mod cmdline;
+mod image_info;
+pub mod partition;
+pub mod paths;
+mod report;
+mod slot;
+
+pub use cmdline::{Cmdline, CmdlineError, OnFailure};
+pub use image_info::{ImageInfo, InfoError};
+pub use partition::Partition;
+pub use report::error_chain;
+pub use slot::{Slot, SlotError};
