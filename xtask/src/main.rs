@@ -133,10 +133,14 @@ fn run(cli: Cli) -> Result<()> {
     ensure_host_packages()?;
     match cli.command {
         Cmd::Image { profile, refresh } => {
-            build_image(&root, &profile, refresh)?;
+            ImageBuild {
+                refresh,
+                ..ImageBuild::new(&profile)
+            }
+            .run(&root)?;
         }
         Cmd::Boot { profile, timeout } => {
-            let dir = build_image(&root, &profile, false)?;
+            let dir = build_image(&root, &profile)?;
             boot(&root, &dir, &profile, Duration::from_secs(timeout))?;
         }
         Cmd::Test { no_vm } => test(&root, no_vm)?,
@@ -200,7 +204,7 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
         "apt-get update && apt-get install -y --no-install-recommends {}",
         missing.join(" ")
     );
-    if !rustix_is_root() {
+    if !is_root() {
         bail!("missing host packages; run as root:\n  {cmd}");
     }
     eprintln!("xtask: installing host packages: {}", missing.join(" "));
@@ -215,12 +219,8 @@ fn ensure_packages(packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn rustix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
 }
 
 fn cargo() -> Command {
@@ -292,62 +292,70 @@ fn source_date_epoch(root: &Path) -> String {
         .unwrap_or_else(|| "1767225600".into())
 }
 
-fn build_image(root: &Path, profile: &str, refresh: bool) -> Result<PathBuf> {
-    build_image_opts(root, profile, refresh, None)
+/// `qimage build` of the profile into `target/images/<profile>/`.
+fn build_image(root: &Path, profile: &str) -> Result<PathBuf> {
+    ImageBuild::new(profile).run(root)
 }
 
-fn build_image_with(root: &Path, profile: &str, root_tree: Option<&Path>) -> Result<PathBuf> {
-    build_image_opts(root, profile, false, root_tree)
-}
-
-fn build_image_opts(
-    root: &Path,
-    profile: &str,
+/// One `qimage build` of a profile, with its options.
+#[derive(Debug, Clone, Copy)]
+struct ImageBuild<'a> {
+    profile: &'a str,
+    /// Refresh the Debian package lists first.
     refresh: bool,
-    root_tree: Option<&Path>,
-) -> Result<PathBuf> {
-    let out = root.join("target/images").join(profile);
-    build_image_opts_into(root, profile, refresh, root_tree, out)
+    /// A root tree to take as given (the systemd benchmark's).
+    root_tree: Option<&'a Path>,
 }
 
-fn build_image_opts_into(
-    root: &Path,
-    profile: &str,
-    refresh: bool,
-    root_tree: Option<&Path>,
-    out: PathBuf,
-) -> Result<PathBuf> {
-    let bin = build_static_binaries(root)?;
-    let profile_path = root.join("image/profiles").join(format!("{profile}.toml"));
-    if !profile_path.exists() {
-        bail!("no profile {}", profile_path.display());
+impl<'a> ImageBuild<'a> {
+    fn new(profile: &'a str) -> Self {
+        Self {
+            profile,
+            refresh: false,
+            root_tree: None,
+        }
     }
-    let t = Instant::now();
-    let mut cmd = Command::new(bin.join("qimage"));
-    cmd.arg("build")
-        .arg("--profile")
-        .arg(&profile_path)
-        .arg("--out")
-        .arg(&out)
-        .arg("--source-dir")
-        .arg(root)
-        .arg("--cache-dir")
-        .arg(cache_dir())
-        .arg("--bin-dir")
-        .arg(&bin)
-        .env("SOURCE_DATE_EPOCH", source_date_epoch(root));
-    if refresh {
-        cmd.arg("--refresh");
+
+    /// Builds the static binaries, then the image; returns its directory.
+    fn run(self, root: &Path) -> Result<PathBuf> {
+        let Self {
+            profile,
+            refresh,
+            root_tree,
+        } = self;
+        let out = root.join("target/images").join(profile);
+        let bin = build_static_binaries(root)?;
+        let profile_path = root.join("image/profiles").join(format!("{profile}.toml"));
+        if !profile_path.exists() {
+            bail!("no profile {}", profile_path.display());
+        }
+        let t = Instant::now();
+        let mut cmd = Command::new(bin.join("qimage"));
+        cmd.arg("build")
+            .arg("--profile")
+            .arg(&profile_path)
+            .arg("--out")
+            .arg(&out)
+            .arg("--source-dir")
+            .arg(root)
+            .arg("--cache-dir")
+            .arg(cache_dir())
+            .arg("--bin-dir")
+            .arg(&bin)
+            .env("SOURCE_DATE_EPOCH", source_date_epoch(root));
+        if refresh {
+            cmd.arg("--refresh");
+        }
+        if let Some(t) = root_tree {
+            cmd.arg("--root-tree").arg(t);
+        }
+        run_cmd(&mut cmd)?;
+        eprintln!(
+            "xtask: image {profile} built in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        Ok(out)
     }
-    if let Some(t) = root_tree {
-        cmd.arg("--root-tree").arg(t);
-    }
-    run_cmd(&mut cmd)?;
-    eprintln!(
-        "xtask: image {profile} built in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    Ok(out)
 }
 
 fn boot(root: &Path, image_dir: &Path, profile: &str, timeout: Duration) -> Result<()> {
@@ -440,7 +448,7 @@ pub struct SuiteLeg {
 /// The scenario runs of the suite (`cargo xtask test` and `soak`): every
 /// scenario on the QEMU target, then the lab-target code path against a
 /// QEMU machine driven only through lab-style commands
-/// (tests/lab/qemu-lab.toml): flashing, power on and off, a power cut,
+/// (lab/targets/qemu-lab.toml): flashing, power on and off, a power cut,
 /// the TCP console with its one shared line, and the hardware report.
 pub const SUITE_LEGS: &[SuiteLeg] = &[
     SuiteLeg {
@@ -451,7 +459,7 @@ pub const SUITE_LEGS: &[SuiteLeg] = &[
         name: "qemu-lab",
         args: &[
             "--target",
-            "tests/lab/qemu-lab.toml",
+            "lab/targets/qemu-lab.toml",
             "--scenario",
             "boot,power-cut,hcl",
         ],
@@ -462,9 +470,9 @@ pub const SUITE_LEGS: &[SuiteLeg] = &[
 /// returned), the two releases whose bundles the update scenarios
 /// install, qlab and the launcher.
 fn prepare_scenarios(root: &Path) -> Result<PathBuf> {
-    let image = build_image(root, "qemu-test", false)?;
-    build_image(root, "qemu-test-next", false)?;
-    build_image(root, "qemu-test-broken", false)?;
+    let image = build_image(root, "qemu-test")?;
+    build_image(root, "qemu-test-next")?;
+    build_image(root, "qemu-test-broken")?;
     run_cmd(cargo().args(["build", "--locked", "-p", "qlab", "-p", "qemu-launcher"]))?;
     Ok(image)
 }
@@ -507,7 +515,7 @@ fn check_reproducible(
 fn check_lava_jobs(root: &Path, totals: &mut TestTotals) -> Result<()> {
     let status = Command::new(root.join("target/debug/qlab"))
         .args(["export-lava", "--device-type", "qemu-lab", "--validate"])
-        .args(["--target", "tests/lab/qemu-lab.toml"])
+        .args(["--target", "lab/targets/qemu-lab.toml"])
         .args(["--images", "target/images", "--out", "target/lava"])
         .arg("--image-url")
         .arg(format!("file://{}/target/lava/flash.img", root.display()))

@@ -111,9 +111,13 @@ fn guest_seconds(out: &str, line: &str) -> Option<f64> {
 
 pub fn run(root: &Path, runs: u32) -> Result<()> {
     let cache = crate::cache_dir();
-    let qinit_image = crate::build_image(root, "qemu", false)?;
+    let qinit_image = crate::build_image(root, "qemu")?;
     let systemd_tree = systemd_root(&cache, &super::kernel_modules_dir(&cache)?)?;
-    let systemd_image = crate::build_image_with(root, "bench-systemd", Some(&systemd_tree))?;
+    let systemd_image = crate::ImageBuild {
+        root_tree: Some(&systemd_tree),
+        ..crate::ImageBuild::new("bench-systemd")
+    }
+    .run(root)?;
     let mut q = Vec::new();
     let mut s = Vec::new();
     let mut rss = String::from("?");

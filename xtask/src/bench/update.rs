@@ -336,7 +336,7 @@ pub fn run(root: &Path, runs: u32, size_mib: u64) -> Result<()> {
         bail!("--size-mib {size_mib}: the comparison needs at least 256 MiB");
     }
     crate::ensure_packages(&["rauc", "openssl", "xz-utils"])?;
-    let image = crate::build_image(root, "bench-update", false)?;
+    let image = crate::build_image(root, "bench-update")?;
     let work = root.join("target/bench/update");
     let p = prepare(root, &image, &work, size_mib)?;
 

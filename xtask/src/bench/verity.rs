@@ -71,9 +71,9 @@ pub fn run(root: &Path, runs: u32, size_mib: u64) -> Result<()> {
 
     // A full build of the qemu profile from a warm cache (binaries built,
     // packages cached): what a developer waits for after a change.
-    crate::build_image(root, "qemu", false)?;
+    crate::build_image(root, "qemu")?;
     let t = Instant::now();
-    crate::build_image(root, "qemu", false)?;
+    crate::build_image(root, "qemu")?;
     println!(
         "full image build of `qemu` from a warm cache: {:.1} s",
         t.elapsed().as_secs_f64()

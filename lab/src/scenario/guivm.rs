@@ -72,15 +72,13 @@ fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
     // Stopping qdomd through qinit shuts the guest down cleanly: the
     // guest's own poweroff runs, as its console log shows.
     ctx.sh("qinit ctl stop qdomd")?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let xl = ctx.sh("xl list")?;
-        if !xl.contains("guivm") {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "guivm still running: {xl}");
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    ctx.sh_until(
+        "xl list",
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+        |xl| !xl.contains("guivm"),
+    )
+    .context("the GUI VM did not shut down")?;
     let status = ctx.sh("qinit ctl status")?;
     ensure!(status.contains("qdomd state=stopped"), "{status}");
     let console = ctx.sh("cat /var/log/xen/console/guest-guivm.log")?;

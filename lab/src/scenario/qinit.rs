@@ -2,9 +2,9 @@
 //! `qinit ctl reboot` comes back up through the whole boot chain, and
 //! `qinit ctl poweroff` ends the machine.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context as _, Result};
 
 use super::{Ctx, Scenario};
 
@@ -35,15 +35,16 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
     // Kill xenconsoled behind qinit's back: it is restarted.
     let before = service_line(ctx, "xenconsoled")?;
     ctx.sh("kill -9 $(pidof xenconsoled)")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let line = loop {
-        let line = service_line(ctx, "xenconsoled")?;
-        if line.contains("state=ready") && line.contains("restarts=1") {
-            break line;
-        }
-        ensure!(Instant::now() < deadline, "not restarted: {line}");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let restarted = |l: &str| l.contains("state=ready") && l.contains("restarts=1");
+    let status = ctx
+        .sh_until(
+            "qinit ctl status",
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            |s| restarted(&find_service(s, "xenconsoled")),
+        )
+        .context("xenconsoled was not restarted")?;
+    let line = find_service(&status, "xenconsoled");
     ensure!(pid_of(&before) != pid_of(&line), "{before} / {line}");
     ensure!(
         ctx.sh("pidof xenconsoled")?.trim() == pid_of(&line),
@@ -77,11 +78,17 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
 
 fn service_line(ctx: &mut Ctx<'_>, name: &str) -> Result<String> {
     let status = ctx.sh("qinit ctl status")?;
-    Ok(status
+    Ok(find_service(&status, name))
+}
+
+/// The line of `qinit ctl status` output for service `name` (empty if
+/// it has none).
+fn find_service(status: &str, name: &str) -> String {
+    status
         .lines()
         .find(|l| l.starts_with(&format!("{name} ")))
         .unwrap_or_default()
-        .to_owned())
+        .to_owned()
 }
 
 fn pid_of(line: &str) -> String {

@@ -636,9 +636,9 @@ tcp = "127.0.0.1:0"
 
     #[test]
     fn the_shipped_lab_files_load() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("targets");
         let mut n = 0;
-        for e in std::fs::read_dir(&dir).expect("tests/lab") {
+        for e in std::fs::read_dir(&dir).expect("lab/targets") {
             let p = e.expect("entry").path();
             if p.extension().is_some_and(|x| x == "toml") {
                 LabConfig::load(&p).unwrap_or_else(|e| panic!("{e}"));

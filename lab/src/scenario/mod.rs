@@ -229,16 +229,33 @@ impl<'a> Ctx<'a> {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Result<String> {
+        self.sh_until(
+            "qupdate status --json",
+            timeout,
+            Duration::from_secs(1),
+            pred,
+        )
+    }
+
+    /// Runs `command` every `pause` until its output satisfies `pred`;
+    /// returns that output. After `timeout` the last output is the error.
+    pub fn sh_until(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+        pause: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let s = self.sh("qupdate status --json")?;
-            if pred(&s) {
-                return Ok(s);
+            let out = self.sh(command)?;
+            if pred(&out) {
+                return Ok(out);
             }
-            if Instant::now() > deadline {
-                bail!("status never matched: {s}");
+            if Instant::now() >= deadline {
+                bail!("`{command}` did not turn as expected within {timeout:?}; last:\n{out}");
             }
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(pause);
         }
     }
 }

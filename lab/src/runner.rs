@@ -334,7 +334,7 @@ mod tests {
     #[test]
     fn target_labels_are_file_name_safe() {
         assert_eq!(target_label("qemu"), "qemu");
-        assert_eq!(target_label("tests/lab/qemu-lab.toml"), "qemu-lab");
+        assert_eq!(target_label("lab/targets/qemu-lab.toml"), "qemu-lab");
         assert_eq!(target_label("a b.toml"), "a_b");
     }
 }
