@@ -22,7 +22,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::control::Request;
+use crate::control::{ControlError, Reply, Request, ServiceState, ServiceStatus};
 use crate::services::{Readiness, RestartPolicy, Service};
 
 const SIGNAL_TOKEN: u64 = u64::MAX;
@@ -56,16 +56,16 @@ pub enum State {
     Stopped,
 }
 
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            State::Waiting => f.write_str("waiting"),
-            State::Starting => f.write_str("starting"),
-            State::Ready => f.write_str("ready"),
-            State::Done => f.write_str("done"),
-            State::Backoff => f.write_str("backoff"),
-            State::Failed(r) => write!(f, "failed ({r})"),
-            State::Stopped => f.write_str("stopped"),
+impl From<&State> for ServiceState {
+    fn from(s: &State) -> Self {
+        match s {
+            State::Waiting => ServiceState::Waiting,
+            State::Starting => ServiceState::Starting,
+            State::Ready => ServiceState::Ready,
+            State::Done => ServiceState::Done,
+            State::Backoff => ServiceState::Backoff,
+            State::Failed(r) => ServiceState::Failed(r.clone()),
+            State::Stopped => ServiceState::Stopped,
         }
     }
 }
@@ -135,11 +135,7 @@ pub trait Hooks {
 }
 
 /// Why the loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shutdown {
-    Reboot,
-    Poweroff,
-}
+pub use crate::control::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -273,20 +269,16 @@ impl Supervisor {
         })
     }
 
-    /// One line per service: name, state, pid, restarts, ready time.
-    pub fn status_lines(&self) -> Vec<String> {
+    /// Every service's status, in start order.
+    pub fn status(&self) -> Vec<ServiceStatus> {
         self.units
             .iter()
-            .map(|u| {
-                format!(
-                    "{} state={} pid={} restarts={} ready_ms={}",
-                    u.svc.name,
-                    u.state.to_string().replace(' ', "_"),
-                    u.pid.map_or("-".into(), |p| p.to_string()),
-                    u.restarts,
-                    u.ready_after
-                        .map_or("-".into(), |d| d.as_millis().to_string())
-                )
+            .map(|u| ServiceStatus {
+                name: u.svc.name.clone(),
+                state: ServiceState::from(&u.state),
+                pid: u.pid,
+                restarts: u.restarts,
+                ready_after: u.ready_after,
             })
             .collect()
     }
@@ -771,44 +763,34 @@ impl Supervisor {
 
     fn serve(&mut self, mut stream: UnixStream) -> std::io::Result<()> {
         let cred = getsockopt(&stream, PeerCredentials).map_err(std::io::Error::from)?;
-        if cred.uid() != 0 {
+        let answer = if cred.uid() != 0 {
             log::warn!("control: refused uid {} (pid {})", cred.uid(), cred.pid());
-            writeln!(stream, "ERR permission denied: root only")?;
-            return Ok(());
-        }
-        let mut line = String::new();
-        let mut reader =
-            BufReader::new(stream.try_clone()?).take(crate::control::MAX_REQUEST as u64);
-        reader.read_line(&mut line)?;
-        let answer = match Request::parse(&line) {
-            Err(e) => Err(e.to_string()),
-            Ok(req) => self.handle(req),
+            Err(ControlError::PermissionDenied)
+        } else {
+            let mut line = String::new();
+            let mut reader =
+                BufReader::new(stream.try_clone()?).take(crate::control::MAX_REQUEST as u64);
+            reader.read_line(&mut line)?;
+            Request::parse(&line)
+                .map_err(ControlError::from)
+                .and_then(|req| self.handle(req))
         };
-        match answer {
-            Ok(lines) => {
-                for l in lines {
-                    writeln!(stream, "{l}")?;
-                }
-                writeln!(stream, "OK")?;
-            }
-            Err(e) => writeln!(stream, "ERR {e}")?,
-        }
-        Ok(())
+        stream.write_all(crate::control::render_answer(&answer).as_bytes())
     }
 
-    fn handle(&mut self, req: Request) -> Result<Vec<String>, String> {
+    fn handle(&mut self, req: Request) -> Result<Reply, ControlError> {
         let find = |units: &[Unit], name: &str| {
             units
                 .iter()
                 .position(|u| u.svc.name == name)
-                .ok_or_else(|| format!("no service `{name}`"))
+                .ok_or_else(|| ControlError::NoService(name.to_owned()))
         };
         match req {
-            Request::Status => Ok(self.status_lines()),
+            Request::Status => Ok(Reply::Status(self.status())),
             Request::Stop(name) => {
                 let i = find(&self.units, &name)?;
                 self.stop(i);
-                Ok(vec![])
+                Ok(Reply::Accepted)
             }
             Request::Start(name) => {
                 let i = find(&self.units, &name)?;
@@ -817,13 +799,16 @@ impl Supervisor {
                     State::Stopped | State::Failed(_) if u.pid.is_none() => {
                         u.state = State::Waiting;
                         u.restarts = 0;
-                        Ok(vec![])
+                        Ok(Reply::Accepted)
                     }
                     State::Stopped => {
                         u.start_after_stop = true;
-                        Ok(vec![])
+                        Ok(Reply::Accepted)
                     }
-                    ref s => Err(format!("{name} is {s}")),
+                    ref s => Err(ControlError::NotStartable {
+                        state: s.into(),
+                        name,
+                    }),
                 }
             }
             Request::Restart(name) => {
@@ -835,15 +820,15 @@ impl Supervisor {
                     self.units[i].state = State::Waiting;
                     self.units[i].restarts = 0;
                 }
-                Ok(vec![])
+                Ok(Reply::Accepted)
             }
-            Request::Reboot => {
-                self.shutdown.get_or_insert(Shutdown::Reboot);
-                Ok(vec!["rebooting".into()])
-            }
-            Request::Poweroff => {
-                self.shutdown.get_or_insert(Shutdown::Poweroff);
-                Ok(vec!["powering off".into()])
+            Request::Reboot | Request::Poweroff => {
+                let kind = req
+                    .shutdown()
+                    .expect("reboot and poweroff ask for a shutdown");
+                self.shutdown.get_or_insert(kind);
+                // The kind asked for, even if an earlier request's wins.
+                Ok(Reply::ShuttingDown(kind))
             }
         }
     }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qinit::control::{call, Request};
+use qinit::control::{call, CallError, Request};
 
 struct Sandbox {
     dir: tempfile::TempDir,
@@ -74,8 +74,9 @@ impl Sandbox {
         }
     }
 
-    fn ctl(&self, req: Request) -> Result<Vec<String>, String> {
-        call(&self.path("control"), &req)
+    /// The answer lines, as `qinit ctl` prints them.
+    fn ctl(&self, req: Request) -> Result<Vec<String>, CallError> {
+        call(&self.path("control"), &req).map(|reply| reply.lines())
     }
 
     /// Polls `status` until `service` reports `state`.
@@ -332,7 +333,10 @@ fn control_restart_stop_and_ordered_shutdown_with_timeouts() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(sb.ctl(Request::Restart("nope".into())).is_err());
+    assert!(matches!(
+        sb.ctl(Request::Restart("nope".into())),
+        Err(CallError::Refused(reason)) if reason == "no service `nope`"
+    ));
     assert!(before.contains("pid="));
 
     let log = sb.shutdown();
