@@ -5,8 +5,9 @@
 //! by GPT name ([`blockdev`]), sets up dm-verity with the root hash carried
 //! in the initramfs ([`verity_params`], [`dm`]) and switches root. Stage 2
 //! ([`stage2`]) mounts what Xen needs and runs the services ([`services`]
-//! definitions, [`supervisor`] event loop). Logs go to the kernel log
-//! ([`kmsg`]).
+//! definitions; [`supervisor`]: a state machine without I/O and the event
+//! loop that executes it; [`control`], the control socket's protocol). Logs
+//! go to the kernel log ([`kmsg`]).
 
 pub mod blockdev;
 pub mod cmdline;
