@@ -153,8 +153,12 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
         ),
         (
             "last",
-            &(shell("echo last >> $DIR/log; exec sleep 1000")
-                + "ready = \"started\"\nafter = [\"left\", \"right\"]\nboot_critical = true\n"),
+            // Ready only once its line is written: with `ready = "started"`
+            // the log could be read before it, and the hook's line could
+            // come first.
+            &(shell("echo last >> $DIR/log; touch $DIR/last.ready; exec sleep 1000")
+                + "ready = \"path\"\nready_path = \"$DIR/last.ready\"\n\
+                   after = [\"left\", \"right\"]\nboot_critical = true\n"),
         ),
         (
             "mark-good",
