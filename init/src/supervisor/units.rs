@@ -81,6 +81,8 @@ pub enum Failure {
     Required(String),
     #[error("not ready within {0} ms")]
     NotReady(u64),
+    /// `error` is the spawn's error as text: events and actions are plain
+    /// data that tests compare.
     #[error("cannot start {program}: {error}")]
     CannotStart { program: String, error: String },
     #[error("restart limit ({limit}) reached; last exit {last}")]
@@ -1637,5 +1639,61 @@ mod tests {
             sim.tick();
         }
         assert_eq!(sim.tick(), [Action::Finished(Shutdown::Reboot)]);
+    }
+
+    /// The kernel log priority follows the level: failures are errors, an
+    /// unasked exit and a SIGKILL after the stop timeout are warnings.
+    #[test]
+    fn notices_keep_their_log_levels() {
+        let name = || "s".to_owned();
+        let pid = Pid::from_raw(1);
+        let exit = Exit::Code(1);
+        let cases = [
+            (
+                Notice::Failed {
+                    name: name(),
+                    reason: Failure::Exited(exit),
+                },
+                log::Level::Error,
+            ),
+            (Notice::Exited { name: name(), exit }, log::Level::Warn),
+            (
+                Notice::Killing {
+                    name: name(),
+                    timeout_ms: 1,
+                },
+                log::Level::Warn,
+            ),
+            (Notice::Started { name: name(), pid }, log::Level::Info),
+            (
+                Notice::Ready {
+                    name: name(),
+                    after: ms(1),
+                },
+                log::Level::Info,
+            ),
+            (Notice::Completed { name: name() }, log::Level::Info),
+            (
+                Notice::Restarting {
+                    name: name(),
+                    restart: 1,
+                    delay: ms(1),
+                },
+                log::Level::Info,
+            ),
+            (
+                Notice::Stopping {
+                    name: name(),
+                    pid,
+                    signal: Signal::SIGTERM,
+                },
+                log::Level::Info,
+            ),
+            (Notice::Stopped { name: name(), exit }, log::Level::Info),
+            (Notice::Orphan { pid, exit }, log::Level::Info),
+        ];
+        for (notice, level) in cases {
+            assert_eq!(notice.level(), level, "{notice}");
+        }
     }
 }
