@@ -7,8 +7,9 @@
 //! switches root. The kernel command line and the image info are
 //! `qcontract`'s. Stage 2
 //! ([`stage2`]) mounts what Xen needs and runs the services ([`services`]
-//! definitions, [`supervisor`] event loop). Logs go to the kernel log
-//! ([`kmsg`]).
+//! definitions; [`supervisor`]: a state machine without I/O and the event
+//! loop that executes it; [`control`], the control socket's protocol). Logs
+//! go to the kernel log ([`kmsg`]).
 
 pub mod confine;
 pub mod control;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qinit::control::{call, Request};
+use qinit::control::{call, CallError, Request};
 
 struct Sandbox {
     dir: tempfile::TempDir,
@@ -74,8 +74,9 @@ impl Sandbox {
         }
     }
 
-    fn ctl(&self, req: Request) -> Result<Vec<String>, String> {
-        call(&self.path("control"), &req)
+    /// The answer lines, as `qinit ctl` prints them.
+    fn ctl(&self, req: Request) -> Result<Vec<String>, CallError> {
+        call(&self.path("control"), &req).map(|reply| reply.lines())
     }
 
     /// Polls `status` until `service` reports `state`.
@@ -152,8 +153,12 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
         ),
         (
             "last",
-            &(shell("echo last >> $DIR/log; exec sleep 1000")
-                + "ready = \"started\"\nafter = [\"left\", \"right\"]\nboot_critical = true\n"),
+            // Ready only once its line is written: with `ready = "started"`
+            // the log could be read before it, and the hook's line could
+            // come first.
+            &(shell("echo last >> $DIR/log; touch $DIR/last.ready; exec sleep 1000")
+                + "ready = \"path\"\nready_path = \"$DIR/last.ready\"\n\
+                   after = [\"left\", \"right\"]\nboot_critical = true\n"),
         ),
         (
             "mark-good",
@@ -332,7 +337,10 @@ fn control_restart_stop_and_ordered_shutdown_with_timeouts() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(sb.ctl(Request::Restart("nope".into())).is_err());
+    assert!(matches!(
+        sb.ctl(Request::Restart("nope".into())),
+        Err(CallError::Refused(reason)) if reason == "no service `nope`"
+    ));
     assert!(before.contains("pid="));
 
     let log = sb.shutdown();

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use qbackoff::Backoff;
 use serde::Deserialize;
 
 /// Shipped definitions (read-only root).
@@ -120,6 +122,17 @@ impl Default for Restart {
             initial_delay_ms: default_initial_delay(),
             max_delay_ms: default_max_delay(),
         }
+    }
+}
+
+impl Restart {
+    /// The restart delays these settings give; a domain that stays up for
+    /// the maximum delay earns a fresh start ([`Backoff::ran_for`]).
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(
+            Duration::from_millis(self.initial_delay_ms),
+            Duration::from_millis(self.max_delay_ms),
+        )
     }
 }
 

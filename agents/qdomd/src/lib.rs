@@ -3,11 +3,10 @@
 //! [`definition`] reads the VM definitions (shipped and machine-local),
 //! [`xl`] turns one into the configuration Xen's `xl create` takes,
 //! [`lifecycle`] is the state machine that starts, watches and restarts
-//! domains (with [`backoff`]), and [`xs`] turns xenstore watch firings into
+//! domains (with `qbackoff`'s restart delays), and [`xs`] turns xenstore watch firings into
 //! its events; [`daemon`] runs it against xenstore and `xl`, and
 //! [`service`] serves `org.qubesos.Domains1` ([`dbus`]).
 
-pub mod backoff;
 pub mod daemon;
 pub mod dbus;
 pub mod definition;

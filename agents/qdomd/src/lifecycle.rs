@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::backoff::Backoff;
+use qbackoff::Backoff;
+
 use crate::definition::{Domain, RestartPolicy, Role};
 
 /// How long a clean shutdown may take before the domain is destroyed.
@@ -132,7 +133,7 @@ impl Supervisor {
         let domains = defs
             .into_iter()
             .map(|d| {
-                let backoff = Backoff::new(&d.restart);
+                let backoff = d.restart.backoff();
                 (
                     d.name.clone(),
                     DomainState {
