@@ -598,3 +598,95 @@ pub fn open_bundle(path: &Path) -> Result<std::fs::File, UpdateError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `qupdate status --json` as the end-to-end tests and LAVA read it:
+    /// these bytes are the contract, whatever the types behind them.
+    const STATUS_JSON: &str = r#"{
+  "booted": "B",
+  "order": [
+    "B",
+    "A"
+  ],
+  "floor": 1,
+  "slots": [
+    {
+      "slot": "A",
+      "state": "good",
+      "tries": 0,
+      "version": "0.1.0",
+      "security_epoch": 1,
+      "root_hash": null
+    },
+    {
+      "slot": "B",
+      "state": "bootable",
+      "tries": 2,
+      "version": "0.2.0",
+      "security_epoch": 5,
+      "root_hash": "ab"
+    }
+  ],
+  "last_error": null
+}"#;
+
+    /// The same status as the service's `Status` property carries it.
+    const STATUS_COMPACT: &str = r#"{"booted":"B","order":["B","A"],"floor":1,"slots":[{"slot":"A","state":"good","tries":0,"version":"0.1.0","security_epoch":1,"root_hash":null},{"slot":"B","state":"bootable","tries":2,"version":"0.2.0","security_epoch":5,"root_hash":"ab"}],"last_error":null}"#;
+
+    fn status() -> Status {
+        Status {
+            booted: "B".into(),
+            order: vec!["B".into(), "A".into()],
+            floor: 1,
+            slots: vec![
+                SlotStatus {
+                    slot: "A".into(),
+                    state: "good".into(),
+                    tries: 0,
+                    version: Some("0.1.0".into()),
+                    security_epoch: Some(1),
+                    root_hash: None,
+                },
+                SlotStatus {
+                    slot: "B".into(),
+                    state: "bootable".into(),
+                    tries: 2,
+                    version: Some("0.2.0".into()),
+                    security_epoch: Some(5),
+                    root_hash: Some("ab".into()),
+                },
+            ],
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn status_json_is_byte_for_byte_the_contract() {
+        assert_eq!(
+            serde_json::to_string_pretty(&status()).unwrap(),
+            STATUS_JSON
+        );
+        assert_eq!(serde_json::to_string(&status()).unwrap(), STATUS_COMPACT);
+        for text in [STATUS_JSON, STATUS_COMPACT] {
+            let back: Status = serde_json::from_str(text).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), STATUS_COMPACT);
+        }
+    }
+
+    #[test]
+    fn applied_json_is_the_contract() {
+        let applied = Applied {
+            slot: "B".into(),
+            version: "0.2.0".into(),
+            security_epoch: 5,
+            signers: vec!["test".into()],
+        };
+        let text = r#"{"slot":"B","version":"0.2.0","security_epoch":5,"signers":["test"]}"#;
+        assert_eq!(serde_json::to_string(&applied).unwrap(), text);
+        let back: Applied = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    }
+}

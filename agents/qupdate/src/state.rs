@@ -116,4 +116,36 @@ mod tests {
             StateError::Malformed { .. }
         ));
     }
+
+    /// `/var/lib/qupdate/state.json` as every qupdate so far wrote it.
+    const STATE_JSON: &str = r#"{
+  "floor": 3,
+  "slots": {
+    "A": {
+      "version": "0.1.0",
+      "security_epoch": 1,
+      "build_id": "",
+      "root_hash": ""
+    },
+    "B": {
+      "version": "0.2.0",
+      "security_epoch": 3,
+      "build_id": "b2",
+      "root_hash": "ab"
+    }
+  },
+  "last_error": "bundle rejected: truncated"
+}"#;
+
+    #[test]
+    fn the_file_format_is_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.json");
+        std::fs::write(&p, STATE_JSON).unwrap();
+        let s = State::load(&p).unwrap();
+        assert_eq!(s.floor, 3);
+        assert_eq!(s.slots.len(), 2);
+        s.store(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), STATE_JSON);
+    }
 }
