@@ -4,6 +4,7 @@
 use std::os::fd::AsFd;
 
 use futures_util::StreamExt;
+use qcontract::{Slot, SlotError};
 
 use crate::dbus::{ServiceError, Update1Proxy, BUS_NAME, INTERFACE, OBJECT_PATH};
 use crate::{Applied, Phase, Progress, Status};
@@ -20,6 +21,12 @@ pub enum ClientError {
     Failed(String),
     #[error("qupdated left the bus before apply #{0} completed")]
     Gone(u64),
+    #[error("qupdated answered {method} with something that is not a slot")]
+    NotASlot {
+        method: &'static str,
+        #[source]
+        source: SlotError,
+    },
     #[error("qupdated answered {what} that is not valid JSON")]
     Reply {
         what: &'static str,
@@ -117,12 +124,15 @@ impl Client {
     }
 
     /// Returns the slot marked good (the booted one).
-    pub fn mark_good(&self) -> Result<String, ClientError> {
-        Ok(self.rt.block_on(self.proxy.mark_good())?)
+    pub fn mark_good(&self) -> Result<Slot, ClientError> {
+        let name = self.rt.block_on(self.proxy.mark_good())?;
+        slot_reply("MarkGood", &name)
     }
 
-    pub fn rollback(&self) -> Result<String, ClientError> {
-        Ok(self.rt.block_on(self.proxy.rollback())?)
+    /// Returns the slot that is the default from the next boot.
+    pub fn rollback(&self) -> Result<Slot, ClientError> {
+        let name = self.rt.block_on(self.proxy.rollback())?;
+        slot_reply("Rollback", &name)
     }
 
     pub fn status(&self) -> Result<Status, ClientError> {
@@ -132,6 +142,12 @@ impl Client {
             source,
         })
     }
+}
+
+/// A method's `s slot` reply (the interface keeps slots as names).
+fn slot_reply(method: &'static str, name: &str) -> Result<Slot, ClientError> {
+    name.parse()
+        .map_err(|source| ClientError::NotASlot { method, source })
 }
 
 /// The `Progress` value in a PropertiesChanged signal of our interface.

@@ -14,7 +14,9 @@ pub mod client;
 pub mod dbus;
 pub mod disk;
 pub mod service;
+mod slot_name;
 pub mod state;
+pub mod status;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::bootenv::BootEnvError;
 use crate::disk::{Disk, DiskError, Part};
 use crate::state::{SlotInfo, State, StateError};
+pub use crate::status::{SlotState, SlotStatus, Status};
 
 pub const TRUST_STORE: &str = "/etc/qupdate/trust.toml";
 pub const STATE_FILE: &str = "/var/lib/qupdate/state.json";
@@ -165,32 +168,14 @@ pub struct Progress {
 }
 
 /// The result of a successful apply.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    pub slot: String,
+    /// The slot installed into, which boots next.
+    #[serde(with = "crate::slot_name")]
+    pub slot: Slot,
     pub version: String,
     pub security_epoch: u64,
     pub signers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SlotStatus {
-    pub slot: String,
-    /// good | bootable | bad | empty
-    pub state: String,
-    pub tries: u8,
-    pub version: Option<String>,
-    pub security_epoch: Option<u64>,
-    pub root_hash: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub booted: String,
-    pub order: Vec<String>,
-    pub floor: u64,
-    pub slots: Vec<SlotStatus>,
-    pub last_error: Option<String>,
 }
 
 pub struct Updater {
@@ -381,7 +366,7 @@ impl Updater {
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
         boot.invalidate(target);
         bootenv::store(&mut self.disk, &mut env, &boot)?;
-        state.slots.remove(&target.to_string());
+        state.slots.remove(&target);
         state.store(&self.cfg.state)?;
 
         let total: u64 = m.payloads.iter().map(|p| p.size).sum();
@@ -486,7 +471,7 @@ impl Updater {
             .map_err(|e| UpdateError::BootEnv(BootEnvError::Parse(e)))?;
         bootenv::store(&mut self.disk, &mut env, &boot)?;
         state.slots.insert(
-            target.to_string(),
+            target,
             SlotInfo {
                 version: m.version.clone(),
                 security_epoch: m.security_epoch,
@@ -496,7 +481,7 @@ impl Updater {
         );
         state.store(&self.cfg.state)?;
         Ok(Applied {
-            slot: target.to_string(),
+            slot: target,
             version: m.version.clone(),
             security_epoch: m.security_epoch,
             signers: verified.signers.clone(),
@@ -506,7 +491,7 @@ impl Updater {
     fn booted_info(&self, state: &State) -> SlotInfo {
         state
             .slots
-            .get(&self.cfg.booted.to_string())
+            .get(&self.cfg.booted)
             .cloned()
             .unwrap_or_else(|| SlotInfo {
                 version: self.cfg.image_version.clone(),
@@ -526,7 +511,7 @@ impl Updater {
         let mut state = State::load(&self.cfg.state)?;
         let info = self.booted_info(&state);
         state.floor = state.floor.max(info.security_epoch);
-        state.slots.insert(booted.to_string(), info);
+        state.slots.insert(booted, info);
         state.store(&self.cfg.state)?;
         Ok(())
     }
@@ -546,38 +531,30 @@ impl Updater {
     pub fn status(&mut self) -> Result<Status, UpdateError> {
         let (_, boot) = bootenv::load(&mut self.disk)?;
         let state = State::load(&self.cfg.state)?;
-        let mut slots = Vec::new();
-        for s in [Slot::A, Slot::B] {
-            let st = boot.slot(s);
+        let slots = Slot::ALL.map(|s| {
+            let record = boot.slot(s);
+            // The booted slot holds something even if no apply recorded it:
+            // the image it was built with.
             let info = if s == self.cfg.booted {
                 Some(self.booted_info(&state))
             } else {
-                state.slots.get(&s.to_string()).cloned()
+                state.slots.get(&s).cloned()
             };
-            let label = if st.ok {
-                "good"
-            } else if st.tries > 0 {
-                "bootable"
-            } else if info.is_some() {
-                "bad"
-            } else {
-                "empty"
-            };
-            slots.push(SlotStatus {
-                slot: s.to_string(),
-                state: label.into(),
-                tries: st.tries,
+            SlotStatus {
+                slot: s,
+                state: SlotState::classify(record, info.is_some()),
+                tries: record.tries,
                 version: info.as_ref().map(|i| i.version.clone()),
                 security_epoch: info.as_ref().map(|i| i.security_epoch),
                 root_hash: info
                     .as_ref()
                     .map(|i| i.root_hash.clone())
                     .filter(|h| !h.is_empty()),
-            });
-        }
+            }
+        });
         Ok(Status {
-            booted: self.cfg.booted.to_string(),
-            order: boot.order.iter().map(ToString::to_string).collect(),
+            booted: self.cfg.booted,
+            order: boot.order,
             floor: state.floor,
             slots,
             last_error: state.last_error,
@@ -603,90 +580,18 @@ pub fn open_bundle(path: &Path) -> Result<std::fs::File, UpdateError> {
 mod tests {
     use super::*;
 
-    /// `qupdate status --json` as the end-to-end tests and LAVA read it:
-    /// these bytes are the contract, whatever the types behind them.
-    const STATUS_JSON: &str = r#"{
-  "booted": "B",
-  "order": [
-    "B",
-    "A"
-  ],
-  "floor": 1,
-  "slots": [
-    {
-      "slot": "A",
-      "state": "good",
-      "tries": 0,
-      "version": "0.1.0",
-      "security_epoch": 1,
-      "root_hash": null
-    },
-    {
-      "slot": "B",
-      "state": "bootable",
-      "tries": 2,
-      "version": "0.2.0",
-      "security_epoch": 5,
-      "root_hash": "ab"
-    }
-  ],
-  "last_error": null
-}"#;
-
-    /// The same status as the service's `Status` property carries it.
-    const STATUS_COMPACT: &str = r#"{"booted":"B","order":["B","A"],"floor":1,"slots":[{"slot":"A","state":"good","tries":0,"version":"0.1.0","security_epoch":1,"root_hash":null},{"slot":"B","state":"bootable","tries":2,"version":"0.2.0","security_epoch":5,"root_hash":"ab"}],"last_error":null}"#;
-
-    fn status() -> Status {
-        Status {
-            booted: "B".into(),
-            order: vec!["B".into(), "A".into()],
-            floor: 1,
-            slots: vec![
-                SlotStatus {
-                    slot: "A".into(),
-                    state: "good".into(),
-                    tries: 0,
-                    version: Some("0.1.0".into()),
-                    security_epoch: Some(1),
-                    root_hash: None,
-                },
-                SlotStatus {
-                    slot: "B".into(),
-                    state: "bootable".into(),
-                    tries: 2,
-                    version: Some("0.2.0".into()),
-                    security_epoch: Some(5),
-                    root_hash: Some("ab".into()),
-                },
-            ],
-            last_error: None,
-        }
-    }
-
-    #[test]
-    fn status_json_is_byte_for_byte_the_contract() {
-        assert_eq!(
-            serde_json::to_string_pretty(&status()).unwrap(),
-            STATUS_JSON
-        );
-        assert_eq!(serde_json::to_string(&status()).unwrap(), STATUS_COMPACT);
-        for text in [STATUS_JSON, STATUS_COMPACT] {
-            let back: Status = serde_json::from_str(text).unwrap();
-            assert_eq!(serde_json::to_string(&back).unwrap(), STATUS_COMPACT);
-        }
-    }
-
+    /// An install's result as `apply --json` prints it and the service's
+    /// `Completed` signal carries it.
     #[test]
     fn applied_json_is_the_contract() {
         let applied = Applied {
-            slot: "B".into(),
+            slot: Slot::B,
             version: "0.2.0".into(),
             security_epoch: 5,
             signers: vec!["test".into()],
         };
         let text = r#"{"slot":"B","version":"0.2.0","security_epoch":5,"signers":["test"]}"#;
         assert_eq!(serde_json::to_string(&applied).unwrap(), text);
-        let back: Applied = serde_json::from_str(text).unwrap();
-        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        assert_eq!(serde_json::from_str::<Applied>(text).unwrap(), applied);
     }
 }

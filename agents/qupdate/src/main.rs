@@ -9,7 +9,7 @@ mod serve;
 use clap::{Parser, Subcommand};
 use qupdate::args::SystemArgs;
 use qupdate::client::Client;
-use qupdate::{Progress, Updater};
+use qupdate::{Progress, SlotState, Updater};
 
 /// Signed A/B updates of the dom0 appliance.
 #[derive(Debug, Parser)]
@@ -161,7 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let mut updater = Updater::open(cli.system.config()?)?;
                 updater.mark_good()?;
-                updater.config().booted.to_string()
+                updater.config().booted
             };
             println!("slot {booted} marked good");
             Ok(())
@@ -170,7 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let slot = if let Some(service) = service(&cli.system)? {
                 service.rollback()?
             } else {
-                Updater::open(cli.system.config()?)?.rollback()?.to_string()
+                Updater::open(cli.system.config()?)?.rollback()?
             };
             println!("slot {slot} is the default from the next boot");
             Ok(())
@@ -186,7 +186,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "booted slot {}; boot order {}; floor {}",
                     st.booted,
-                    st.order.join(" "),
+                    st.order
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     st.floor
                 );
                 for s in &st.slots {
@@ -194,7 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "  slot {}: {}{} version {} epoch {}",
                         s.slot,
                         s.state,
-                        if s.state == "bootable" {
+                        if s.state == SlotState::Bootable {
                             format!(" ({} tries)", s.tries)
                         } else {
                             String::new()

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use qcontract::Slot;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +37,10 @@ pub struct SlotInfo {
 pub struct State {
     /// Bundles with a lower security epoch are refused.
     pub floor: u64,
-    /// Keyed by slot name ("A", "B").
-    pub slots: BTreeMap<String, SlotInfo>,
+    /// What the updater installed, or found booted, in each slot; a slot
+    /// being overwritten has no entry. Keyed by slot name in the file.
+    #[serde(with = "crate::slot_name::map")]
+    pub slots: BTreeMap<Slot, SlotInfo>,
     pub last_error: Option<String>,
 }
 
@@ -100,7 +103,7 @@ mod tests {
             ..State::default()
         };
         s.slots.insert(
-            "B".into(),
+            Slot::B,
             SlotInfo {
                 version: "1".into(),
                 security_epoch: 3,

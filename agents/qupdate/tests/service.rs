@@ -217,13 +217,13 @@ fn a_client_sees_progress_and_completion_and_a_second_apply_is_busy() {
         assert_eq!(*args.id(), id);
         assert!(*args.success(), "{}", args.result());
         let applied: qupdate::Applied = serde_json::from_str(args.result()).unwrap();
-        assert_eq!(applied.slot, "B");
+        assert_eq!(applied.slot, Slot::B);
         let (phase, done, total) = proxy.progress().await.unwrap();
         assert_eq!((phase.as_str(), done), ("verify", total));
         assert_eq!(proxy.operation().await.unwrap(), "idle");
         assert_eq!(proxy.last_error().await.unwrap(), "");
         let st: qupdate::Status = serde_json::from_str(&proxy.status().await.unwrap()).unwrap();
-        assert_eq!(st.slots[1].tries, 2);
+        assert_eq!(st.slot(Slot::B).tries, 2);
         assert_eq!(marker.await.unwrap().unwrap(), "A");
     });
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
