@@ -9,6 +9,7 @@
 //! only then raises the anti-rollback floor.
 
 pub mod args;
+pub mod backend;
 pub mod bootenv;
 pub mod client;
 pub mod dbus;
@@ -305,6 +306,11 @@ impl Updater {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The tries the next [`Updater::apply`] gives the slot it installs.
+    pub fn set_tries(&mut self, tries: u8) {
+        self.cfg.tries = tries;
     }
 
     fn io(&self, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
