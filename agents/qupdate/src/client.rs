@@ -17,8 +17,9 @@ pub enum ClientError {
     Bus(#[from] zbus::Error),
     #[error("qupdated")]
     Service(#[from] ServiceError),
-    #[error("{0}")]
-    Failed(String),
+    /// The service's `Completed` said no; `chain` is its whole cause chain.
+    #[error("{chain}")]
+    ApplyFailed { id: u64, chain: String },
     #[error("qupdated left the bus before apply #{0} completed")]
     Gone(u64),
     #[error("qupdated answered {method} with something that is not a slot")]
@@ -108,7 +109,10 @@ impl Client {
                             continue;
                         }
                         if !*args.success() {
-                            return Err(ClientError::Failed(args.result().clone()));
+                            return Err(ClientError::ApplyFailed {
+                                id,
+                                chain: args.result().clone(),
+                            });
                         }
                         return serde_json::from_str(args.result())
                             .map_err(|source| ClientError::Reply { what: "an install", source });

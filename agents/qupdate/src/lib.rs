@@ -62,10 +62,28 @@ pub enum UpdateError {
     },
     #[error("{what} on {disk}")]
     Io {
-        what: String,
+        what: &'static str,
         disk: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("locking {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening bundle {path}")]
+    OpenBundle {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("making slot {slot} bootable")]
+    Activate {
+        slot: Slot,
+        #[source]
+        source: grubenv::Error,
     },
     #[error("read-back of the {kind:?} partition: blake3 {actual}, the bundle says {expected}")]
     ReadBack {
@@ -168,6 +186,20 @@ pub struct Progress {
     pub total: u64,
 }
 
+impl Progress {
+    /// How far the phase is, 0 to 100. Nothing to do (a total of 0 bytes)
+    /// is done: 100. A `done` past `total` (from a confused peer: the
+    /// client shows what the service sends) is 100 too, never more.
+    pub fn percent(&self) -> u8 {
+        // In u128, `done * 100` cannot overflow.
+        let pct = (u128::from(self.done) * 100)
+            .checked_div(u128::from(self.total))
+            .unwrap_or(100)
+            .min(100);
+        u8::try_from(pct).expect("at most 100 after min(100)")
+    }
+}
+
 /// The result of a successful apply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
@@ -255,7 +287,8 @@ impl Read for PartReader<'_> {
         if left == 0 {
             return Ok(0);
         }
-        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        // More left than a usize can count is more than `buf` holds.
+        let n = usize::try_from(left).map_or(buf.len(), |left| left.min(buf.len()));
         self.file
             .seek(SeekFrom::Start(self.part.offset + self.pos))?;
         let got = self.file.read(&mut buf[..n])?;
@@ -267,9 +300,8 @@ impl Read for PartReader<'_> {
 impl Updater {
     pub fn open(cfg: Config) -> Result<Self, UpdateError> {
         let lock_path = cfg.state.with_extension("lock");
-        let lock_err = |source| UpdateError::Io {
-            what: format!("locking {}", lock_path.display()),
-            disk: cfg.disk.clone(),
+        let lock_err = |source| UpdateError::Lock {
+            path: lock_path.clone(),
             source,
         };
         if let Some(dir) = lock_path.parent() {
@@ -313,8 +345,7 @@ impl Updater {
         self.cfg.tries = tries;
     }
 
-    fn io(&self, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
-        let what = what.into();
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> UpdateError {
         let disk = self.disk.path.clone();
         move |source| UpdateError::Io { what, disk, source }
     }
@@ -474,7 +505,10 @@ impl Updater {
         // Verified: bootable, with tries, first in the order.
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
         boot.activate(target, self.cfg.tries)
-            .map_err(|e| UpdateError::BootEnv(BootEnvError::Parse(e)))?;
+            .map_err(|source| UpdateError::Activate {
+                slot: target,
+                source,
+            })?;
         bootenv::store(&mut self.disk, &mut env, &boot)?;
         state.slots.insert(
             target,
@@ -575,9 +609,8 @@ pub fn error_chain(e: &UpdateError) -> String {
 
 /// Convenience for callers that hold a path to a bundle file.
 pub fn open_bundle(path: &Path) -> Result<std::fs::File, UpdateError> {
-    std::fs::File::open(path).map_err(|source| UpdateError::Io {
-        what: format!("opening bundle {}", path.display()),
-        disk: path.to_owned(),
+    std::fs::File::open(path).map_err(|source| UpdateError::OpenBundle {
+        path: path.to_owned(),
         source,
     })
 }
@@ -599,5 +632,42 @@ mod tests {
         let text = r#"{"slot":"B","version":"0.2.0","security_epoch":5,"signers":["test"]}"#;
         assert_eq!(serde_json::to_string(&applied).unwrap(), text);
         assert_eq!(serde_json::from_str::<Applied>(text).unwrap(), applied);
+    }
+
+    #[test]
+    fn percent_is_0_to_100_whatever_the_counts() {
+        let half = u64::MAX / 2;
+        // (done, total, percent)
+        let cases = [
+            (0, 10, 0),
+            (1, 3, 33),
+            (10, 10, 100),
+            (0, 0, 100),
+            (half, u64::MAX, 49),
+            (u64::MAX, u64::MAX, 100),
+            (11, 10, 100),
+            (u64::MAX, 1, 100),
+        ];
+        for (done, total, expected) in cases {
+            let p = Progress {
+                phase: Phase::Write,
+                done,
+                total,
+            };
+            assert_eq!(p.percent(), expected, "{done} of {total}");
+        }
+    }
+
+    #[test]
+    fn a_missing_bundle_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("none.bundle");
+        match open_bundle(&path).unwrap_err() {
+            UpdateError::OpenBundle { path: p, source } => {
+                assert_eq!(p, path);
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            e => panic!("{e:?}"),
+        }
     }
 }

@@ -67,18 +67,19 @@ fn main() -> ExitCode {
 
 fn progress_printer() -> impl FnMut(Progress) {
     let tty = std::io::stderr().is_terminal();
-    let mut last = (String::new(), u64::MAX);
+    // Printed again only when the phase or the percentage moves.
+    let mut last = None;
     move |p: Progress| {
-        let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
-        let phase = p.phase.as_str();
-        if (phase.to_owned(), pct) == last {
+        let pct = p.percent();
+        if last == Some((p.phase, pct)) {
             return;
         }
+        let phase = p.phase.as_str();
         if tty {
             eprint!(
                 "\r{:<7} [{:<40}] {pct:>3}%  {} / {} MiB",
                 phase,
-                "#".repeat(usize::try_from(pct * 40 / 100).unwrap_or(0)),
+                "#".repeat(usize::from(pct) * 40 / 100),
                 p.done >> 20,
                 p.total >> 20
             );
@@ -88,7 +89,7 @@ fn progress_printer() -> impl FnMut(Progress) {
         } else if pct.is_multiple_of(10) {
             eprintln!("qupdate: {phase} {pct}%");
         }
-        last = (phase.to_owned(), pct);
+        last = Some((p.phase, pct));
     }
 }
 

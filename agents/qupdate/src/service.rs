@@ -216,7 +216,7 @@ async fn run_apply(
         // A message per percent and phase, not per chunk.
         let mut last = None;
         let mut progress = |p: Progress| {
-            let key = (p.phase, (p.done * 100).checked_div(p.total).unwrap_or(100));
+            let key = (p.phase, p.percent());
             if last != Some(key) {
                 last = Some(key);
                 let _ = tx.send(p);
@@ -239,7 +239,9 @@ async fn run_apply(
                 applied.version,
                 applied.slot
             );
-            (true, serde_json::to_string(applied).unwrap_or_default())
+            let json = serde_json::to_string(applied)
+                .expect("an Applied is strings and numbers, which always serialize");
+            (true, json)
         }
         Err(e) => {
             log::error!("apply #{id} failed: {e}");

@@ -19,8 +19,12 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: malformed: {reason}")]
-    Malformed { path: PathBuf, reason: String },
+    #[error("{path}: malformed")]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// What is installed in one slot.
@@ -58,9 +62,9 @@ impl State {
                 })
             }
         };
-        serde_json::from_str(&text).map_err(|e| StateError::Malformed {
+        serde_json::from_str(&text).map_err(|source| StateError::Malformed {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source,
         })
     }
 
@@ -72,10 +76,8 @@ impl State {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io("create directory"))?;
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let text = serde_json::to_string_pretty(self).map_err(|e| StateError::Malformed {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let text = serde_json::to_string_pretty(self)
+            .expect("a State is strings, numbers and maps keyed by slot name: always JSON");
         {
             let mut f = std::fs::File::create(&tmp).map_err(io("create temporary"))?;
             f.write_all(text.as_bytes()).map_err(io("write"))?;
