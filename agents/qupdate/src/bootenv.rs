@@ -26,6 +26,8 @@ pub enum BootEnvError {
     Sync(#[source] std::io::Error),
     #[error("{GRUBENV_PATH} is malformed")]
     Parse(#[source] grubenv::Error),
+    #[error("the new boot state does not make a valid {GRUBENV_PATH}")]
+    Render(#[source] grubenv::Error),
     #[error("{GRUBENV_PATH} read back differs from what was written")]
     Verify,
 }
@@ -47,8 +49,8 @@ pub fn load(disk: &mut Disk) -> Result<(Env, BootState), BootEnvError> {
 /// Writes `state` into the environment (other variables kept), syncs and
 /// verifies by reading it back.
 pub fn store(disk: &mut Disk, env: &mut Env, state: &BootState) -> Result<(), BootEnvError> {
-    state.apply_to(env).map_err(BootEnvError::Parse)?;
-    let block = env.to_block().map_err(BootEnvError::Parse)?;
+    state.apply_to(env).map_err(BootEnvError::Render)?;
+    let block = env.to_block().map_err(BootEnvError::Render)?;
     let ext = qfat::locate(&mut disk.file, disk.esp.offset, disk.esp.size, GRUBENV_PATH)
         .map_err(BootEnvError::Locate)?;
     qfat::write_in_place(&mut disk.file, disk.esp.offset, &ext, &block)

@@ -4,6 +4,7 @@
 use std::os::fd::AsFd;
 
 use futures_util::StreamExt;
+use qcontract::{Slot, SlotError};
 
 use crate::dbus::{ServiceError, Update1Proxy, BUS_NAME, INTERFACE, OBJECT_PATH};
 use crate::{Applied, Phase, Progress, Status};
@@ -16,10 +17,17 @@ pub enum ClientError {
     Bus(#[from] zbus::Error),
     #[error("qupdated")]
     Service(#[from] ServiceError),
-    #[error("{0}")]
-    Failed(String),
+    /// The service's `Completed` said no; `chain` is its whole cause chain.
+    #[error("{chain}")]
+    ApplyFailed { id: u64, chain: String },
     #[error("qupdated left the bus before apply #{0} completed")]
     Gone(u64),
+    #[error("qupdated answered {method} with something that is not a slot")]
+    NotASlot {
+        method: &'static str,
+        #[source]
+        source: SlotError,
+    },
     #[error("qupdated answered {what} that is not valid JSON")]
     Reply {
         what: &'static str,
@@ -101,7 +109,10 @@ impl Client {
                             continue;
                         }
                         if !*args.success() {
-                            return Err(ClientError::Failed(args.result().clone()));
+                            return Err(ClientError::ApplyFailed {
+                                id,
+                                chain: args.result().clone(),
+                            });
                         }
                         return serde_json::from_str(args.result())
                             .map_err(|source| ClientError::Reply { what: "an install", source });
@@ -117,12 +128,15 @@ impl Client {
     }
 
     /// Returns the slot marked good (the booted one).
-    pub fn mark_good(&self) -> Result<String, ClientError> {
-        Ok(self.rt.block_on(self.proxy.mark_good())?)
+    pub fn mark_good(&self) -> Result<Slot, ClientError> {
+        let name = self.rt.block_on(self.proxy.mark_good())?;
+        slot_reply("MarkGood", &name)
     }
 
-    pub fn rollback(&self) -> Result<String, ClientError> {
-        Ok(self.rt.block_on(self.proxy.rollback())?)
+    /// Returns the slot that is the default from the next boot.
+    pub fn rollback(&self) -> Result<Slot, ClientError> {
+        let name = self.rt.block_on(self.proxy.rollback())?;
+        slot_reply("Rollback", &name)
     }
 
     pub fn status(&self) -> Result<Status, ClientError> {
@@ -132,6 +146,12 @@ impl Client {
             source,
         })
     }
+}
+
+/// A method's `s slot` reply (the interface keeps slots as names).
+fn slot_reply(method: &'static str, name: &str) -> Result<Slot, ClientError> {
+    name.parse()
+        .map_err(|source| ClientError::NotASlot { method, source })
 }
 
 /// The `Progress` value in a PropertiesChanged signal of our interface.

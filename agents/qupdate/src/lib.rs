@@ -9,12 +9,15 @@
 //! only then raises the anti-rollback floor.
 
 pub mod args;
+pub mod backend;
 pub mod bootenv;
 pub mod client;
 pub mod dbus;
 pub mod disk;
 pub mod service;
+mod slot_name;
 pub mod state;
+pub mod status;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::bootenv::BootEnvError;
 use crate::disk::{Disk, DiskError, Part};
 use crate::state::{SlotInfo, State, StateError};
+pub use crate::status::{SlotState, SlotStatus, Status};
 
 pub const TRUST_STORE: &str = "/etc/qupdate/trust.toml";
 pub const STATE_FILE: &str = "/var/lib/qupdate/state.json";
@@ -58,10 +62,28 @@ pub enum UpdateError {
     },
     #[error("{what} on {disk}")]
     Io {
-        what: String,
+        what: &'static str,
         disk: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("locking {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening bundle {path}")]
+    OpenBundle {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("making slot {slot} bootable")]
+    Activate {
+        slot: Slot,
+        #[source]
+        source: grubenv::Error,
     },
     #[error("read-back of the {kind:?} partition: blake3 {actual}, the bundle says {expected}")]
     ReadBack {
@@ -164,33 +186,29 @@ pub struct Progress {
     pub total: u64,
 }
 
+impl Progress {
+    /// How far the phase is, 0 to 100. Nothing to do (a total of 0 bytes)
+    /// is done: 100. A `done` past `total` (from a confused peer: the
+    /// client shows what the service sends) is 100 too, never more.
+    pub fn percent(&self) -> u8 {
+        // In u128, `done * 100` cannot overflow.
+        let pct = (u128::from(self.done) * 100)
+            .checked_div(u128::from(self.total))
+            .unwrap_or(100)
+            .min(100);
+        u8::try_from(pct).expect("at most 100 after min(100)")
+    }
+}
+
 /// The result of a successful apply.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
-    pub slot: String,
+    /// The slot installed into, which boots next.
+    #[serde(with = "crate::slot_name")]
+    pub slot: Slot,
     pub version: String,
     pub security_epoch: u64,
     pub signers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SlotStatus {
-    pub slot: String,
-    /// good | bootable | bad | empty
-    pub state: String,
-    pub tries: u8,
-    pub version: Option<String>,
-    pub security_epoch: Option<u64>,
-    pub root_hash: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub booted: String,
-    pub order: Vec<String>,
-    pub floor: u64,
-    pub slots: Vec<SlotStatus>,
-    pub last_error: Option<String>,
 }
 
 pub struct Updater {
@@ -269,7 +287,8 @@ impl Read for PartReader<'_> {
         if left == 0 {
             return Ok(0);
         }
-        let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+        // More left than a usize can count is more than `buf` holds.
+        let n = usize::try_from(left).map_or(buf.len(), |left| left.min(buf.len()));
         self.file
             .seek(SeekFrom::Start(self.part.offset + self.pos))?;
         let got = self.file.read(&mut buf[..n])?;
@@ -281,9 +300,8 @@ impl Read for PartReader<'_> {
 impl Updater {
     pub fn open(cfg: Config) -> Result<Self, UpdateError> {
         let lock_path = cfg.state.with_extension("lock");
-        let lock_err = |source| UpdateError::Io {
-            what: format!("locking {}", lock_path.display()),
-            disk: cfg.disk.clone(),
+        let lock_err = |source| UpdateError::Lock {
+            path: lock_path.clone(),
             source,
         };
         if let Some(dir) = lock_path.parent() {
@@ -322,8 +340,12 @@ impl Updater {
         &self.cfg
     }
 
-    fn io(&self, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpdateError {
-        let what = what.into();
+    /// The tries the next [`Updater::apply`] gives the slot it installs.
+    pub fn set_tries(&mut self, tries: u8) {
+        self.cfg.tries = tries;
+    }
+
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> UpdateError {
         let disk = self.disk.path.clone();
         move |source| UpdateError::Io { what, disk, source }
     }
@@ -381,7 +403,7 @@ impl Updater {
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
         boot.invalidate(target);
         bootenv::store(&mut self.disk, &mut env, &boot)?;
-        state.slots.remove(&target.to_string());
+        state.slots.remove(&target);
         state.store(&self.cfg.state)?;
 
         let total: u64 = m.payloads.iter().map(|p| p.size).sum();
@@ -483,10 +505,13 @@ impl Updater {
         // Verified: bootable, with tries, first in the order.
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
         boot.activate(target, self.cfg.tries)
-            .map_err(|e| UpdateError::BootEnv(BootEnvError::Parse(e)))?;
+            .map_err(|source| UpdateError::Activate {
+                slot: target,
+                source,
+            })?;
         bootenv::store(&mut self.disk, &mut env, &boot)?;
         state.slots.insert(
-            target.to_string(),
+            target,
             SlotInfo {
                 version: m.version.clone(),
                 security_epoch: m.security_epoch,
@@ -496,7 +521,7 @@ impl Updater {
         );
         state.store(&self.cfg.state)?;
         Ok(Applied {
-            slot: target.to_string(),
+            slot: target,
             version: m.version.clone(),
             security_epoch: m.security_epoch,
             signers: verified.signers.clone(),
@@ -506,7 +531,7 @@ impl Updater {
     fn booted_info(&self, state: &State) -> SlotInfo {
         state
             .slots
-            .get(&self.cfg.booted.to_string())
+            .get(&self.cfg.booted)
             .cloned()
             .unwrap_or_else(|| SlotInfo {
                 version: self.cfg.image_version.clone(),
@@ -526,7 +551,7 @@ impl Updater {
         let mut state = State::load(&self.cfg.state)?;
         let info = self.booted_info(&state);
         state.floor = state.floor.max(info.security_epoch);
-        state.slots.insert(booted.to_string(), info);
+        state.slots.insert(booted, info);
         state.store(&self.cfg.state)?;
         Ok(())
     }
@@ -546,38 +571,30 @@ impl Updater {
     pub fn status(&mut self) -> Result<Status, UpdateError> {
         let (_, boot) = bootenv::load(&mut self.disk)?;
         let state = State::load(&self.cfg.state)?;
-        let mut slots = Vec::new();
-        for s in [Slot::A, Slot::B] {
-            let st = boot.slot(s);
+        let slots = Slot::ALL.map(|s| {
+            let record = boot.slot(s);
+            // The booted slot holds something even if no apply recorded it:
+            // the image it was built with.
             let info = if s == self.cfg.booted {
                 Some(self.booted_info(&state))
             } else {
-                state.slots.get(&s.to_string()).cloned()
+                state.slots.get(&s).cloned()
             };
-            let label = if st.ok {
-                "good"
-            } else if st.tries > 0 {
-                "bootable"
-            } else if info.is_some() {
-                "bad"
-            } else {
-                "empty"
-            };
-            slots.push(SlotStatus {
-                slot: s.to_string(),
-                state: label.into(),
-                tries: st.tries,
+            SlotStatus {
+                slot: s,
+                state: SlotState::classify(record, info.is_some()),
+                tries: record.tries,
                 version: info.as_ref().map(|i| i.version.clone()),
                 security_epoch: info.as_ref().map(|i| i.security_epoch),
                 root_hash: info
                     .as_ref()
                     .map(|i| i.root_hash.clone())
                     .filter(|h| !h.is_empty()),
-            });
-        }
+            }
+        });
         Ok(Status {
-            booted: self.cfg.booted.to_string(),
-            order: boot.order.iter().map(ToString::to_string).collect(),
+            booted: self.cfg.booted,
+            order: boot.order,
             floor: state.floor,
             slots,
             last_error: state.last_error,
@@ -592,9 +609,65 @@ pub fn error_chain(e: &UpdateError) -> String {
 
 /// Convenience for callers that hold a path to a bundle file.
 pub fn open_bundle(path: &Path) -> Result<std::fs::File, UpdateError> {
-    std::fs::File::open(path).map_err(|source| UpdateError::Io {
-        what: format!("opening bundle {}", path.display()),
-        disk: path.to_owned(),
+    std::fs::File::open(path).map_err(|source| UpdateError::OpenBundle {
+        path: path.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An install's result as `apply --json` prints it and the service's
+    /// `Completed` signal carries it.
+    #[test]
+    fn applied_json_is_the_contract() {
+        let applied = Applied {
+            slot: Slot::B,
+            version: "0.2.0".into(),
+            security_epoch: 5,
+            signers: vec!["test".into()],
+        };
+        let text = r#"{"slot":"B","version":"0.2.0","security_epoch":5,"signers":["test"]}"#;
+        assert_eq!(serde_json::to_string(&applied).unwrap(), text);
+        assert_eq!(serde_json::from_str::<Applied>(text).unwrap(), applied);
+    }
+
+    #[test]
+    fn percent_is_0_to_100_whatever_the_counts() {
+        let half = u64::MAX / 2;
+        // (done, total, percent)
+        let cases = [
+            (0, 10, 0),
+            (1, 3, 33),
+            (10, 10, 100),
+            (0, 0, 100),
+            (half, u64::MAX, 49),
+            (u64::MAX, u64::MAX, 100),
+            (11, 10, 100),
+            (u64::MAX, 1, 100),
+        ];
+        for (done, total, expected) in cases {
+            let p = Progress {
+                phase: Phase::Write,
+                done,
+                total,
+            };
+            assert_eq!(p.percent(), expected, "{done} of {total}");
+        }
+    }
+
+    #[test]
+    fn a_missing_bundle_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("none.bundle");
+        match open_bundle(&path).unwrap_err() {
+            UpdateError::OpenBundle { path: p, source } => {
+                assert_eq!(p, path);
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
 }

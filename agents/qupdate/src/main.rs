@@ -1,15 +1,15 @@
 //! `qupdate`: the A/B updater's command line.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod serve;
 
 use clap::{Parser, Subcommand};
 use qupdate::args::SystemArgs;
-use qupdate::client::Client;
-use qupdate::{Progress, Updater};
+use qupdate::backend::{self, BundleSource, Route};
+use qupdate::{Progress, SlotState, Status};
 
 /// Signed A/B updates of the dom0 appliance.
 #[derive(Debug, Parser)]
@@ -54,19 +54,6 @@ enum Cmd {
     },
 }
 
-/// The running `qupdated`, unless the slots were named on the command line
-/// (`--disk`) or no service is on the system bus.
-fn service(system: &SystemArgs) -> anyhow::Result<Option<Client>> {
-    if system.disk.is_some() {
-        return Ok(None);
-    }
-    let client = Client::connect()?;
-    if client.is_some() {
-        eprintln!("qupdate: through qupdated ({})", qupdate::dbus::BUS_NAME);
-    }
-    Ok(client)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -80,18 +67,19 @@ fn main() -> ExitCode {
 
 fn progress_printer() -> impl FnMut(Progress) {
     let tty = std::io::stderr().is_terminal();
-    let mut last = (String::new(), u64::MAX);
+    // Printed again only when the phase or the percentage moves.
+    let mut last = None;
     move |p: Progress| {
-        let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
-        let phase = p.phase.as_str();
-        if (phase.to_owned(), pct) == last {
+        let pct = p.percent();
+        if last == Some((p.phase, pct)) {
             return;
         }
+        let phase = p.phase.as_str();
         if tty {
             eprint!(
                 "\r{:<7} [{:<40}] {pct:>3}%  {} / {} MiB",
                 phase,
-                "#".repeat(usize::try_from(pct * 40 / 100).unwrap_or(0)),
+                "#".repeat(usize::from(pct) * 40 / 100),
                 p.done >> 20,
                 p.total >> 20
             );
@@ -101,47 +89,79 @@ fn progress_printer() -> impl FnMut(Progress) {
         } else if pct.is_multiple_of(10) {
             eprintln!("qupdate: {phase} {pct}%");
         }
-        last = (phase.to_owned(), pct);
+        last = Some((p.phase, pct));
+    }
+}
+
+/// A command that works on the slots, through the one backend chosen
+/// for the invocation.
+enum SlotCmd {
+    Apply {
+        bundle: Bundle,
+        tries: u8,
+        json: bool,
+    },
+    MarkGood,
+    Rollback,
+    Status {
+        json: bool,
+    },
+}
+
+/// Where `qupdate apply` reads the bundle: a file, or `-` for stdin (a
+/// pipe from an UpdateVM).
+enum Bundle {
+    File(std::fs::File),
+    Stdin(std::io::StdinLock<'static>),
+}
+
+impl Bundle {
+    fn open(arg: &str) -> Result<Self, qupdate::UpdateError> {
+        Ok(if arg == "-" {
+            Self::Stdin(std::io::stdin().lock())
+        } else {
+            Self::File(qupdate::open_bundle(Path::new(arg))?)
+        })
+    }
+
+    fn source(&mut self) -> &mut dyn BundleSource {
+        match self {
+            Self::File(f) => f,
+            Self::Stdin(s) => s,
+        }
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Cmd::Service => serve::run(cli.system.config()?),
-        Cmd::Keygen { name, out } => {
-            let key = qbundle::generate_keypair()?;
-            std::fs::create_dir_all(&out)?;
-            key.store(&out.join(format!("{name}.key")))?;
-            std::fs::write(out.join(format!("{name}.pub")), key.public(&name).to_line())?;
-            println!(
-                "wrote {0}/{name}.key (keep it off every image) and {0}/{name}.pub",
-                out.display()
-            );
-            Ok(())
-        }
+    let cmd = match cli.command {
+        Cmd::Service => return serve::run(cli.system.config()?),
+        Cmd::Keygen { name, out } => return keygen(&name, &out),
         Cmd::Apply {
             bundle,
             tries,
             json,
+        } => SlotCmd::Apply {
+            // Before the backend: a bundle that cannot be opened is the
+            // error, whichever side would have installed it.
+            bundle: Bundle::open(&bundle)?,
+            tries,
+            json,
+        },
+        Cmd::MarkGood => SlotCmd::MarkGood,
+        Cmd::Rollback => SlotCmd::Rollback,
+        Cmd::Status { json } => SlotCmd::Status { json },
+    };
+    let mut backend = backend::select(&cli.system)?;
+    if backend.route() == Route::Service {
+        eprintln!("qupdate: through qupdated ({})", qupdate::dbus::BUS_NAME);
+    }
+    match cmd {
+        SlotCmd::Apply {
+            mut bundle,
+            tries,
+            json,
         } => {
-            let mut progress = progress_printer();
-            let file = (bundle != "-")
-                .then(|| qupdate::open_bundle(std::path::Path::new(&bundle)))
-                .transpose()?;
-            let applied = if let Some(service) = service(&cli.system)? {
-                match &file {
-                    Some(f) => service.apply(f, tries, &mut progress)?,
-                    None => service.apply(std::io::stdin(), tries, &mut progress)?,
-                }
-            } else {
-                let mut cfg = cli.system.config()?;
-                cfg.tries = tries;
-                let mut updater = Updater::open(cfg)?;
-                match file {
-                    Some(mut f) => updater.apply(&mut f, &mut progress)?,
-                    None => updater.apply(&mut std::io::stdin().lock(), &mut progress)?,
-                }
-            };
+            let applied = backend.apply(bundle.source(), tries, &mut progress_printer())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&applied)?);
             } else {
@@ -153,61 +173,109 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     applied.signers.join(", "),
                 );
             }
-            Ok(())
         }
-        Cmd::MarkGood => {
-            let booted = if let Some(service) = service(&cli.system)? {
-                service.mark_good()?
-            } else {
-                let mut updater = Updater::open(cli.system.config()?)?;
-                updater.mark_good()?;
-                updater.config().booted.to_string()
-            };
+        SlotCmd::MarkGood => {
+            let booted = backend.mark_good()?;
             println!("slot {booted} marked good");
-            Ok(())
         }
-        Cmd::Rollback => {
-            let slot = if let Some(service) = service(&cli.system)? {
-                service.rollback()?
-            } else {
-                Updater::open(cli.system.config()?)?.rollback()?.to_string()
-            };
+        SlotCmd::Rollback => {
+            let slot = backend.rollback()?;
             println!("slot {slot} is the default from the next boot");
-            Ok(())
         }
-        Cmd::Status { json } => {
-            let st = match service(&cli.system)? {
-                Some(service) => service.status()?,
-                None => Updater::open(cli.system.config()?)?.status()?,
-            };
+        SlotCmd::Status { json } => {
+            let st = backend.status()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
-                println!(
-                    "booted slot {}; boot order {}; floor {}",
-                    st.booted,
-                    st.order.join(" "),
-                    st.floor
-                );
-                for s in &st.slots {
-                    println!(
-                        "  slot {}: {}{} version {} epoch {}",
-                        s.slot,
-                        s.state,
-                        if s.state == "bootable" {
-                            format!(" ({} tries)", s.tries)
-                        } else {
-                            String::new()
-                        },
-                        s.version.as_deref().unwrap_or("-"),
-                        s.security_epoch.map_or("-".into(), |e| e.to_string())
-                    );
-                }
-                if let Some(e) = &st.last_error {
-                    println!("  last error: {e}");
-                }
+                print!("{}", status_text(&st));
             }
-            Ok(())
         }
+    }
+    Ok(())
+}
+
+fn keygen(name: &str, out: &Path) -> anyhow::Result<()> {
+    let key = qbundle::generate_keypair()?;
+    std::fs::create_dir_all(out)?;
+    key.store(&out.join(format!("{name}.key")))?;
+    std::fs::write(out.join(format!("{name}.pub")), key.public(name).to_line())?;
+    println!(
+        "wrote {0}/{name}.key (keep it off every image) and {0}/{name}.pub",
+        out.display()
+    );
+    Ok(())
+}
+
+/// `qupdate status` for people.
+fn status_text(st: &Status) -> String {
+    let order: Vec<String> = st.order.iter().map(ToString::to_string).collect();
+    let mut text = format!(
+        "booted slot {}; boot order {}; floor {}\n",
+        st.booted,
+        order.join(" "),
+        st.floor
+    );
+    for s in &st.slots {
+        let tries = if s.state == SlotState::Bootable {
+            format!(" ({} tries)", s.tries)
+        } else {
+            String::new()
+        };
+        text += &format!(
+            "  slot {}: {}{tries} version {} epoch {}\n",
+            s.slot,
+            s.state,
+            s.version.as_deref().unwrap_or("-"),
+            s.security_epoch.map_or("-".into(), |e| e.to_string())
+        );
+    }
+    if let Some(e) = &st.last_error {
+        text += &format!("  last error: {e}\n");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use qcontract::Slot;
+    use qupdate::SlotStatus;
+
+    use super::*;
+
+    #[test]
+    fn status_text_reads_as_it_always_has() {
+        let slot = |slot, state, tries, version: Option<&str>| SlotStatus {
+            slot,
+            state,
+            tries,
+            version: version.map(Into::into),
+            security_epoch: version.map(|_| 5),
+            root_hash: None,
+        };
+        let mut st = Status {
+            booted: Slot::A,
+            order: vec![Slot::B, Slot::A],
+            floor: 1,
+            slots: [
+                slot(Slot::A, SlotState::Good, 0, Some("0.1.0")),
+                slot(Slot::B, SlotState::Bootable, 2, Some("0.2.0")),
+            ],
+            last_error: Some("bundle rejected: truncated".into()),
+        };
+        assert_eq!(
+            status_text(&st),
+            "booted slot A; boot order B A; floor 1\n\
+             \x20 slot A: good version 0.1.0 epoch 5\n\
+             \x20 slot B: bootable (2 tries) version 0.2.0 epoch 5\n\
+             \x20 last error: bundle rejected: truncated\n"
+        );
+        st.slots[1] = slot(Slot::B, SlotState::Empty, 0, None);
+        st.last_error = None;
+        assert_eq!(
+            status_text(&st),
+            "booted slot A; boot order B A; floor 1\n\
+             \x20 slot A: good version 0.1.0 epoch 5\n\
+             \x20 slot B: empty version - epoch -\n"
+        );
     }
 }

@@ -177,8 +177,17 @@ enum Prop {
     Status,
 }
 
-/// Emits the property changes after an operation; a failure to emit is
-/// logged, the operation's result stands.
+/// The end of a side effect nobody waits for (a signal, a property
+/// change): a failure is logged with what was being done, and the
+/// operation's own result stands. Only the error's `Display`: zbus's
+/// already includes its source.
+fn best_effort(what: &str, r: zbus::Result<()>) {
+    if let Err(e) = r {
+        log::warn!("{what}: {e}");
+    }
+}
+
+/// Emits the property changes after an operation, best effort.
 async fn announce(conn: &Connection, what: &[Prop]) {
     let r: zbus::Result<()> = async {
         let iface = UpdateService::iface(conn).await?;
@@ -195,9 +204,7 @@ async fn announce(conn: &Connection, what: &[Prop]) {
         Ok(())
     }
     .await;
-    if let Err(e) = r {
-        log::warn!("emitting property changes: {e}");
-    }
+    best_effort("emitting property changes", r);
 }
 
 /// One apply, from the fd to the `Completed` signal.
@@ -216,9 +223,11 @@ async fn run_apply(
         // A message per percent and phase, not per chunk.
         let mut last = None;
         let mut progress = |p: Progress| {
-            let key = (p.phase, (p.done * 100).checked_div(p.total).unwrap_or(100));
+            let key = (p.phase, p.percent());
             if last != Some(key) {
                 last = Some(key);
+                // Fails only once `run_apply` is gone (the service is
+                // stopping): there is nobody left to show progress to.
                 let _ = tx.send(p);
             }
         };
@@ -239,7 +248,9 @@ async fn run_apply(
                 applied.version,
                 applied.slot
             );
-            (true, serde_json::to_string(applied).unwrap_or_default())
+            let json = serde_json::to_string(applied)
+                .expect("an Applied is strings and numbers, which always serialize");
+            (true, json)
         }
         Err(e) => {
             log::error!("apply #{id} failed: {e}");
@@ -256,16 +267,12 @@ async fn run_apply(
         s.operation = Operation::Idle;
     }
     announce(&conn, &[Prop::Operation, Prop::LastError, Prop::Status]).await;
-    match UpdateService::iface(&conn).await {
-        Ok(iface) => {
-            if let Err(e) =
-                UpdateService::completed(iface.signal_emitter(), id, success, &detail).await
-            {
-                log::warn!("emitting Completed: {e}");
-            }
-        }
-        Err(e) => log::warn!("emitting Completed: {e}"),
+    let r = async {
+        let iface = UpdateService::iface(&conn).await?;
+        UpdateService::completed(iface.signal_emitter(), id, success, &detail).await
     }
+    .await;
+    best_effort("emitting Completed", r);
 }
 
 #[zbus::interface(name = "org.qubesos.Update1")]

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use qcontract::Slot;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +19,12 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: malformed: {reason}")]
-    Malformed { path: PathBuf, reason: String },
+    #[error("{path}: malformed")]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// What is installed in one slot.
@@ -36,8 +41,10 @@ pub struct SlotInfo {
 pub struct State {
     /// Bundles with a lower security epoch are refused.
     pub floor: u64,
-    /// Keyed by slot name ("A", "B").
-    pub slots: BTreeMap<String, SlotInfo>,
+    /// What the updater installed, or found booted, in each slot; a slot
+    /// being overwritten has no entry. Keyed by slot name in the file.
+    #[serde(with = "crate::slot_name::map")]
+    pub slots: BTreeMap<Slot, SlotInfo>,
     pub last_error: Option<String>,
 }
 
@@ -55,9 +62,9 @@ impl State {
                 })
             }
         };
-        serde_json::from_str(&text).map_err(|e| StateError::Malformed {
+        serde_json::from_str(&text).map_err(|source| StateError::Malformed {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source,
         })
     }
 
@@ -69,10 +76,8 @@ impl State {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io("create directory"))?;
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let text = serde_json::to_string_pretty(self).map_err(|e| StateError::Malformed {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let text = serde_json::to_string_pretty(self)
+            .expect("a State is strings, numbers and maps keyed by slot name: always JSON");
         {
             let mut f = std::fs::File::create(&tmp).map_err(io("create temporary"))?;
             f.write_all(text.as_bytes()).map_err(io("write"))?;
@@ -100,7 +105,7 @@ mod tests {
             ..State::default()
         };
         s.slots.insert(
-            "B".into(),
+            Slot::B,
             SlotInfo {
                 version: "1".into(),
                 security_epoch: 3,
@@ -115,5 +120,37 @@ mod tests {
             State::load(&p).unwrap_err(),
             StateError::Malformed { .. }
         ));
+    }
+
+    /// `/var/lib/qupdate/state.json` as every qupdate so far wrote it.
+    const STATE_JSON: &str = r#"{
+  "floor": 3,
+  "slots": {
+    "A": {
+      "version": "0.1.0",
+      "security_epoch": 1,
+      "build_id": "",
+      "root_hash": ""
+    },
+    "B": {
+      "version": "0.2.0",
+      "security_epoch": 3,
+      "build_id": "b2",
+      "root_hash": "ab"
+    }
+  },
+  "last_error": "bundle rejected: truncated"
+}"#;
+
+    #[test]
+    fn the_file_format_is_unchanged() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.json");
+        std::fs::write(&p, STATE_JSON).unwrap();
+        let s = State::load(&p).unwrap();
+        assert_eq!(s.floor, 3);
+        assert_eq!(s.slots.len(), 2);
+        s.store(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), STATE_JSON);
     }
 }

@@ -13,7 +13,7 @@ mod common;
 use common::{world, World};
 use grubenv::Slot;
 use qbundle::TrustStore;
-use qupdate::{UpdateError, Updater};
+use qupdate::{SlotState, UpdateError, Updater};
 
 fn apply(w: &World, booted: Slot, bytes: &[u8]) -> Result<qupdate::Applied, UpdateError> {
     let mut u = Updater::open(w.cfg(booted)).unwrap();
@@ -25,7 +25,7 @@ fn install_boot_mark_good_and_roll_back() {
     let w = world();
     let bundle = w.bundle(&[&w.key], |_| {});
     let applied = apply(&w, Slot::A, &bundle).unwrap();
-    assert_eq!(applied.slot, "B");
+    assert_eq!(applied.slot, Slot::B);
     // The payloads are on the disk, byte for byte.
     let boot_b = w.part("boot_b");
     assert_eq!(
@@ -36,8 +36,8 @@ fn install_boot_mark_good_and_roll_back() {
     assert_eq!(s.order, vec![Slot::B, Slot::A]);
     assert_eq!((s.b.ok, s.b.tries), (false, 3));
     let st = Updater::open(w.cfg(Slot::A)).unwrap().status().unwrap();
-    assert_eq!(st.slots[1].state, "bootable");
-    assert_eq!(st.slots[1].version.as_deref(), Some("0.2.0"));
+    assert_eq!(st.slot(Slot::B).state, SlotState::Bootable);
+    assert_eq!(st.slot(Slot::B).version.as_deref(), Some("0.2.0"));
     assert_eq!(
         st.floor, 0,
         "the floor must not rise before the new slot is good"
@@ -51,7 +51,7 @@ fn install_boot_mark_good_and_roll_back() {
     u.mark_good().unwrap();
     let st = u.status().unwrap();
     assert_eq!(st.floor, 5);
-    assert_eq!(st.slots[1].state, "good");
+    assert_eq!(st.slot(Slot::B).state, SlotState::Good);
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
 
     // Roll back to A (good since the first boot).
@@ -81,7 +81,7 @@ fn a_failing_new_slot_falls_back_after_its_tries() {
     assert_eq!(s.spend_try(), Some(Slot::A));
     w.store_boot_state(&s);
     let st = Updater::open(w.cfg(Slot::A)).unwrap().status().unwrap();
-    assert_eq!(st.slots[1].state, "bad");
+    assert_eq!(st.slot(Slot::B).state, SlotState::Bad);
 }
 
 #[test]
@@ -228,4 +228,30 @@ fn an_interrupted_install_leaves_the_running_slot_and_can_be_redone() {
     assert_eq!(w.boot_state().next_boot(), Some(Slot::A));
     apply(&w, Slot::A, &bundle).unwrap();
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+}
+
+/// Tries the boot loader cannot count are refused when the slot would be
+/// made bootable, by name; the slot stays unbootable and A the default.
+#[test]
+fn tries_grub_cannot_count_leave_the_new_slot_unbootable() {
+    let w = world();
+    let mut u = Updater::open(w.cfg(Slot::A)).unwrap();
+    u.set_tries(0);
+    let bundle = w.bundle(&[&w.key], |_| {});
+    let err = u
+        .apply(&mut std::io::Cursor::new(bundle), &mut |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Activate {
+                slot: Slot::B,
+                source: grubenv::Error::BadTries { tries: 0, .. }
+            }
+        ),
+        "{err:?}"
+    );
+    let s = w.boot_state();
+    assert_eq!(s.next_boot(), Some(Slot::A));
+    assert_eq!((s.b.ok, s.b.tries), (false, 0));
 }

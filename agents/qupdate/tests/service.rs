@@ -217,14 +217,62 @@ fn a_client_sees_progress_and_completion_and_a_second_apply_is_busy() {
         assert_eq!(*args.id(), id);
         assert!(*args.success(), "{}", args.result());
         let applied: qupdate::Applied = serde_json::from_str(args.result()).unwrap();
-        assert_eq!(applied.slot, "B");
+        assert_eq!(applied.slot, Slot::B);
         let (phase, done, total) = proxy.progress().await.unwrap();
         assert_eq!((phase.as_str(), done), ("verify", total));
         assert_eq!(proxy.operation().await.unwrap(), "idle");
         assert_eq!(proxy.last_error().await.unwrap(), "");
         let st: qupdate::Status = serde_json::from_str(&proxy.status().await.unwrap()).unwrap();
-        assert_eq!(st.slots[1].tries, 2);
+        assert_eq!(st.slot(Slot::B).tries, 2);
         assert_eq!(marker.await.unwrap().unwrap(), "A");
     });
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+}
+
+/// `--disk` names the slots: the CLI opens them itself, service or not,
+/// and says and prints what it always has.
+#[test]
+fn with_disk_the_cli_works_on_the_slots_itself_even_beside_the_service() {
+    let w = world();
+    let bus = start_bus(w.dir.path());
+    let _daemon = start_daemon(&w, &bus);
+    let disk = w.disk.display().to_string();
+    let local = |args: &[&str], stdin| {
+        let mut all = vec!["--disk", &disk, "--booted", "A", "--compatible", COMPATIBLE];
+        let slots = slot_args(&w);
+        all.extend(slots.iter().map(String::as_str));
+        all.extend(args);
+        let out = qupdate(&bus, &all, stdin);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(!stderr.contains("through qupdated"), "{stderr}");
+        (out.status.success(), stdout, stderr)
+    };
+
+    let (ok, stdout, stderr) = local(&["apply", "-"], Some(w.bundle(&[&w.key], |_| {})));
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        "installed 0.2.0 (epoch 5) into slot B, signed by test; it boots next, with 3 tries\n"
+    );
+    assert!(stderr.contains("qupdate: verify 100%"), "{stderr}");
+
+    let (ok, stdout, stderr) = local(&["status", "--json"], None);
+    assert!(ok, "{stderr}");
+    let st: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(st["order"], serde_json::json!(["B", "A"]));
+    assert_eq!(st["slots"][1]["state"], "bootable");
+    let (ok, stdout, stderr) = local(&["status"], None);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("  slot B: bootable (3 tries) version 0.2.0 epoch 5\n"),
+        "{stdout}"
+    );
+
+    let (ok, _, stderr) = local(&["rollback"], None);
+    assert!(!ok);
+    assert!(stderr.contains("slot B is not good"), "{stderr}");
+    let (ok, stdout, stderr) = local(&["mark-good"], None);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "slot A marked good\n");
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
 }
