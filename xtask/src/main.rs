@@ -330,18 +330,9 @@ impl<'a> ImageBuild<'a> {
             bail!("no profile {}", profile_path.display());
         }
         let t = Instant::now();
-        let mut cmd = Command::new(bin.join("qimage"));
-        cmd.arg("build")
-            .arg("--profile")
-            .arg(&profile_path)
-            .arg("--out")
+        let mut cmd = qimage(root, &bin, "build", &profile_path);
+        cmd.arg("--out")
             .arg(&out)
-            .arg("--source-dir")
-            .arg(root)
-            .arg("--cache-dir")
-            .arg(cache_dir())
-            .arg("--bin-dir")
-            .arg(&bin)
             .env("SOURCE_DATE_EPOCH", source_date_epoch(root));
         if refresh {
             cmd.arg("--refresh");
@@ -477,6 +468,22 @@ fn prepare_scenarios(root: &Path) -> Result<PathBuf> {
     Ok(image)
 }
 
+/// `qimage <subcommand>` for a profile, with the checkout, the package
+/// cache and the static binaries it builds from.
+fn qimage(root: &Path, bin: &Path, subcommand: &str, profile: &Path) -> Command {
+    let mut cmd = Command::new(bin.join("qimage"));
+    cmd.arg(subcommand)
+        .arg("--profile")
+        .arg(profile)
+        .arg("--source-dir")
+        .arg(root)
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .arg("--bin-dir")
+        .arg(bin);
+    cmd
+}
+
 /// Rebuilds `profile` with `qimage verify` (same package lock, same
 /// SOURCE_DATE_EPOCH) and has it compare every artifact and the root hash
 /// with the first build: the reproducibility test, and a test of verify.
@@ -487,18 +494,10 @@ fn check_reproducible(
     totals: &mut TestTotals,
 ) -> Result<()> {
     let bin = static_bin_dir(root);
-    let status = Command::new(bin.join("qimage"))
-        .arg("verify")
-        .arg("--profile")
-        .arg(root.join("image/profiles").join(format!("{profile}.toml")))
+    let profile_path = root.join("image/profiles").join(format!("{profile}.toml"));
+    let status = qimage(root, &bin, "verify", &profile_path)
         .arg("--against")
         .arg(first)
-        .arg("--source-dir")
-        .arg(root)
-        .arg("--cache-dir")
-        .arg(cache_dir())
-        .arg("--bin-dir")
-        .arg(&bin)
         .status()
         .context("spawning qimage verify")?;
     if status.success() {
