@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result};
+use qconsole::ChannelStats;
 
 use crate::flash;
 use crate::hcl::{HclFacts, Outcome, PciNames};
@@ -148,6 +149,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         std::fs::create_dir_all(&work)?;
         let mark = target.console().mark();
         let journal_mark = target.commands().journal_mark();
+        let stats_before = target.commands().stats();
         let mut progress = Progress {
             tty,
             index,
@@ -162,11 +164,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (scenario.run)(&mut ctx)));
         let time = t.elapsed();
-        let notes = std::mem::take(&mut ctx.notes);
+        let mut notes = std::mem::take(&mut ctx.notes);
         if let Some(f) = ctx.hcl.take() {
             hcl = Some(f);
         }
         drop(ctx);
+        notes.push(channel_note(stats_before, target.commands().stats()));
         let error = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
@@ -320,6 +323,76 @@ fn write_reports(
     Ok(())
 }
 
+/// What the command channel had to repeat during one scenario: zero on a
+/// clean line; the flake budget's early warning on a shared one.
+pub fn channel_note(before: ChannelStats, after: ChannelStats) -> String {
+    format!(
+        "{CHANNEL_NOTE}{} commands, {} requests repeated, {} frames resent",
+        after.commands - before.commands,
+        after.requests_repeated - before.requests_repeated,
+        after.frames_resent - before.frames_resent
+    )
+}
+
+/// How [`channel_note`]'s line starts.
+const CHANNEL_NOTE: &str = "channel: ";
+
+/// One scenario as `summary.txt` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryLine {
+    pub scenario: String,
+    pub passed: bool,
+    pub seconds: f64,
+    /// Requests sent again and frames asked for again (its channel note).
+    pub requests_repeated: u64,
+    pub frames_resent: u64,
+}
+
+/// Reads the scenario lines of a `summary.txt` written by this runner
+/// (`<scenario> <passed|FAILED> <seconds> s`, then indented notes, one of
+/// them the channel note). `cargo xtask soak` counts a run's outcomes
+/// with it.
+pub fn parse_summary(text: &str) -> Result<Vec<SummaryLine>> {
+    let mut out: Vec<SummaryLine> = Vec::new();
+    for line in text.lines() {
+        if let Some(note) = line.trim_start().strip_prefix(CHANNEL_NOTE) {
+            let Some(last) = out.last_mut().filter(|_| line.starts_with(' ')) else {
+                continue;
+            };
+            let words: Vec<&str> = note.split_whitespace().collect();
+            if let [_, "commands,", r, "requests", "repeated,", f, "frames", "resent"] = words[..] {
+                last.requests_repeated = r.parse().with_context(|| format!("{line:?}"))?;
+                last.frames_resent = f.parse().with_context(|| format!("{line:?}"))?;
+            }
+            continue;
+        }
+        if line.starts_with(char::is_whitespace) {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [scenario, verdict, seconds, "s"] = words[..] else {
+            continue;
+        };
+        let passed = match verdict {
+            "passed" => true,
+            "FAILED" => false,
+            _ => continue,
+        };
+        let seconds = seconds
+            .parse()
+            .with_context(|| format!("summary line {line:?}: seconds"))?;
+        out.push(SummaryLine {
+            scenario: scenario.to_owned(),
+            passed,
+            seconds,
+            requests_repeated: 0,
+            frames_resent: 0,
+        });
+    }
+    anyhow::ensure!(!out.is_empty(), "no scenario lines in the summary");
+    Ok(out)
+}
+
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
@@ -330,6 +403,38 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summary_reads_back_with_verdicts_times_and_channel_counts() {
+        let before = ChannelStats::default();
+        let after = ChannelStats {
+            commands: 9,
+            requests_repeated: 1,
+            frames_resent: 4,
+        };
+        let text = format!(
+            "qlab run on qemu (x)\nstarted 2026-12-02T10:00:00Z UTC\n\n\
+             boot           passed      36 s\n    QINIT-READY slot=A\n    {}\n\
+             power-cut      FAILED     129 s\n    ! timed out\n\n1 passed, 1 failed\n",
+            channel_note(before, after)
+        );
+        let lines = parse_summary(&text).expect("summary");
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0],
+            SummaryLine {
+                scenario: "boot".into(),
+                passed: true,
+                seconds: 36.0,
+                requests_repeated: 1,
+                frames_resent: 4,
+            }
+        );
+        assert!(!lines[1].passed);
+        assert_eq!(lines[1].frames_resent, 0);
+        assert!(parse_summary("qlab run on qemu\n\n0 passed, 0 failed\n").is_err());
+        assert!(parse_summary("boot passed many s\n").is_err());
+    }
 
     #[test]
     fn target_labels_are_file_name_safe() {

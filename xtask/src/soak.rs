@@ -9,48 +9,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 
+use qlab::runner::parse_summary;
+
 use crate::{run_qlab, TestTotals, SUITE_LEGS};
-
-/// One scenario's line of a run's `summary.txt`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
-    pub scenario: String,
-    pub passed: bool,
-    pub seconds: f64,
-}
-
-/// The scenario lines of a `summary.txt` (qlab's runner writes them as
-/// `<scenario> <passed|FAILED> <seconds> s`, each maybe followed by
-/// indented notes).
-pub fn parse_summary(text: &str) -> Result<Vec<Outcome>> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with(char::is_whitespace) {
-            continue;
-        }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let [scenario, verdict, seconds, "s"] = words[..] else {
-            continue;
-        };
-        let passed = match verdict {
-            "passed" => true,
-            "FAILED" => false,
-            _ => continue,
-        };
-        let seconds = seconds
-            .parse()
-            .with_context(|| format!("summary line {line:?}: seconds"))?;
-        out.push(Outcome {
-            scenario: scenario.to_owned(),
-            passed,
-            seconds,
-        });
-    }
-    if out.is_empty() {
-        bail!("no scenario lines in the summary");
-    }
-    Ok(out)
-}
 
 /// What one leg's scenario did over the soak.
 #[derive(Debug, Default)]
@@ -58,6 +19,9 @@ struct Tally {
     runs: u32,
     passed: u32,
     seconds: Vec<f64>,
+    /// What the command channel repeated, over all runs.
+    requests_repeated: u64,
+    frames_resent: u64,
     /// Run directories of the failures.
     failures: Vec<PathBuf>,
 }
@@ -110,6 +74,8 @@ pub fn run(root: &Path, runs: u32, only: &[String]) -> Result<()> {
                         let t = &mut tallies[at].1;
                         t.runs += 1;
                         t.seconds.push(o.seconds);
+                        t.requests_repeated += o.requests_repeated;
+                        t.frames_resent += o.frames_resent;
                         if o.passed {
                             t.passed += 1;
                         } else {
@@ -150,15 +116,17 @@ fn render(
     seconds: f64,
 ) -> String {
     let mut s = format!("soak: {runs} runs of the suite's scenarios, {seconds:.0} s in all\n\n");
-    s.push_str("| target | scenario | passed | mean s | max s |\n");
-    s.push_str("| --- | --- | ---: | ---: | ---: |\n");
+    s.push_str(
+        "| target | scenario | passed | mean s | max s | requests repeated | frames resent |\n",
+    );
+    s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n");
     for ((leg, scenario), t) in tallies {
         let mean = t.seconds.iter().sum::<f64>() / f64::from(t.runs.max(1));
         let max = t.seconds.iter().copied().fold(0.0, f64::max);
         let _ = writeln!(
             s,
-            "| {leg} | {scenario} | {}/{runs} | {mean:.0} | {max:.0} |",
-            t.passed
+            "| {leg} | {scenario} | {}/{runs} | {mean:.0} | {max:.0} | {} | {} |",
+            t.passed, t.requests_repeated, t.frames_resent
         );
     }
     for ((leg, scenario), t) in tallies {
@@ -176,37 +144,6 @@ fn render(
 mod tests {
     use super::*;
 
-    const SUMMARY: &str = "qlab run on qemu (QEMU ...)\nstarted 2026-12-02T10:00:00Z UTC\n\n\
-        boot           passed      36 s\n    QINIT-READY slot=A (20.1 s after the wait began)\n\
-        power-cut      FAILED     129 s\n    ! timed out after 60s\n\n\
-        1 passed, 1 failed\nhardware report: hcl.yml\n";
-
-    #[test]
-    fn a_summary_gives_each_scenario_its_verdict_and_time() {
-        let o = parse_summary(SUMMARY).expect("summary");
-        assert_eq!(
-            o,
-            vec![
-                Outcome {
-                    scenario: "boot".into(),
-                    passed: true,
-                    seconds: 36.0
-                },
-                Outcome {
-                    scenario: "power-cut".into(),
-                    passed: false,
-                    seconds: 129.0
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn a_summary_without_scenarios_is_an_error() {
-        assert!(parse_summary("qlab run on qemu\n\n0 passed, 0 failed\n").is_err());
-        assert!(parse_summary("boot passed many s\n").is_err());
-    }
-
     #[test]
     fn the_report_counts_passes_out_of_the_runs() {
         let tallies = vec![(
@@ -215,11 +152,13 @@ mod tests {
                 runs: 2,
                 passed: 1,
                 seconds: vec![30.0, 40.0],
+                requests_repeated: 0,
+                frames_resent: 3,
                 failures: vec![PathBuf::from("/r/2")],
             },
         )];
         let r = render(2, &tallies, &[], 80.0);
-        assert!(r.contains("| qemu | boot | 1/2 | 35 | 40 |"), "{r}");
+        assert!(r.contains("| qemu | boot | 1/2 | 35 | 40 | 0 | 3 |"), "{r}");
         assert!(r.contains("qemu boot failed: see /r/2"), "{r}");
     }
 }
