@@ -4,29 +4,22 @@
 //!
 //! Everything the child needs is computed in the parent ([`Prepared`]), so
 //! the child only makes raw syscalls: no allocation, no locks, nothing that
-//! is unsafe after fork in a process that might have had other threads.
+//! could deadlock after fork in a process that might have had other
+//! threads. rustix's calls are thin syscall wrappers, fine to use there,
+//! and they leave this module without any `unsafe` of its own.
+
+#![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use crate::services::{Hardening, CAP_LAST};
+use nix::sys::signal::SigSet;
+use rustix::io::Errno;
+use rustix::process::{Gid, Uid};
+use rustix::thread::{CapabilitySet, CapabilitySets};
 
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
+use crate::services::Hardening;
 
 /// The root of qinit's cgroup subtree.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/qinit";
@@ -37,11 +30,10 @@ pub struct Prepared {
     session: bool,
     controlling_tty: bool,
     cgroup_procs: Option<OwnedFd>,
-    drop_bounding: Vec<u32>,
-    keep_mask: Option<[u32; 2]>,
-    keep_caps: Vec<u32>,
-    uid: Option<u32>,
-    gid: Option<u32>,
+    /// Capabilities kept; `None` keeps root's full set (nothing dropped).
+    keep: Option<CapabilitySet>,
+    /// The uid and gid to switch to; the gid defaults to the uid.
+    ids: Option<(Uid, Gid)>,
     no_new_privs: bool,
 }
 
@@ -66,138 +58,93 @@ pub fn prepare(service: &str, h: &Hardening, tty: bool) -> std::io::Result<Prepa
     } else {
         None
     };
-    let (drop_bounding, keep_mask) = match &h.capabilities {
-        None => (Vec::new(), None),
-        Some(keep) => {
-            let drop = (0..=CAP_LAST).filter(|c| !keep.contains(c)).collect();
-            let mut mask = [0u32; 2];
-            for c in keep {
-                let idx = usize::try_from(c / 32).unwrap_or(0).min(1);
-                mask[idx] |= 1 << (c % 32);
-            }
-            (drop, Some(mask))
-        }
-    };
     Ok(Prepared {
         session: h.new_session || tty,
         controlling_tty: tty,
         cgroup_procs,
-        drop_bounding,
-        keep_mask,
-        keep_caps: h.capabilities.clone().unwrap_or_default(),
-        uid: h.user,
-        gid: h.group.or(h.user),
+        keep: h.capabilities,
+        ids: h
+            .user
+            .map(|uid| (Uid::from_raw(uid), Gid::from_raw(h.group.unwrap_or(uid)))),
         no_new_privs: h.no_new_privs,
     })
 }
 
-fn check(rc: libc::c_long) -> std::io::Result<()> {
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+/// Each capability of `set` on its own, as the prctl calls take them.
+/// Allocates nothing, so the child may call it.
+fn each_capability(set: CapabilitySet) -> impl Iterator<Item = CapabilitySet> {
+    (0..u64::BITS)
+        .map(|bit| CapabilitySet::from_bits_retain(1 << bit))
+        .filter(move |cap| set.contains(*cap))
 }
 
 impl Prepared {
     /// Applies the confinement to the calling process. Meant for the child
     /// between fork and exec (see [`crate::supervisor`]); it only makes
     /// async-signal-safe syscalls.
+    ///
+    /// rustix's uid, gid, groups and capability calls are the raw syscalls,
+    /// which act on the calling thread only (libc's `setuid` signals every
+    /// thread to do the same). The forked child has exactly one thread, so
+    /// here the thread is the process.
     pub fn apply(&self) -> std::io::Result<()> {
-        // SAFETY (for every block below): plain syscalls on integer
-        // arguments or on pointers to locals that outlive the call; none
-        // allocates or takes a lock.
-        //
         // qinit blocks the signals it reads through its signalfd, and a
         // child inherits the mask: without this a daemon would never see
-        // SIGTERM.
-        let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        // SAFETY: see above; sigemptyset initialises the set.
-        check(unsafe { libc::sigemptyset(empty.as_mut_ptr()) }.into())?;
-        // SAFETY: see above; the set was initialised just before.
-        let rc = unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
+        // SIGTERM. rustix has this only in its `runtime` module, as a call
+        // its callers must prove sound, so this stays on nix
+        // (pthread_sigmask on a set on the stack).
+        SigSet::empty().thread_set_mask()?;
         if self.session {
-            // SAFETY: see above.
-            check(unsafe { libc::setsid() }.into())?;
+            rustix::process::setsid()?;
         }
         if self.controlling_tty {
-            // SAFETY: see above; fd 0 is the tty set up as stdin.
-            check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }.into())?;
+            // The tty was set up as stdin by the parent.
+            rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
         }
         if let Some(fd) = &self.cgroup_procs {
             // "0" moves the writing process into the cgroup.
-            // SAFETY: see above; the buffer is a static byte string.
-            let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
-            check(n as libc::c_long)?;
+            rustix::io::write(fd, b"0")?;
         }
-        for &cap in &self.drop_bounding {
-            // SAFETY: see above.
-            let rc =
-                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
-            // A capability newer than the running kernel is already absent.
-            if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-                return Err(std::io::Error::last_os_error());
+        if let Some(keep) = self.keep {
+            // Every capability not kept leaves the bounding set, including
+            // any newer than rustix's names: "keep only these" must hold on
+            // a newer kernel too.
+            for cap in each_capability(keep.complement()) {
+                match rustix::thread::remove_capability_from_bounding_set(cap) {
+                    // The kernel does not have this capability at all.
+                    Ok(()) | Err(Errno::INVAL) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
-        if let Some(uid) = self.uid {
-            if self.keep_mask.is_some() {
-                // SAFETY: see above.
-                check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }.into())?;
+        if let Some((uid, gid)) = self.ids {
+            if self.keep.is_some() {
+                // Keep the permitted set across the uid change, so the
+                // capset below can still grant the kept capabilities.
+                rustix::thread::set_keep_capabilities(true)?;
             }
-            let gid = self.gid.unwrap_or(uid);
-            // SAFETY: see above; a zero-length group list needs no pointer.
-            check(unsafe { libc::setgroups(0, std::ptr::null()) }.into())?;
-            // SAFETY: see above.
-            check(unsafe { libc::setgid(gid) }.into())?;
-            // SAFETY: see above.
-            check(unsafe { libc::setuid(uid) }.into())?;
+            rustix::thread::set_thread_groups(&[])?;
+            rustix::thread::set_thread_gid(gid)?;
+            rustix::thread::set_thread_uid(uid)?;
         }
-        if let Some(mask) = self.keep_mask {
-            let mut header = CapHeader {
-                version: LINUX_CAPABILITY_VERSION_3,
-                pid: 0,
-            };
-            let data = [
-                CapData {
-                    effective: mask[0],
-                    permitted: mask[0],
-                    inheritable: mask[0],
+        if let Some(keep) = self.keep {
+            rustix::thread::set_capabilities(
+                None,
+                CapabilitySets {
+                    effective: keep,
+                    permitted: keep,
+                    inheritable: keep,
                 },
-                CapData {
-                    effective: mask[1],
-                    permitted: mask[1],
-                    inheritable: mask[1],
-                },
-            ];
-            // SAFETY: see above; header and data are locals with the
-            // layout capset(2) documents for version 3 (two data words).
-            check(unsafe {
-                libc::syscall(
-                    libc::SYS_capset,
-                    &mut header as *mut CapHeader,
-                    data.as_ptr(),
-                )
-            })?;
-            if self.uid.is_some_and(|u| u != 0) {
-                for &cap in &self.keep_caps {
-                    // Ambient capabilities survive exec for a non-root uid.
-                    let raise = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_RAISE).unwrap_or(2);
-                    // SAFETY: see above.
-                    let rc = unsafe {
-                        libc::prctl(libc::PR_CAP_AMBIENT, raise, libc::c_ulong::from(cap), 0, 0)
-                    };
-                    check(rc.into())?;
+            )?;
+            if self.ids.is_some_and(|(uid, _)| !uid.is_root()) {
+                // Only ambient capabilities survive exec for a non-root uid.
+                for cap in each_capability(keep) {
+                    rustix::thread::configure_capability_in_ambient_set(cap, true)?;
                 }
             }
         }
         if self.no_new_privs {
-            // SAFETY: see above.
-            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }.into())?;
+            rustix::thread::set_no_new_privs(true)?;
         }
         Ok(())
     }
@@ -208,24 +155,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capability_masks() {
+    fn capabilities_one_by_one() {
+        let keep = CapabilitySet::NET_ADMIN | CapabilitySet::SYS_ADMIN | CapabilitySet::PERFMON;
+        let each: Vec<_> = each_capability(keep).collect();
+        assert_eq!(
+            each,
+            [
+                CapabilitySet::NET_ADMIN,
+                CapabilitySet::SYS_ADMIN,
+                CapabilitySet::PERFMON
+            ]
+        );
+        // What the bounding set loses: all 64 bits but the kept three.
+        let dropped: Vec<_> = each_capability(keep.complement()).collect();
+        assert_eq!(dropped.len(), 64 - 3);
+        assert!(dropped.contains(&CapabilitySet::CHOWN));
+        assert!(!dropped.contains(&CapabilitySet::NET_ADMIN));
+    }
+
+    #[test]
+    fn user_without_group_uses_the_uid() {
         let h = Hardening {
-            capabilities: Some(vec![12, 21, 38]),
+            user: Some(65534),
             ..Hardening::default()
         };
         let p = prepare("t", &h, false).unwrap();
-        assert_eq!(p.keep_mask, Some([(1 << 12) | (1 << 21), 1 << 6]));
-        assert!(!p.drop_bounding.contains(&12));
-        assert!(p.drop_bounding.contains(&0));
-        assert_eq!(
-            p.drop_bounding.len(),
-            usize::try_from(CAP_LAST + 1 - 3).unwrap()
-        );
+        assert_eq!(p.ids, Some((Uid::from_raw(65534), Gid::from_raw(65534))));
     }
 
     #[test]
     fn nothing_asked_nothing_done() {
         let p = prepare("t", &Hardening::default(), false).unwrap();
-        assert!(p.drop_bounding.is_empty() && p.keep_mask.is_none() && p.cgroup_procs.is_none());
+        assert!(p.keep.is_none() && p.ids.is_none() && p.cgroup_procs.is_none());
     }
 }

@@ -3,15 +3,21 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// A `log` backend writing `<prio>qinit: message` records to /dev/kmsg.
-/// Falls back to stderr when /dev/kmsg cannot be opened (host tests).
+/// Falls back to stderr while /dev/kmsg is not open (before stage 1 has
+/// mounted /dev, and in host tests).
 #[derive(Debug)]
 pub struct KmsgLogger {
     prefix: &'static str,
+    /// Opened at install, and again by [`KmsgLogger::retry_open`].
     kmsg: Mutex<Option<File>>,
 }
+
+/// The installed logger, kept typed (`log::logger()` is a `dyn Log`) so
+/// [`KmsgLogger::retry_open`] can reach it.
+static LOGGER: OnceLock<KmsgLogger> = OnceLock::new();
 
 /// Kernel log priority for a `log` level. Informational lines use NOTICE
 /// so the appliance's `loglevel=6` shows them on the console while the
@@ -36,36 +42,44 @@ pub fn format_record(prio: u8, prefix: &str, msg: &str) -> String {
 }
 
 impl KmsgLogger {
-    /// Installs the logger as the global `log` backend.
+    /// Installs the logger as the global `log` backend. Only the first
+    /// call in a process takes effect.
     pub fn install(prefix: &'static str, level: log::LevelFilter) {
-        let kmsg = open_kmsg();
-        let logger = Box::new(KmsgLogger {
+        let logger = LOGGER.get_or_init(|| KmsgLogger {
             prefix,
-            kmsg: Mutex::new(kmsg),
+            kmsg: Mutex::new(open_kmsg()),
         });
-        if log::set_boxed_logger(logger).is_ok() {
+        if log::set_logger(logger).is_ok() {
             log::set_max_level(level);
         }
     }
 
-    /// Re-opens /dev/kmsg, e.g. after /dev was mounted.
-    pub fn reopen() {
-        log::logger().flush();
+    /// Opens /dev/kmsg if it was missing when the logger was installed,
+    /// as in stage 1 before /dev is mounted. A no-op once it is open or
+    /// when no logger is installed.
+    pub fn retry_open() {
+        if let Some(logger) = LOGGER.get() {
+            let mut kmsg = logger.lock();
+            if kmsg.is_none() {
+                *kmsg = open_kmsg();
+            }
+        }
+    }
+
+    /// The file, also after a panic elsewhere while it was held: a
+    /// poisoned lock must not silence PID 1's log.
+    fn lock(&self) -> MutexGuard<'_, Option<File>> {
+        self.kmsg.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write_line(&self, prio: u8, msg: &str) {
         let rec = format_record(prio, self.prefix, msg);
-        let Ok(mut guard) = self.kmsg.lock() else {
-            return;
-        };
-        if guard.is_none() {
-            *guard = open_kmsg();
-        }
-        let wrote = guard
+        let wrote = self
+            .lock()
             .as_mut()
-            .map(|f| f.write_all(rec.as_bytes()).is_ok())
-            .unwrap_or(false);
+            .is_some_and(|f| f.write_all(rec.as_bytes()).is_ok());
         if !wrote {
+            // Without the `<prio>` tag, which only the kernel reads.
             eprint!("{}", &rec[3..]);
         }
     }
@@ -82,14 +96,8 @@ impl log::Log for KmsgLogger {
         }
     }
 
-    /// Used as "reopen": a logger installed before /dev existed retries.
-    fn flush(&self) {
-        if let Ok(mut g) = self.kmsg.lock() {
-            if g.is_none() {
-                *g = open_kmsg();
-            }
-        }
-    }
+    /// Nothing to flush: each record is one unbuffered write.
+    fn flush(&self) {}
 }
 
 /// /dev/kmsg, unless running in a test sandbox on a build host (whose

@@ -3,8 +3,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::kmod::{finit_module, ModuleInitFlags};
+use rustix::io::Errno;
+use rustix::system::finit_module;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
@@ -48,8 +48,9 @@ pub fn load(path: &Path) -> Result<(), ModuleError> {
         path: path.to_owned(),
         source,
     })?;
-    match finit_module(&f, c"", ModuleInitFlags::empty()) {
-        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+    // No module parameters, no flags.
+    match finit_module(&f, c"", 0) {
+        Ok(()) | Err(Errno::EXIST) => Ok(()),
         Err(source) => Err(ModuleError::Load {
             path: path.to_owned(),
             source,

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use rustix::thread::CapabilitySet;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -153,8 +154,8 @@ pub struct Service {
 pub struct Hardening {
     pub user: Option<u32>,
     pub group: Option<u32>,
-    /// Capability numbers to keep; `None` keeps everything.
-    pub capabilities: Option<Vec<u32>>,
+    /// Capabilities to keep; `None` keeps everything.
+    pub capabilities: Option<CapabilitySet>,
     pub no_new_privs: bool,
     pub new_session: bool,
     /// Run in its own cgroup v2 (`/sys/fs/cgroup/qinit/<name>`), so stopping
@@ -162,61 +163,11 @@ pub struct Hardening {
     pub cgroup: bool,
 }
 
-/// Linux capability names (without `CAP_`) and numbers, from
-/// <linux/capability.h>.
-const CAPABILITIES: &[(&str, u32)] = &[
-    ("CHOWN", 0),
-    ("DAC_OVERRIDE", 1),
-    ("DAC_READ_SEARCH", 2),
-    ("FOWNER", 3),
-    ("FSETID", 4),
-    ("KILL", 5),
-    ("SETGID", 6),
-    ("SETUID", 7),
-    ("SETPCAP", 8),
-    ("LINUX_IMMUTABLE", 9),
-    ("NET_BIND_SERVICE", 10),
-    ("NET_BROADCAST", 11),
-    ("NET_ADMIN", 12),
-    ("NET_RAW", 13),
-    ("IPC_LOCK", 14),
-    ("IPC_OWNER", 15),
-    ("SYS_MODULE", 16),
-    ("SYS_RAWIO", 17),
-    ("SYS_CHROOT", 18),
-    ("SYS_PTRACE", 19),
-    ("SYS_PACCT", 20),
-    ("SYS_ADMIN", 21),
-    ("SYS_BOOT", 22),
-    ("SYS_NICE", 23),
-    ("SYS_RESOURCE", 24),
-    ("SYS_TIME", 25),
-    ("SYS_TTY_CONFIG", 26),
-    ("MKNOD", 27),
-    ("LEASE", 28),
-    ("AUDIT_WRITE", 29),
-    ("AUDIT_CONTROL", 30),
-    ("SETFCAP", 31),
-    ("MAC_OVERRIDE", 32),
-    ("MAC_ADMIN", 33),
-    ("SYSLOG", 34),
-    ("WAKE_ALARM", 35),
-    ("BLOCK_SUSPEND", 36),
-    ("AUDIT_READ", 37),
-    ("PERFMON", 38),
-    ("BPF", 39),
-    ("CHECKPOINT_RESTORE", 40),
-];
-
-/// The highest capability number this table knows.
-pub const CAP_LAST: u32 = 40;
-
-fn parse_capability(name: &str) -> Option<u32> {
-    let n = name.strip_prefix("CAP_").unwrap_or(name);
-    CAPABILITIES
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(n))
-        .map(|(_, v)| *v)
+/// A capability by its `<linux/capability.h>` name, with or without
+/// `CAP_`, in any case. rustix's `CapabilitySet` holds the names.
+fn parse_capability(name: &str) -> Option<CapabilitySet> {
+    let upper = name.to_ascii_uppercase();
+    CapabilitySet::from_name(upper.strip_prefix("CAP_").unwrap_or(&upper))
 }
 
 fn valid_xenstore_path(p: &str) -> bool {
@@ -343,19 +294,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Service, ServiceError> {
             format!("{} is not in 1..=600000", f.stop_timeout_ms),
         ));
     }
-    let capabilities =
-        match f.capabilities {
-            None => None,
-            Some(list) => {
-                let mut caps = Vec::new();
-                for c in &list {
-                    caps.push(parse_capability(c).ok_or_else(|| {
-                        field("capabilities", format!("`{c}` is not a capability"))
-                    })?);
-                }
-                Some(caps)
+    let capabilities = match f.capabilities {
+        None => None,
+        Some(list) => {
+            let mut caps = CapabilitySet::empty();
+            for c in &list {
+                caps |= parse_capability(c)
+                    .ok_or_else(|| field("capabilities", format!("`{c}` is not a capability")))?;
             }
-        };
+            Some(caps)
+        }
+    };
     if f.boot_complete && f.boot_critical {
         return Err(field(
             "boot_complete",
@@ -565,6 +514,25 @@ pub fn resolve(parsed: Vec<(String, Result<Service, ServiceError>)>) -> ServiceS
 mod tests {
     use super::*;
 
+    #[test]
+    fn capability_names() {
+        for (name, cap) in [
+            ("CAP_NET_ADMIN", Some(CapabilitySet::NET_ADMIN)),
+            ("sys_admin", Some(CapabilitySet::SYS_ADMIN)),
+            (
+                "cap_checkpoint_restore",
+                Some(CapabilitySet::CHECKPOINT_RESTORE),
+            ),
+            ("", None),
+            ("CAP_", None),
+            ("_", None),
+            ("CAP_CAP_CHOWN", None),
+            ("NOT_A_CAP", None),
+        ] {
+            assert_eq!(parse_capability(name), cap, "{name:?}");
+        }
+    }
+
     fn svc(name: &str, text: &str) -> (String, Result<Service, ServiceError>) {
         let p = PathBuf::from(format!("/etc/qinit/services/{name}.toml"));
         (name.to_owned(), parse(&p, text))
@@ -603,7 +571,10 @@ cgroup = true
         assert!(s.boot_critical);
         assert_eq!(s.stop_signal, nix::sys::signal::Signal::SIGINT);
         assert_eq!(s.stop_timeout_ms, 2000);
-        assert_eq!(s.hardening.capabilities, Some(vec![12, 21]));
+        assert_eq!(
+            s.hardening.capabilities,
+            Some(CapabilitySet::NET_ADMIN | CapabilitySet::SYS_ADMIN)
+        );
         assert_eq!(s.hardening.user, Some(1000));
         assert!(s.hardening.no_new_privs && s.hardening.cgroup && s.hardening.new_session);
     }

@@ -78,7 +78,7 @@ fn run_inner(
     cmdline_out: &mut Option<Cmdline>,
 ) -> Result<std::convert::Infallible, Stage1Error> {
     mounts::mount_all(&mounts::early_specs())?;
-    crate::kmsg::KmsgLogger::reopen();
+    crate::kmsg::KmsgLogger::retry_open();
     let text = std::fs::read_to_string("/proc/cmdline").map_err(Stage1Error::ReadCmdline)?;
     let cmdline = Cmdline::parse(&text)?;
     *cmdline_out = Some(cmdline.clone());

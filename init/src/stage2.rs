@@ -33,7 +33,6 @@ struct BootHooks {
     started: Instant,
     offset: Duration,
     on_failure: OnFailure,
-    failed: bool,
 }
 
 impl Hooks for BootHooks {
@@ -68,7 +67,6 @@ impl Hooks for BootHooks {
     }
 
     fn critical_failed(&mut self, service: &str, reason: &str) {
-        self.failed = true;
         marker(&format!("QINIT-FAILED reason=service {service}: {reason}"));
         match self.on_failure {
             OnFailure::Halt => log::error!("staying up for inspection (qinit.on_failure=halt)"),
@@ -79,7 +77,10 @@ impl Hooks for BootHooks {
                 } else {
                     nix::sys::signal::Signal::SIGUSR2
                 };
-                let _ = nix::sys::signal::raise(sig);
+                // rustix has no safe raise; nix's is tgkill on ourselves.
+                if let Err(e) = nix::sys::signal::raise(sig) {
+                    log::error!("cannot raise {sig} to start the {:?}: {e}", self.on_failure);
+                }
             }
         }
     }
@@ -124,7 +125,6 @@ pub fn run(offset: Duration) -> ! {
         started,
         offset,
         on_failure: cmdline.as_ref().map_or(OnFailure::Reboot, |c| c.on_failure),
-        failed: false,
     };
 
     let env_path = |var: &str, default: &str| {

@@ -25,7 +25,7 @@ use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::output::{LineBuffer, RateLimit};
-use super::units::{Action, Event, Exit, Probe, UnitId, Units};
+use super::units::{Action, Event, Exit, Probe, Probed, UnitId, Units};
 use crate::control::{ControlError, Reply, Request, Shutdown};
 use crate::services::{Readiness, Service};
 
@@ -232,8 +232,8 @@ impl Supervisor {
                         });
                     }
                     Action::Probe { unit, probe } => {
-                        let ready = self.probe(&probe);
-                        next = Some(Event::Probed { unit, ready });
+                        let answer = self.probe(&probe);
+                        next = Some(Event::Probed { unit, answer });
                     }
                     Action::Signal { pid, signal, .. } => signal_service(pid, signal),
                     Action::Log(notice) => log::log!(notice.level(), "{notice}"),
@@ -269,14 +269,22 @@ impl Supervisor {
         }
     }
 
-    fn probe(&self, probe: &Probe) -> bool {
+    fn probe(&self, probe: &Probe) -> Probed {
+        let ready = |yes| if yes { Probed::Ready } else { Probed::NotYet };
         match probe {
-            Probe::Path(p) => p.exists(),
-            // xenstored not answering yet is "not ready yet", like a
-            // missing path.
-            Probe::Xenstore(key) => {
-                crate::xenstore::exists(&self.paths.xenstore, key).unwrap_or(false)
-            }
+            Probe::Path(p) => ready(p.exists()),
+            // xenstored's socket not there yet is "not ready yet", like a
+            // missing path; any other failure is not ready either, but the
+            // state machine logs it.
+            Probe::Xenstore(key) => match crate::xenstore::exists(&self.paths.xenstore, key) {
+                Ok(yes) => ready(yes),
+                Err(crate::xenstore::XsError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Probed::NotYet
+                }
+                Err(e) => Probed::Error(qcontract::error_chain(&e)),
+            },
         }
     }
 

@@ -150,6 +150,16 @@ pub enum Probe {
     Xenstore(String),
 }
 
+/// The executor's answer to a [`Probe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probed {
+    Ready,
+    NotYet,
+    /// The probe itself failed (xenstored refused the request, say): not
+    /// ready, and logged once per change of error.
+    Error(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The executor handed over everything that happened (a timer firing
@@ -160,7 +170,7 @@ pub enum Event {
     /// The answer to [`Action::Spawn`]: it could not be started.
     SpawnFailed { unit: UnitId, error: String },
     /// The answer to [`Action::Probe`].
-    Probed { unit: UnitId, ready: bool },
+    Probed { unit: UnitId, answer: Probed },
     /// A child was reaped: a unit's process or an orphan.
     Exited { pid: Pid, exit: Exit },
     /// The unit sent `READY=1` to its notify socket.
@@ -255,14 +265,26 @@ pub enum Notice {
         pid: Pid,
         exit: Exit,
     },
+    /// The readiness probe started failing, or fails differently now.
+    ProbeFailing {
+        name: String,
+        error: String,
+    },
+    /// The readiness probe answers again after failing.
+    ProbeAnswers {
+        name: String,
+    },
 }
 
 impl Notice {
     pub fn level(&self) -> log::Level {
         match self {
             Notice::Failed { .. } => log::Level::Error,
-            Notice::Exited { .. } | Notice::Killing { .. } => log::Level::Warn,
+            Notice::Exited { .. } | Notice::Killing { .. } | Notice::ProbeFailing { .. } => {
+                log::Level::Warn
+            }
             Notice::Started { .. }
+            | Notice::ProbeAnswers { .. }
             | Notice::Ready { .. }
             | Notice::Completed { .. }
             | Notice::Restarting { .. }
@@ -296,6 +318,10 @@ impl std::fmt::Display for Notice {
                 write!(f, "{name}: not stopped after {timeout_ms} ms; killing")
             }
             Notice::Orphan { pid, exit } => write!(f, "reaped orphan {pid} ({exit})"),
+            Notice::ProbeFailing { name, error } => {
+                write!(f, "{name}: readiness probe failing: {error}")
+            }
+            Notice::ProbeAnswers { name } => write!(f, "{name}: readiness probe answers again"),
         }
     }
 }
@@ -322,6 +348,9 @@ struct Unit {
     ready_after: Option<Duration>,
     /// The tick in which its readiness was last probed.
     probed_in: u64,
+    /// The probe error last logged, so a probe failing every tick is
+    /// logged when it starts, changes or stops, not 50 times a second.
+    probe_error: Option<String>,
 }
 
 /// The answer the walk waits for.
@@ -391,6 +420,7 @@ impl Units {
                     backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
                     ready_after: None,
                     probed_in: 0,
+                    probe_error: None,
                 }
             })
             .collect();
@@ -466,11 +496,9 @@ impl Units {
                 self.fail(unit, Failure::CannotStart { program, error }, &mut out);
                 self.settle(now, &mut out);
             }
-            Event::Probed { unit, ready } => {
+            Event::Probed { unit, answer } => {
                 self.answered(Pending::Probe(unit));
-                if ready {
-                    self.mark_ready(unit, now, &mut out);
-                }
+                self.probed(unit, answer, now, &mut out);
                 self.settle(now, &mut out);
             }
             Event::Exited { pid, exit } => self.exited(pid, exit, now, &mut out),
@@ -685,8 +713,35 @@ impl Units {
         // First probed on the next tick: a process spawned this instant
         // has had no time to get ready.
         u.probed_in = self.tick;
+        // A new process's probe failing is news again.
+        u.probe_error = None;
         if u.svc.ready == Readiness::Started {
             self.mark_ready(unit, now, out);
+        }
+    }
+
+    fn probed(&mut self, unit: UnitId, answer: Probed, now: Instant, out: &mut Vec<Action>) {
+        let u = &mut self.units[unit.0];
+        match answer {
+            Probed::Error(error) => {
+                if u.probe_error.as_ref() != Some(&error) {
+                    out.push(Action::Log(Notice::ProbeFailing {
+                        name: u.svc.name.clone(),
+                        error: error.clone(),
+                    }));
+                    u.probe_error = Some(error);
+                }
+            }
+            Probed::Ready | Probed::NotYet => {
+                if u.probe_error.take().is_some() {
+                    out.push(Action::Log(Notice::ProbeAnswers {
+                        name: u.svc.name.clone(),
+                    }));
+                }
+                if answer == Probed::Ready {
+                    self.mark_ready(unit, now, out);
+                }
+            }
         }
     }
 
@@ -894,6 +949,8 @@ mod tests {
         next_pid: i32,
         ready: Vec<&'static str>,
         broken: Vec<&'static str>,
+        /// What a probe that is not ready answers with; `None`: not yet.
+        probe_error: Option<String>,
     }
 
     impl Sim {
@@ -906,6 +963,7 @@ mod tests {
                 next_pid: 100,
                 ready: Vec::new(),
                 broken: Vec::new(),
+                probe_error: None,
             }
         }
 
@@ -949,8 +1007,14 @@ mod tests {
                         }
                         Action::Probe { unit, .. } => {
                             let name = self.units.service(unit).name.as_str();
-                            let ready = self.ready.contains(&name);
-                            next = Some(Event::Probed { unit, ready });
+                            let answer = if self.ready.contains(&name) {
+                                Probed::Ready
+                            } else if let Some(e) = &self.probe_error {
+                                Probed::Error(e.clone())
+                            } else {
+                                Probed::NotYet
+                            };
+                            next = Some(Event::Probed { unit, answer });
                         }
                         _ => {}
                     }
@@ -1164,6 +1228,37 @@ mod tests {
         assert_eq!(lines(&actions)[0], "p: ready after 40 ms");
         assert_eq!(sim.spawned(&actions), ["q"]);
         assert_eq!(wake(&actions), None);
+    }
+
+    #[test]
+    fn a_failing_probe_is_logged_once_per_change_not_every_tick() {
+        let mut sim = Sim::new(vec![svc(
+            "xs",
+            "ready = \"xenstore\"\nready_key = \"/local/domain/0/x\"",
+        )]);
+        sim.tick();
+        sim.probe_error = Some("xenstore socket /x: connection refused".into());
+        let actions = sim.at(20).tick();
+        assert_eq!(
+            lines(&actions),
+            ["xs: readiness probe failing: xenstore socket /x: connection refused"]
+        );
+        assert!(lines(&sim.at(40).tick()).is_empty());
+        assert!(lines(&sim.at(60).tick()).is_empty());
+        sim.probe_error = Some("xenstore: EACCES".into());
+        assert_eq!(
+            lines(&sim.at(80).tick()),
+            ["xs: readiness probe failing: xenstore: EACCES"]
+        );
+        sim.probe_error = None;
+        assert_eq!(
+            lines(&sim.at(100).tick()),
+            ["xs: readiness probe answers again"]
+        );
+        assert!(lines(&sim.at(120).tick()).is_empty());
+        assert_eq!(sim.state("xs"), &State::Starting);
+        sim.ready.push("xs");
+        assert_eq!(lines(&sim.at(140).tick()), ["xs: ready after 140 ms"]);
     }
 
     #[test]
