@@ -108,6 +108,16 @@ mod tests {
     fn slot_config_passes_the_slot_to_qinit() {
         let cfg = slot_config("1.2", "console=com1", "console=hvc0");
         assert!(cfg.contains("module2 $bootdev/vmlinuz placeholder console=hvc0 qinit.slot=$slot"));
+        // What the kernel will see parses as qinit's command line.
+        let line = cfg
+            .lines()
+            .find(|l| l.contains("vmlinuz"))
+            .expect("kernel line")
+            .replace("$slot", "B");
+        assert_eq!(
+            qcontract::Cmdline::parse(&line).expect("parses").slot,
+            qcontract::Slot::B
+        );
         assert!(cfg.contains("multiboot2 $bootdev/xen.gz placeholder console=com1"));
     }
 }

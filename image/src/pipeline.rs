@@ -238,7 +238,7 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
 
     // Root tree: composed from the profile, or taken as given (benchmarks
     // against a stock Debian root).
-    let info = image_info(&profile, &kver, opts.epoch).render();
+    let info = image_info(&profile, &kver, opts.epoch)?.render();
     let mut uncompressed = None;
     let tree_dir = match &opts.root_tree {
         Some(dir) => dir.clone(),
@@ -693,8 +693,11 @@ impl Ids {
     }
 }
 
-fn image_info(p: &Profile, kver: &str, epoch: u64) -> ImageInfo {
-    ImageInfo {
+/// The image's identity. It must read back as itself: qinit and qupdate
+/// refuse an image info they cannot parse (the kernel's version, from
+/// its modules directory, is the one field no profile check covers).
+fn image_info(p: &Profile, kver: &str, epoch: u64) -> Result<ImageInfo> {
+    let info = ImageInfo {
         name: p.image.name.clone(),
         version: p.image.version.clone(),
         compatible: p.image.compatible.clone(),
@@ -702,7 +705,11 @@ fn image_info(p: &Profile, kver: &str, epoch: u64) -> ImageInfo {
         build_epoch: epoch,
         production: p.image.production,
         security_epoch: p.update.security_epoch,
-    }
+    };
+    let back = ImageInfo::parse(Path::new(IMAGE_INFO), &info.render())
+        .context("the image info this build would write does not parse")?;
+    anyhow::ensure!(back == info, "the image info does not read back as written");
+    Ok(info)
 }
 
 fn one_line(text: &str) -> Result<String> {

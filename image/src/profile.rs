@@ -441,6 +441,25 @@ impl Profile {
         if self.boot.kernel_cmdline.contains('\n') {
             return Err(invalid("boot.kernel_cmdline", "contains a newline".into()));
         }
+        // GRUB appends qinit.slot per slot, and qinit refuses any qinit key
+        // given twice: a profile that named one twice, or the slot at all,
+        // would build an image that never boots.
+        let mut seen = std::collections::BTreeSet::new();
+        for word in self.boot.kernel_cmdline.split_whitespace() {
+            let key = word.split_once('=').map_or(word, |(k, _)| k);
+            if key == qcontract::cmdline::SLOT_KEY {
+                return Err(invalid(
+                    "boot.kernel_cmdline",
+                    format!("`{key}` is the boot loader's to pass"),
+                ));
+            }
+            if key.starts_with("qinit.") && !seen.insert(key) {
+                return Err(invalid(
+                    "boot.kernel_cmdline",
+                    format!("`{key}` is given twice"),
+                ));
+            }
+        }
         for (field, v) in [
             ("disk.esp_mib", self.disk.esp_mib),
             ("disk.boot_mib", self.disk.boot_mib),
@@ -574,6 +593,16 @@ data_mib = 64
                 "files = [\"/usr/lib/xen-4.20/bin/xenstored\"]",
                 "files = [\"/usr/../etc/shadow\"]",
                 "root.files[0]",
+            ),
+            (
+                "kernel_cmdline = \"console=hvc0\"",
+                "kernel_cmdline = \"console=hvc0 qinit.slot=A\"",
+                "boot.kernel_cmdline",
+            ),
+            (
+                "kernel_cmdline = \"console=hvc0\"",
+                "kernel_cmdline = \"qinit.verify=lazy qinit.verify=full\"",
+                "boot.kernel_cmdline",
             ),
             ("esp_mib = 40", "esp_mib = 8", "disk.esp_mib"),
             ("root_mib = 128", "root_mib = 0", "disk.root_mib"),

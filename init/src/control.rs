@@ -143,9 +143,19 @@ impl std::fmt::Display for ServiceState {
 }
 
 impl ServiceState {
-    /// The `state=` value: one word, so a status line splits on spaces.
+    /// The `state=` value: one word, so a status line splits on spaces
+    /// and stays one line whatever a failure's reason holds.
     fn token(&self) -> String {
-        self.to_string().replace(' ', "_")
+        self.to_string()
+            .chars()
+            .map(|c| {
+                if c.is_whitespace() || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect()
     }
 
     fn from_token(token: &str) -> Option<Self> {
@@ -381,13 +391,7 @@ pub fn main(args: &[String]) -> i32 {
             0
         }
         Err(e) => {
-            let mut chain = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                chain.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("qinit ctl: {chain}");
+            eprintln!("qinit ctl: {}", qcontract::error_chain(&e));
             1
         }
     }

@@ -38,13 +38,13 @@ fn main() {
 }
 
 fn stage1(started: Instant) -> ! {
-    let (err, cmdline) = match qinit::stage1::run(started) {
+    let (err, on_failure) = match qinit::stage1::run(started) {
         Ok(never) => match never {},
         Err(e) => e,
     };
     let chain = qcontract::error_chain(&err);
     marker(&format!("QINIT-FAILED reason=stage1: {chain}"));
-    let action = cmdline.map_or(OnFailure::Reboot, |c| c.on_failure);
+    let action = on_failure.unwrap_or(OnFailure::Reboot);
     if action == OnFailure::Halt {
         loop {
             std::thread::sleep(Duration::from_secs(3600));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rustix::mount::{mount_move, MountFlags};
 
 use qcontract::partition::{self, BlockDev, LookupError, SYS_CLASS_BLOCK};
-use qcontract::{paths, Cmdline, CmdlineError, ImageInfo, Partition};
+use qcontract::{paths, Cmdline, CmdlineError, ImageInfo, OnFailure, Partition};
 use verity::VerityInfo;
 
 use crate::dm::{self, DmError, Target};
@@ -66,23 +66,27 @@ pub enum Stage1Error {
     Exec(#[source] nix::errno::Errno),
 }
 
-/// Runs stage 1; returns only on failure (success execs stage 2).
-pub fn run(started: Instant) -> Result<std::convert::Infallible, (Stage1Error, Option<Cmdline>)> {
-    let mut cmdline = None;
-    let r = run_inner(started, &mut cmdline);
-    r.map_err(|e| (e, cmdline))
+/// Runs stage 1; returns only on failure (success execs stage 2), with
+/// what the command line asks for then, if it got that far.
+pub fn run(started: Instant) -> Result<std::convert::Infallible, (Stage1Error, Option<OnFailure>)> {
+    let mut on_failure = None;
+    let r = run_inner(started, &mut on_failure);
+    r.map_err(|e| (e, on_failure))
 }
 
 fn run_inner(
     started: Instant,
-    cmdline_out: &mut Option<Cmdline>,
+    on_failure: &mut Option<OnFailure>,
 ) -> Result<std::convert::Infallible, Stage1Error> {
     mounts::mount_all(&mounts::early_specs())?;
     crate::kmsg::KmsgLogger::retry_open();
     let text = std::fs::read_to_string("/proc/cmdline").map_err(Stage1Error::ReadCmdline)?;
     let cmdline = Cmdline::parse(&text)?;
-    *cmdline_out = Some(cmdline.clone());
+    *on_failure = Some(cmdline.on_failure);
     log::info!("stage 1: slot {}", cmdline.slot);
+    for word in &cmdline.unknown {
+        log::warn!("kernel command line: `{word}` is not a qinit switch; ignored");
+    }
 
     let n = modules::load_list(Path::new(paths::EARLY_MODULES))?;
     log::info!("loaded {n} early modules");
@@ -193,20 +197,24 @@ fn mount_data(cmdline: &Cmdline) -> Result<(), Stage1Error> {
     Ok(())
 }
 
-/// Whether the image at hand is a production one, failing closed: an
-/// image info that cannot be read or parsed counts as production (no
-/// debug switches), and says why.
+/// Whether the image at hand is a production one, failing closed (see
+/// [`image_info`]).
 pub fn is_production(info: &Path) -> bool {
-    match ImageInfo::load(info) {
-        Ok(i) => i.production,
-        Err(e) => {
+    image_info(info).is_none_or(|i| i.production)
+}
+
+/// The image info at `path`, or `None` after saying why it cannot be
+/// read. Both stages then treat the image as a production one: no debug
+/// switches, nothing on a terminal.
+pub fn image_info(path: &Path) -> Option<ImageInfo> {
+    ImageInfo::load(path)
+        .inspect_err(|e| {
             log::error!(
                 "{}: treating the image as a production one",
-                qcontract::error_chain(&e)
+                qcontract::error_chain(e)
             );
-            true
-        }
-    }
+        })
+        .ok()
 }
 
 /// Waits until the partition `part` shows up (disk drivers probe

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rustix::mount::MountFlags;
 
-use qcontract::{paths, Cmdline, ImageInfo, OnFailure, Slot};
+use qcontract::{paths, Cmdline, OnFailure, Slot};
 
 use crate::kmsg::marker;
 use crate::mounts;
@@ -103,19 +103,12 @@ pub fn run(offset: Duration) -> ! {
     } else if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         log::warn!("cannot become a subreaper: {e}");
     }
-    // Fail closed: an image whose info cannot be read is treated as a
-    // production one (no debug shell, nothing on a terminal).
-    let info = ImageInfo::load(Path::new(paths::IMAGE_INFO));
-    if let Err(e) = &info {
-        log::error!(
-            "{}: treating the image as a production one",
-            qcontract::error_chain(e)
-        );
-    }
+    // Fail closed: an image whose info cannot be read is a production one.
+    let info = crate::stage1::image_info(Path::new(paths::IMAGE_INFO));
     let version = info
         .as_ref()
-        .map_or_else(|_| "unknown".to_owned(), |i| i.version.clone());
-    let production = info.as_ref().map_or(true, |i| i.production);
+        .map_or_else(|| "unknown".to_owned(), |i| i.version.clone());
+    let production = info.as_ref().is_none_or(|i| i.production);
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .ok()
         .and_then(|t| Cmdline::parse(&t).ok());

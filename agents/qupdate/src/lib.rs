@@ -22,8 +22,8 @@ pub mod status;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use grubenv::Slot;
 use qbundle::{BundleError, KeyError, PayloadKind, TrustStore};
+use qcontract::Slot;
 use serde::{Deserialize, Serialize};
 
 use crate::bootenv::BootEnvError;

@@ -11,8 +11,8 @@
 mod common;
 
 use common::{world, World};
-use grubenv::Slot;
 use qbundle::TrustStore;
+use qcontract::Slot;
 use qupdate::{SlotState, UpdateError, Updater};
 
 fn apply(w: &World, booted: Slot, bytes: &[u8]) -> Result<qupdate::Applied, UpdateError> {

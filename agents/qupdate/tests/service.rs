@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{world, World, COMPATIBLE};
 use futures_util::StreamExt;
-use grubenv::Slot;
+use qcontract::Slot;
 use qupdate::dbus::{ServiceError, Update1Proxy};
 
 /// A bus on a socket in `dir`, served from a thread for the rest of the test

@@ -20,6 +20,9 @@ pub enum CmdlineError {
     Twice(&'static str),
 }
 
+/// Every `qinit.*` key this parser knows.
+pub const KEYS: [&str; 5] = [SLOT_KEY, ON_FAILURE_KEY, VERIFY_KEY, DEBUG_KEY, INIT_KEY];
+
 /// The slot GRUB booted: `qinit.slot=A|B`.
 pub const SLOT_KEY: &str = "qinit.slot";
 /// What to do when the boot fails: `reboot` (default), `poweroff`, `halt`.
@@ -53,6 +56,9 @@ pub struct Cmdline {
     /// Another init to hand over to after switch root (benchmarks against
     /// systemd); honoured only by non-production images.
     pub init: Option<String>,
+    /// `qinit.*` words this parser does not know (a typo, or a switch of
+    /// another version): the caller says so, they change nothing.
+    pub unknown: Vec<String>,
 }
 
 impl Cmdline {
@@ -63,8 +69,9 @@ impl Cmdline {
         let mut slot = None;
         let mut on_failure = None;
         let mut verify_full = None;
-        let mut debug = false;
+        let mut debug = None;
         let mut init = None;
+        let mut unknown = Vec::new();
         fn once<T>(field: &mut Option<T>, key: &'static str, v: T) -> Result<(), CmdlineError> {
             match field.replace(v) {
                 Some(_) => Err(CmdlineError::Twice(key)),
@@ -109,7 +116,7 @@ impl Cmdline {
                     };
                     once(&mut verify_full, VERIFY_KEY, v)?;
                 }
-                DEBUG_KEY => debug = true,
+                DEBUG_KEY => once(&mut debug, DEBUG_KEY, ())?,
                 INIT_KEY => {
                     if !value.starts_with('/') || value.contains("..") {
                         return Err(CmdlineError::BadValue {
@@ -120,6 +127,7 @@ impl Cmdline {
                     }
                     once(&mut init, INIT_KEY, value.to_owned())?;
                 }
+                k if k.starts_with("qinit.") => unknown.push(word.to_owned()),
                 _ => {}
             }
         }
@@ -127,8 +135,9 @@ impl Cmdline {
             slot: slot.ok_or(CmdlineError::NoSlot)?,
             on_failure: on_failure.unwrap_or(OnFailure::Reboot),
             verify_full: verify_full.unwrap_or(true),
-            debug,
+            debug: debug.is_some(),
             init,
+            unknown,
         })
     }
 }
@@ -181,11 +190,19 @@ mod tests {
     }
 
     #[test]
+    fn unknown_qinit_words_are_reported_and_others_ignored() {
+        let c = Cmdline::parse("quiet qinit.slot=A qinit.verfy=lazy foo.qinit=1").unwrap();
+        assert_eq!(c.unknown, ["qinit.verfy=lazy"]);
+        assert!(c.verify_full);
+    }
+
+    #[test]
     fn a_key_given_twice_is_refused() {
         for text in [
             "qinit.slot=A qinit.slot=B",
             "qinit.slot=A qinit.slot=A",
             "qinit.slot=A qinit.verify=full qinit.verify=lazy",
+            "qinit.slot=A qinit.debug qinit.debug",
         ] {
             assert!(
                 matches!(Cmdline::parse(text), Err(CmdlineError::Twice(_))),

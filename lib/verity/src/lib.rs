@@ -390,12 +390,30 @@ impl VerityInfo {
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&bytes(2, Some(16))?);
+        // At least one block, and a size that fits a byte count: stage 1
+        // builds its dm table from this, and a bad value should be named
+        // here rather than come back from the kernel as a bare EINVAL.
+        let data_blocks = num(3)?;
+        let data_block_size = small(4)?;
+        if data_blocks == 0
+            || data_blocks
+                .checked_mul(u64::from(data_block_size))
+                .is_none()
+        {
+            return Err(Error::InfoText {
+                line: get(3).map_or(0, |(l, _)| l),
+                field: INFO_KEYS[3].to_owned(),
+                reason: format!(
+                    "{data_blocks} blocks of {data_block_size} bytes is not a device size"
+                ),
+            });
+        }
         Ok(Self {
             root_hash,
             salt,
             uuid,
-            data_blocks: num(3)?,
-            data_block_size: small(4)?,
+            data_blocks,
+            data_block_size,
             hash_block_size: small(5)?,
             hash_offset: num(6)?,
             hash_start_block: num(7)?,
