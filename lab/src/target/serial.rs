@@ -25,8 +25,26 @@ impl qconsole::Link for TcpLink {
             })?;
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_nodelay(true)?;
+        detect_dead_peer(&s)?;
         Ok((Box::new(s.try_clone()?), Box::new(s)))
     }
+}
+
+/// Keepalive probes every few seconds, so a connection whose other end
+/// is gone without a word ends with a reset instead of staying silent
+/// forever. Seen in a soak: a connect that raced a power cycle came up
+/// established on our side with no socket on the serial server's (the
+/// kernel had dropped the half-made connection when the machine went
+/// away), and the host, which only listens while a machine boots, waited
+/// 420 s for output that could never arrive. A live peer answers the
+/// probes in its kernel, with nothing on the line.
+fn detect_dead_peer(s: &TcpStream) -> std::io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(s, true)?;
+    sockopt::set_tcp_keepidle(s, Duration::from_secs(5))?;
+    sockopt::set_tcp_keepintvl(s, Duration::from_secs(2))?;
+    sockopt::set_tcp_keepcnt(s, 3)?;
+    Ok(())
 }
 
 /// A serial device on the lab host (`/dev/ttyUSB0`), set raw at `baud`.
@@ -148,5 +166,19 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{addr} still open");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    #[test]
+    fn a_tcp_console_probes_for_a_dead_peer() {
+        use rustix::net::sockopt;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let s = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        detect_dead_peer(&s).expect("keepalive");
+        assert!(sockopt::socket_keepalive(&s).expect("get"));
+        assert_eq!(
+            sockopt::tcp_keepidle(&s).expect("idle"),
+            Duration::from_secs(5)
+        );
+        assert_eq!(sockopt::tcp_keepcnt(&s).expect("cnt"), 3);
     }
 }
