@@ -116,6 +116,27 @@ impl UpdateService {
         }
     }
 
+    /// Claims the service for an apply. A short operation under way is
+    /// waited for, as a direct `qupdate` waits for the lock: the
+    /// boot-complete hook's mark-good runs right after boot, just when a
+    /// user or a script may start an update (the suite's update scenario
+    /// hit it once its commands began at once over the dedicated channel).
+    /// Another apply is not waited for: that is `Busy`.
+    async fn begin_apply(&self) -> Result<u64, ServiceError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.lock_wait;
+        loop {
+            match self.begin(Operation::Apply) {
+                Err(ServiceError::Busy(_))
+                    if lock(&self.shared).operation != Operation::Apply
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Claims the service for one operation, or says who has it.
     fn begin(&self, op: Operation) -> Result<u64, ServiceError> {
         let mut s = lock(&self.shared);
@@ -292,7 +313,7 @@ impl UpdateService {
                 "tries {tries}: must be 1 to {MAX_TRIES}"
             )));
         }
-        let id = self.begin(Operation::Apply)?;
+        let id = self.begin_apply().await?;
         log::info!(
             "apply #{id} for {}",
             hdr.sender().map_or("?".into(), ToString::to_string)
