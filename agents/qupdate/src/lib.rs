@@ -15,7 +15,6 @@ pub mod client;
 pub mod dbus;
 pub mod disk;
 pub mod service;
-mod slot_name;
 pub mod state;
 pub mod status;
 
@@ -204,7 +203,6 @@ impl Progress {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     /// The slot installed into, which boots next.
-    #[serde(with = "crate::slot_name")]
     pub slot: Slot,
     pub version: String,
     pub security_epoch: u64,

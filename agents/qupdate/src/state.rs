@@ -43,7 +43,6 @@ pub struct State {
     pub floor: u64,
     /// What the updater installed, or found booted, in each slot; a slot
     /// being overwritten has no entry. Keyed by slot name in the file.
-    #[serde(with = "crate::slot_name::map")]
     pub slots: BTreeMap<Slot, SlotInfo>,
     pub last_error: Option<String>,
 }

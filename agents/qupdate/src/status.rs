@@ -89,7 +89,6 @@ impl<'de> Deserialize<'de> for SlotState {
 /// One slot in the status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotStatus {
-    #[serde(with = "crate::slot_name")]
     pub slot: Slot,
     pub state: SlotState,
     /// Tries left; meaningful for a [`SlotState::Bootable`] slot.
@@ -103,10 +102,8 @@ pub struct SlotStatus {
 /// The field order is the JSON's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
-    #[serde(with = "crate::slot_name")]
     pub booted: Slot,
     /// Preferred first, as GRUB's `SLOT_ORDER`.
-    #[serde(with = "crate::slot_name::list")]
     pub order: Vec<Slot>,
     pub floor: u64,
     /// Indexed by [`Slot::index`] (A then B); see [`Status::slot`].

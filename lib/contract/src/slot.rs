@@ -97,6 +97,23 @@ impl FromStr for Slot {
     }
 }
 
+/// A slot is its name in a document too (qupdate's status and state
+/// file): the renderer and parser above, and nothing else parses.
+#[cfg(feature = "serde")]
+impl serde::Serialize for Slot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Slot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +127,28 @@ mod tests {
         }
         assert!("a".parse::<Slot>().is_err());
         assert!("".parse::<Slot>().is_err());
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn slots_are_their_names_in_json_and_nothing_else_parses() {
+        use std::collections::BTreeMap;
+        let order = vec![Slot::B, Slot::A];
+        let by_slot = BTreeMap::from([(Slot::B, 2), (Slot::A, 1)]);
+        assert_eq!(serde_json::to_string(&order).unwrap(), r#"["B","A"]"#);
+        assert_eq!(serde_json::to_string(&by_slot).unwrap(), r#"{"A":1,"B":2}"#);
+        assert_eq!(
+            serde_json::from_str::<Vec<Slot>>(r#"["B","A"]"#).unwrap(),
+            order
+        );
+        assert_eq!(
+            serde_json::from_str::<BTreeMap<Slot, u8>>(r#"{"A":1,"B":2}"#).unwrap(),
+            by_slot
+        );
+        for bad in [r#""C""#, r#""a""#, r#""""#, "0"] {
+            assert!(serde_json::from_str::<Slot>(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<BTreeMap<Slot, u8>>(r#"{"":1}"#).is_err());
     }
 
     #[test]
