@@ -421,7 +421,9 @@ impl Vm {
         let (machine, serial) = Machine::spawn(cfg)?;
         attach_stream(&console, serial, &cfg.work_dir)?;
         let commands = if cfg.command_channel {
-            Some(command_console(&cfg.work_dir, machine.command_channel()?)?)
+            let console = command_console(&cfg.work_dir)?;
+            attach_stream(&console, machine.command_channel()?, &cfg.work_dir)?;
+            Some(console)
         } else {
             None
         };
@@ -511,13 +513,12 @@ impl Vm {
     }
 }
 
-/// The console of a command channel `stream`: commands only, its bytes
-/// logged to `channel.log` in `work_dir` (the frames as they came).
-pub fn command_console(work_dir: &Path, stream: UnixStream) -> Result<Console, VmError> {
-    let log = work_dir.join("channel.log");
-    let console = Console::new(Some(&log), false)?.with_channel(qconsole::Channel::Dedicated);
-    attach_stream(&console, stream, work_dir)?;
-    Ok(console)
+/// A console for the command channel, not yet attached: commands only,
+/// its bytes logged to `channel.log` in `work_dir` (the frames as they
+/// came). Attach each power-on's stream with [`attach_stream`].
+pub fn command_console(work_dir: &Path) -> Result<Console, ConsoleError> {
+    Ok(Console::new(Some(&work_dir.join("channel.log")), false)?
+        .with_channel(qconsole::Channel::Dedicated))
 }
 
 /// Attaches both halves of `stream` to `console`.

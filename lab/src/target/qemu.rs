@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qconsole::{Channel, Console};
+use qconsole::Console;
 
 use super::{Target, TargetError, Timeouts};
 
@@ -37,8 +37,7 @@ impl QemuTarget {
             disk: work.join("disk.img"),
             machine: None,
             console: Console::new(Some(&work.join("serial.log")), echo)?,
-            commands: Console::new(Some(&work.join("channel.log")), false)?
-                .with_channel(Channel::Dedicated),
+            commands: qemu::command_console(work)?,
         })
     }
 }
