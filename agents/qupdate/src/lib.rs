@@ -357,7 +357,7 @@ impl Updater {
     ) -> Result<Applied, UpdateError> {
         let result = self.apply_inner(bundle, progress);
         let mut state = State::load(&self.cfg.state)?;
-        state.last_error = result.as_ref().err().map(error_chain);
+        state.last_error = result.as_ref().err().map(|e| qcontract::error_chain(e));
         state.store(&self.cfg.state)?;
         result
     }
@@ -598,11 +598,6 @@ impl Updater {
             last_error: state.last_error,
         })
     }
-}
-
-/// The whole cause chain of an error on one line.
-pub fn error_chain(e: &UpdateError) -> String {
-    qcontract::error_chain(e)
 }
 
 /// Convenience for callers that hold a path to a bundle file.

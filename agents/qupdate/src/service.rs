@@ -5,12 +5,13 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use qcontract::error_chain;
 use zbus::message::Header;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
 use zbus::Connection;
 
 use crate::dbus::{ServiceError, OBJECT_PATH};
-use crate::{error_chain, Config, Progress, Status, UpdateError, Updater};
+use crate::{Config, Progress, Status, UpdateError, Updater};
 
 /// Tries are a GRUB counter spent one per boot; more than this is a typo.
 pub const MAX_TRIES: u8 = 9;
