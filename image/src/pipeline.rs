@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 // File names inside the output directory and the image are the contract
 // crate's: xtask, the lab, qinit and qupdate use the same ones.
 use qcontract::paths::output::{self, BOOT_IMAGE, DISK_IMAGE, ROOT_IMAGE};
-use qcontract::paths::{DOM0_MODULES, EARLY_MODULES, IMAGE_INFO, ROOT_VERITY};
+use qcontract::paths::{DOM0_MODULES, EARLY_MODULES, GUEST_MODULES, IMAGE_INFO, ROOT_VERITY};
 use qcontract::{ImageInfo, Partition, Slot};
 use sha2::{Digest, Sha256};
 
@@ -235,6 +235,11 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
         &profile.modules.dom0,
         &early_names,
     )?;
+    // The guest stand-in loads its own modules from its initramfs.
+    let guest = match &profile.guivm {
+        Some(g) => resolve_modules(&kmods, &opts.source_dir, &g.modules, &BTreeSet::new())?,
+        None => Vec::new(),
+    };
 
     // Root tree: composed from the profile, or taken as given (benchmarks
     // against a stock Debian root).
@@ -249,6 +254,7 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
                 version: &kver,
                 vmlinuz: &vmlinuz,
                 dom0_modules: &dom0,
+                guest_modules: &guest,
             };
             let composed = compose_root(&tree_dir, &profile, &set, opts, &kernel, &info)?;
             fs::write(
@@ -469,9 +475,15 @@ fn add_guivm(
     tree: &mut RootTree,
     g: &crate::profile::GuiVmSection,
     opts: &BuildOptions,
-    vmlinuz: &Path,
-    kernel_package: &str,
+    kernel: &KernelFiles<'_>,
 ) -> Result<()> {
+    let KernelFiles {
+        package: kernel_package,
+        version: kver,
+        vmlinuz,
+        guest_modules,
+        ..
+    } = *kernel;
     let field = "profile guivm.dir";
     if !g.dir.starts_with('/') {
         bail!("{field}: `{}` must be an absolute path", g.dir);
@@ -496,12 +508,23 @@ fn add_guivm(
         .mtime(0)
         .write(Vec::new(), flate2::Compression::best());
     let mut w = CpioWriter::new(gz, mtime);
-    for d in ["dev", "proc", "sys", "sbin"] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "sbin",
+        "etc",
+        "usr",
+        "usr/lib",
+        "usr/lib/modules",
+    ] {
         w.dir(d, 0o755)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;
     w.file("init", 0o755, &agent)?;
     w.symlink("sbin/poweroff", "/init")?;
+    w.dir("etc/qguest", 0o755)?;
+    cpio_modules(&mut w, kver, guest_modules, GUEST_MODULES)?;
     let initrd = w.finish()?.finish()?;
     tree.write(&format!("{}/initrd.gz", g.dir), 0o644, &initrd, "workspace")?;
     Ok(())
@@ -516,6 +539,8 @@ struct KernelFiles<'a> {
     vmlinuz: &'a Path,
     /// Modules stage 2 loads.
     dom0_modules: &'a [Module],
+    /// Modules the guest stand-in loads.
+    guest_modules: &'a [Module],
 }
 
 /// The profile's size budget: a root over it fails the build.
@@ -569,7 +594,6 @@ fn compose_root(
 ) -> Result<Composed> {
     let KernelFiles {
         version: kver,
-        vmlinuz,
         dom0_modules: dom0,
         ..
     } = *kernel;
@@ -596,7 +620,7 @@ fn compose_root(
     tree.add_modules(kver, dom0, DOM0_MODULES, kernel.package)?;
     tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
     if let Some(g) = &profile.guivm {
-        add_guivm(&mut tree, g, opts, vmlinuz, kernel.package)?;
+        add_guivm(&mut tree, g, opts, kernel)?;
     }
     tree.write(
         "/etc/os-release",
@@ -790,31 +814,7 @@ fn write_initramfs(
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;
     w.file("init", 0o755, qinit)?;
-    let mut dirs: BTreeSet<String> = BTreeSet::new();
-    let mut list = String::new();
-    for m in early {
-        let rel = format!("usr/lib/modules/{kver}/{}", m.rel_path);
-        let mut acc = String::new();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            if !acc.is_empty() {
-                acc.push('/');
-            }
-            acc.push_str(part);
-            if acc.matches('/').count() >= 3 && dirs.insert(acc.clone()) {
-                w.dir(&acc, 0o755)?;
-            }
-        }
-        w.file(&rel, 0o644, &m.data)?;
-        list.push('/');
-        list.push_str(&rel);
-        list.push('\n');
-    }
-    w.file(
-        EARLY_MODULES.trim_start_matches('/'),
-        0o644,
-        list.as_bytes(),
-    )?;
+    cpio_modules(&mut w, kver, early, EARLY_MODULES)?;
     w.file(
         ROOT_VERITY.trim_start_matches('/'),
         0o644,
@@ -824,6 +824,39 @@ fn write_initramfs(
     let gz = w.finish()?;
     let file = gz.finish()?;
     file.sync_all()?;
+    Ok(())
+}
+
+/// Writes `modules` under `usr/lib/modules/<kver>/` of an initramfs (the
+/// directories `usr/lib/modules` and the list's own must exist) and their
+/// load list at `list_path`.
+fn cpio_modules<W: Write>(
+    w: &mut CpioWriter<W>,
+    kver: &str,
+    modules: &[Module],
+    list_path: &str,
+) -> Result<()> {
+    let mut dirs: BTreeSet<String> = BTreeSet::new();
+    let mut paths = Vec::new();
+    for m in modules {
+        let rel = format!("usr/lib/modules/{kver}/{}", m.rel_path);
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(part);
+            // usr/lib/modules exists already; create what is below it once.
+            if acc.matches('/').count() >= 3 && dirs.insert(acc.clone()) {
+                w.dir(&acc, 0o755)?;
+            }
+        }
+        w.file(&rel, 0o644, &m.data)?;
+        paths.push(format!("/{rel}"));
+    }
+    let list = qcontract::modules::render_list(paths.iter().map(String::as_str));
+    w.file(list_path.trim_start_matches('/'), 0o644, list.as_bytes())?;
     Ok(())
 }
 

@@ -73,7 +73,8 @@ pub struct BudgetSection {
 
 /// The GUI VM stand-in: the dom0 kernel again, and an initramfs whose only
 /// program is a workspace binary as `/init` (and `/sbin/poweroff`, so Xen's
-/// shutdown request works). qdomd's definition points at `dir`.
+/// shutdown request works), with the kernel modules it loads itself (the
+/// Xen devices vchan needs). qdomd's definition points at `dir`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuiVmSection {
@@ -81,6 +82,10 @@ pub struct GuiVmSection {
     pub agent: String,
     /// Absolute directory in the dom0 root for `vmlinuz` and `initrd.gz`.
     pub dir: String,
+    /// Module list files (repository relative) whose modules go into the
+    /// initramfs, listed in `qcontract::paths::GUEST_MODULES`.
+    #[serde(default)]
+    pub modules: Vec<PathBuf>,
 }
 
 /// Update trust and signing. Public keys go into the image; private keys

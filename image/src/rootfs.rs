@@ -259,13 +259,13 @@ impl RootTree {
         kernel_package: &str,
     ) -> Result<(), RootfsError> {
         let what = format!("package {kernel_package}");
-        let mut list = String::new();
+        let mut paths = Vec::new();
         for m in modules {
             let image_path = format!("/usr/lib/modules/{kver}/{}", m.rel_path);
             self.write(&image_path, 0o644, &m.data, &what)?;
-            list.push_str(&image_path);
-            list.push('\n');
+            paths.push(image_path);
         }
+        let list = qcontract::modules::render_list(paths.iter().map(String::as_str));
         self.write(list_path, 0o644, list.as_bytes(), "generated")
     }
 }

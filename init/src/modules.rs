@@ -28,18 +28,13 @@ pub enum ModuleError {
     },
 }
 
-/// Reads a list of absolute module paths, one per line.
+/// Reads a load list (qcontract's format).
 pub fn read_list(path: &Path) -> Result<Vec<PathBuf>, ModuleError> {
     let text = std::fs::read_to_string(path).map_err(|source| ModuleError::List {
         path: path.to_owned(),
         source,
     })?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(PathBuf::from)
-        .collect())
+    Ok(qcontract::modules::parse_list(&text))
 }
 
 /// Loads one module; a module that is already loaded is fine.
@@ -65,19 +60,4 @@ pub fn load_list(list: &Path) -> Result<usize, ModuleError> {
         load(m)?;
     }
     Ok(mods.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn list_parsing() {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), "/a.ko\n\n# c\n /b.ko \n").unwrap();
-        assert_eq!(
-            read_list(f.path()).unwrap(),
-            vec![PathBuf::from("/a.ko"), PathBuf::from("/b.ko")]
-        );
-    }
 }

@@ -1,7 +1,9 @@
 //! `qguest`: PID 1 of the GUI VM stand-in (a PV guest of the Debian kernel
 //! with only this in its initramfs).
 //!
-//! 1. Mounts /proc, /sys and /dev.
+//! 1. Mounts /proc, /sys and /dev, and loads the kernel modules its
+//!    initramfs lists (`qcontract::paths::GUEST_MODULES`: the Xen devices
+//!    vchan runs over).
 //! 2. Writes the readiness key `data/ready` under its own xenstore directory
 //!    through /dev/xen/xenbus (the handshake qdomd waits for; see qdomd's
 //!    `xs` module) and prints `QGUEST-READY domid=<id>` on its console.
@@ -77,6 +79,29 @@ fn announce_ready() -> Result<String, String> {
     Ok(domid)
 }
 
+/// Loads the initramfs's modules in the order qimage resolved. A module
+/// that fails is reported and the rest still load: readiness over xenbus
+/// needs none of them.
+fn load_modules() {
+    let list = qcontract::paths::GUEST_MODULES;
+    let text = match std::fs::read_to_string(list) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => return log(&format!("{list}: {e}")),
+    };
+    for path in qcontract::modules::parse_list(&text) {
+        let res = std::fs::File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| match rustix::system::finit_module(&f, c"", 0) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            });
+        if let Err(e) = res {
+            log(&format!("loading module {}: {e}", path.display()));
+        }
+    }
+}
+
 fn power_off() -> ! {
     rustix::fs::sync();
     let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
@@ -119,6 +144,7 @@ fn main() -> ExitCode {
         log(&format!("blocking signals: {e}"));
     }
     mount_basics();
+    load_modules();
     match announce_ready() {
         Ok(domid) => log(&format!("ready\nQGUEST-READY domid={domid}")),
         Err(e) => log(&format!("could not announce readiness: {e}")),

@@ -8,6 +8,7 @@
 //! | [`ImageInfo`] (`/etc/qinit/image`, `image.info`) | qimage | qinit, qupdate, qimage bundle/verify |
 //! | the kernel command line's `qinit.*` keys ([`Cmdline`]) | qimage (grub.cfg) | qinit, qupdate |
 //! | the [`paths`] of qinit's files | qimage, qinit | qinit, qupdate, the test tools |
+//! | the kernel [`modules`] load lists | qimage | qinit, qguest |
 //!
 //! The root's dm-verity parameters (`root.verity`) are `qverity`'s
 //! `VerityInfo` text form, and the GRUB environment is `grubenv`'s; they
@@ -18,6 +19,7 @@
 
 pub mod cmdline;
 mod image_info;
+pub mod modules;
 pub mod partition;
 pub mod paths;
 mod report;

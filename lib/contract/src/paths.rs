@@ -12,6 +12,9 @@ pub const ROOT_VERITY: &str = "/etc/qinit/root.verity";
 pub const EARLY_MODULES: &str = "/etc/qinit/modules.early";
 /// The dom0 modules' load list, in the root.
 pub const DOM0_MODULES: &str = "/etc/qinit/modules.dom0";
+/// The guest stand-ins' modules' load list, in their initramfs (qguest
+/// loads it before it opens the Xen devices).
+pub const GUEST_MODULES: &str = "/etc/qguest/modules";
 /// qinit's service files, in the root.
 pub const SERVICE_DIR: &str = "/etc/qinit/services";
 /// qinit's control socket (`qinit ctl`).
