@@ -78,27 +78,27 @@ impl SharedMem {
         unsafe { AtomicU8::from_ptr(self.ptr.add(offset).as_ptr()) }
     }
 
-    pub(crate) fn load_u32(&self, offset: usize) -> u32 {
+    pub fn load_u32(&self, offset: usize) -> u32 {
         self.u32_at(offset).load(Ordering::Acquire)
     }
 
-    pub(crate) fn store_u32(&self, offset: usize, v: u32) {
+    pub fn store_u32(&self, offset: usize, v: u32) {
         self.u32_at(offset).store(v, Ordering::Release)
     }
 
-    pub(crate) fn load_u16(&self, offset: usize) -> u16 {
+    pub fn load_u16(&self, offset: usize) -> u16 {
         self.u16_at(offset).load(Ordering::Acquire)
     }
 
-    pub(crate) fn store_u16(&self, offset: usize, v: u16) {
+    pub fn store_u16(&self, offset: usize, v: u16) {
         self.u16_at(offset).store(v, Ordering::Release)
     }
 
-    pub(crate) fn load_u8(&self, offset: usize) -> u8 {
+    pub fn load_u8(&self, offset: usize) -> u8 {
         self.u8_at(offset).load(Ordering::Acquire)
     }
 
-    pub(crate) fn store_u8(&self, offset: usize, v: u8) {
+    pub fn store_u8(&self, offset: usize, v: u8) {
         self.u8_at(offset).store(v, Ordering::Release)
     }
 

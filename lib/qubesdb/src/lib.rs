@@ -1,0 +1,17 @@
+//! QubesDB as Qubes R4.2 speaks it (core-qubesdb `include/qubesdb.h`,
+//! `daemon/db-cmds.c`, `daemon/db-core.c`), without I/O:
+//!
+//! - [`wire`]: the 72-byte `struct qdb_hdr` and its checks;
+//! - [`db`]: the database (sorted paths, directory removal) and watches;
+//! - [`peer`]: dom0's end of the vchan to a VM's daemon, as a state
+//!   machine (bytes in, bytes out), so a hostile VM is handled in code
+//!   that is tested and fuzzed without Xen.
+
+pub mod db;
+pub mod peer;
+pub mod wire;
+
+/// The vchan port of QubesDB; dom0's daemon is the server.
+pub const VCHAN_PORT: u32 = 111;
+/// Ring sizes dom0's daemon asks for (`libvchan_server_init(.., 4096, 4096)`).
+pub const VCHAN_RING: usize = 4096;
