@@ -199,17 +199,7 @@ impl Vchan {
     /// `timeout` (`None`: as long as the peer domain exists).
     pub fn wait_connected(&mut self, timeout: Option<Duration>) -> Result<(), VchanError> {
         let start = Instant::now();
-        loop {
-            match self.endpoint.peer_state() {
-                PeerState::Connected => break,
-                PeerState::Gone => {
-                    return Err(VchanError::PeerGone {
-                        peer: self.peer,
-                        port: self.port,
-                    })
-                }
-                PeerState::Waiting => {}
-            }
+        while !self.poll_connected()? {
             if let Some(t) = timeout {
                 if start.elapsed() >= t {
                     return Err(VchanError::Timeout {
@@ -219,24 +209,7 @@ impl Vchan {
                     });
                 }
             }
-            let fired = self
-                .evtchn
-                .wait(LIVENESS_INTERVAL)
-                .map_err(Self::sys(self.peer, self.port))?;
-            if !fired
-                && !self
-                    .privcmd
-                    .domain_exists(self.peer)
-                    .map_err(Self::sys(self.peer, self.port))?
-            {
-                return Err(VchanError::PeerGone {
-                    peer: self.peer,
-                    port: self.port,
-                });
-            }
-        }
-        if let Some(a) = self.advert.take() {
-            a.remove().map_err(Self::xs_err(self.peer, self.port))?;
+            self.wait()?;
         }
         Ok(())
     }
@@ -414,21 +387,57 @@ impl Vchan {
             .wait(LIVENESS_INTERVAL)
             .map_err(Self::sys(self.peer, self.port))?;
         if !fired {
-            let st = self
-                .privcmd
-                .port_state(self.evtchn.port())
-                .map_err(Self::sys(self.peer, self.port))?;
-            // Unbound before the client connected is expected (server).
-            let waiting = self.endpoint.peer_state() == PeerState::Waiting;
-            if st != PortState::Interdomain && !(waiting && st == PortState::Unbound) {
-                self.endpoint.mark_peer_gone();
-                return Err(VchanError::PeerGone {
-                    peer: self.peer,
-                    port: self.port,
-                });
-            }
+            self.check_alive()?;
         }
         Ok(())
+    }
+
+    /// For poll loops, after a quiet [`LIVENESS_INTERVAL`]: an error if the
+    /// peer is gone (its domain died, so Xen closed its end of the event
+    /// channel, or it never connected and its domain no longer exists).
+    pub fn check_alive(&mut self) -> Result<(), VchanError> {
+        let gone = VchanError::PeerGone {
+            peer: self.peer,
+            port: self.port,
+        };
+        match self.endpoint.peer_state() {
+            PeerState::Gone => return Err(gone),
+            PeerState::Waiting => {
+                let exists = self
+                    .privcmd
+                    .domain_exists(self.peer)
+                    .map_err(Self::sys(self.peer, self.port))?;
+                return if exists { Ok(()) } else { Err(gone) };
+            }
+            PeerState::Connected => {}
+        }
+        let st = self
+            .privcmd
+            .port_state(self.evtchn.port())
+            .map_err(Self::sys(self.peer, self.port))?;
+        if st != PortState::Interdomain {
+            self.endpoint.mark_peer_gone();
+            return Err(gone);
+        }
+        Ok(())
+    }
+
+    /// Server end, for poll loops: true once the client is connected (the
+    /// advertisement is then taken back), false while it is not yet.
+    pub fn poll_connected(&mut self) -> Result<bool, VchanError> {
+        match self.endpoint.peer_state() {
+            PeerState::Waiting => Ok(false),
+            PeerState::Gone => Err(VchanError::PeerGone {
+                peer: self.peer,
+                port: self.port,
+            }),
+            PeerState::Connected => {
+                if let Some(a) = self.advert.take() {
+                    a.remove().map_err(Self::xs_err(self.peer, self.port))?;
+                }
+                Ok(true)
+            }
+        }
     }
 
     /// Reads at least one byte, waiting for it; 0 at the end of the stream.
