@@ -6,11 +6,9 @@
 //! - [`ring`]: the ring protocol of one end, without devices.
 //! - [`sys`]: the Linux Xen devices (event channels, grant sharing and
 //!   mapping, the event-channel status hypercall).
-//! - [`Vchan`]: either end, set up and advertised the way libvchan-xen
-//!   does it, with blocking reads and writes and an event descriptor for
-//!   poll loops.
 
-// The connection (conn.rs, xs.rs) is enabled with the xenstore client.
+// The connection layer (setup, the xenstore advertisement, blocking I/O)
+// comes with the xenstore client it needs (issue 13).
 pub mod layout;
 pub mod ring;
 pub mod sys;
