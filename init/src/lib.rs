@@ -22,4 +22,3 @@ pub mod services;
 pub mod stage1;
 pub mod stage2;
 pub mod supervisor;
-pub mod xenstore;

@@ -155,7 +155,7 @@ pub fn run(offset: Duration) -> ! {
     let paths = Paths {
         notify_dir: env_path("QINIT_NOTIFY_DIR", paths::NOTIFY_DIR),
         control: env_path("QINIT_CONTROL", paths::CONTROL_SOCKET),
-        xenstore: crate::xenstore::SOCKET.into(),
+        xenstore: qxenstore::client::SOCKET.into(),
     };
     let shutdown = match Supervisor::new(set.services, paths) {
         Ok(mut sup) => sup.run(&mut hooks),

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use xenstore_rs::Xs;
 
 /// The key qdomd watches, relative to the guest's own directory.
 const READY_KEY: &str = "data/ready";
@@ -59,22 +58,20 @@ fn mount_basics() {
 /// readiness key; returns the guest's domid.
 fn announce_ready() -> Result<String, String> {
     let deadline = Instant::now() + XENBUS_WAIT;
-    let xs = loop {
-        match xenstore_rs::unix::XsUnix::new() {
+    let mut xs = loop {
+        match qxenstore::Xs::open() {
             Ok(xs) => break xs,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
+            Err(_) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(e) => return Err(format!("opening xenstore: {e}")),
         }
     };
     let domid = xs
-        .read("domid")
-        .map(|d| d.to_string())
-        .unwrap_or_else(|_| "?".into());
+        .read_string("domid")
+        .map_err(|e| format!("reading our domid: {e}"))?;
     let stamp = format!("qguest {}", env!("CARGO_PKG_VERSION"));
-    xs.write(READY_KEY, &stamp)
+    xs.write(READY_KEY, stamp.as_bytes())
         .map_err(|e| format!("writing {READY_KEY}: {e}"))?;
     Ok(domid)
 }

@@ -276,9 +276,9 @@ impl Supervisor {
             // xenstored's socket not there yet is "not ready yet", like a
             // missing path; any other failure is not ready either, but the
             // state machine logs it.
-            Probe::Xenstore(key) => match crate::xenstore::exists(&self.paths.xenstore, key) {
+            Probe::Xenstore(key) => match xenstore_has(&self.paths.xenstore, key) {
                 Ok(yes) => ready(yes),
-                Err(crate::xenstore::XsError::Io { source, .. })
+                Err(qxenstore::XsError::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound =>
                 {
                     Probed::NotYet
@@ -547,4 +547,13 @@ fn signal_service(pid: Pid, sig: Signal) {
     if killpg(pid, sig).is_err() {
         let _ = kill(pid, sig);
     }
+}
+
+/// Whether `key` exists in the store behind xenstored's `socket`: one read
+/// on a fresh connection, bounded by a short timeout so a wedged xenstored
+/// cannot stall PID 1's loop.
+fn xenstore_has(socket: &Path, key: &str) -> Result<bool, qxenstore::XsError> {
+    let mut xs = qxenstore::Xs::open_socket(socket)?;
+    xs.set_timeout(std::time::Duration::from_secs(1));
+    Ok(xs.try_read(key)?.is_some())
 }
