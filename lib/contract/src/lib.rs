@@ -9,6 +9,7 @@
 //! | the kernel command line's `qinit.*` keys ([`Cmdline`]) | qimage (grub.cfg) | qinit, qupdate |
 //! | the [`paths`] of qinit's files | qimage, qinit | qinit, qupdate, the test tools |
 //! | the kernel [`modules`] load lists | qimage | qinit, qguest |
+//! | Qubes [`vm`] names | domain definitions | qdomd, the Qubes daemons |
 //!
 //! The root's dm-verity parameters (`root.verity`) are `qverity`'s
 //! `VerityInfo` text form, and the GRUB environment is `grubenv`'s; they
@@ -24,6 +25,7 @@ pub mod partition;
 pub mod paths;
 mod report;
 mod slot;
+pub mod vm;
 
 pub use cmdline::{Cmdline, CmdlineError, OnFailure};
 pub use image_info::{ImageInfo, InfoError};

@@ -17,3 +17,15 @@ pub mod wire;
 pub const VCHAN_PORT: u32 = 111;
 /// Ring sizes dom0's daemon asks for (`libvchan_server_init(.., 4096, 4096)`).
 pub const VCHAN_RING: usize = 4096;
+
+/// Where dom0's daemon for `vm` listens for dom0's tools (Qubes uses
+/// `/var/run/qubes/qubesdb.<vm>.sock`; /var/run is /run here). dom0's own
+/// database, which has no VM end, is `qubesdb.sock`.
+pub fn socket_path(vm: Option<&str>) -> std::path::PathBuf {
+    match vm {
+        Some(name) => format!("{SOCKET_DIR}/qubesdb.{name}.sock").into(),
+        None => format!("{SOCKET_DIR}/qubesdb.sock").into(),
+    }
+}
+
+pub const SOCKET_DIR: &str = "/run/qubes";

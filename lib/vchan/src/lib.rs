@@ -4,11 +4,14 @@
 //!
 //! - [`layout`]: the shared page (`struct vchan_interface`) and ring sizes.
 //! - [`ring`]: the ring protocol of one end, without devices.
+//! - [`conn`]: a connection: either end's setup over the devices, the
+//!   xenstore advertisement, I/O that reports a dead peer.
 //! - [`sys`]: the Linux Xen devices (event channels, grant sharing and
 //!   mapping, the event-channel status hypercall).
 
-// The connection layer (setup, the xenstore advertisement, blocking I/O)
-// comes with the xenstore client it needs (issue 13).
+pub mod conn;
 pub mod layout;
 pub mod ring;
 pub mod sys;
+
+pub use conn::{State, Vchan, VchanError};
