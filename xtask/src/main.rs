@@ -245,7 +245,9 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
         cargo()
             .args(["build", "--release", "--locked", "--target", TARGET])
             .args(["-p", "qinit", "-p", "qimage", "-p", "qbus", "-p", "qupdate"])
-            .args(["-p", "qdomd", "-p", "qguest", "-p", "qcmd"])
+            .args([
+                "-p", "qdomd", "-p", "qguest", "-p", "qcmd", "-p", "qubesdbd",
+            ])
             .env("RUSTFLAGS", static_rustflags(root)),
     )?;
     Ok(static_bin_dir(root))

@@ -22,6 +22,18 @@ use crate::xs::{self, Tracker};
 /// Where the generated xl configurations go.
 pub const RUN_DIR: &str = "/run/qdomd";
 
+/// The programs qdomd runs.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    /// Xen's toolstack.
+    pub xl: PathBuf,
+    /// The QubesDB daemon (`qubesdb-daemon <domid> <name>`).
+    pub qubesdb_daemon: PathBuf,
+}
+
+/// How long a new QubesDB daemon may take to offer its socket.
+const QUBESDB_START_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// One domain as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainInfo {
@@ -55,6 +67,7 @@ pub struct Daemon {
     started: Instant,
     run_dir: PathBuf,
     xl: PathBuf,
+    qubesdb_daemon: PathBuf,
     shared: Arc<Mutex<Shared>>,
     changes: mpsc::UnboundedSender<DomainInfo>,
 }
@@ -80,7 +93,7 @@ impl Daemon {
     #[allow(clippy::too_many_arguments)]
     pub async fn run(
         set: DomainSet,
-        xl: PathBuf,
+        programs: Programs,
         shared: Arc<Mutex<Shared>>,
         changes: mpsc::UnboundedSender<DomainInfo>,
         mut requests: mpsc::UnboundedReceiver<Request>,
@@ -108,7 +121,8 @@ impl Daemon {
             ready_watches: HashMap::new(),
             started: Instant::now(),
             run_dir: RUN_DIR.into(),
-            xl,
+            xl: programs.xl,
+            qubesdb_daemon: programs.qubesdb_daemon,
             shared,
             changes,
         };
@@ -216,6 +230,12 @@ impl Daemon {
                 });
             }
             Action::WatchReady { name, domid } => self.watch_ready(name, domid).await,
+            Action::StartQubesDb {
+                name,
+                domid,
+                gui_domid,
+                unpause,
+            } => self.start_qubesdb(name, domid, gui_domid, unpause),
             Action::Changed { name, phase, domid } => {
                 log::info!(
                     "{name}: {}{}",
@@ -266,8 +286,80 @@ impl Daemon {
         log::info!("{name}: xl create {}", cfg_path.display());
         let xl = self.xl.clone();
         tokio::spawn(async move {
-            let result = run_xl(&xl, &["create".into(), cfg_path.display().to_string()]).await;
+            // Paused: it runs only once its QubesDB is filled.
+            let result = run_xl(
+                &xl,
+                &["create".into(), "-p".into(), cfg_path.display().to_string()],
+            )
+            .await;
             let _ = tx.send(Event::Created { name, result });
+        });
+    }
+
+    /// Starts the domain's QubesDB daemon, fills it, unpauses the domain if
+    /// asked; reports [`Event::QubesDbUp`], and [`Event::QubesDbExited`]
+    /// when the daemon exits.
+    fn start_qubesdb(&mut self, name: String, domid: u32, gui_domid: Option<u32>, unpause: bool) {
+        let Some(state) = self.sup.get(&name) else {
+            return;
+        };
+        let mut seed = [0u8; 64];
+        let entries = match getrandom::fill(&mut seed) {
+            Ok(()) => crate::qdb::entries(&state.def, gui_domid, &seed),
+            Err(e) => {
+                let _ = self.events_tx.send(Event::QubesDbUp {
+                    domid,
+                    result: Err(format!("no random seed: {e}")),
+                });
+                return;
+            }
+        };
+        let socket = qubesdb::socket_path(Some(&name));
+        // A socket left by the daemon of an earlier run of this VM (it may
+        // not have noticed its domain is gone yet): unlink it, so the
+        // socket that appears next is the new daemon's.
+        let _ = std::fs::remove_file(&socket);
+        log::info!("{name}: starting its QubesDB daemon (domain {domid})");
+        let child = tokio::process::Command::new(&self.qubesdb_daemon)
+            .arg(domid.to_string())
+            .arg(&name)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        let tx = self.events_tx.clone();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.send(Event::QubesDbUp {
+                    domid,
+                    result: Err(format!("spawning {}: {e}", self.qubesdb_daemon.display())),
+                });
+                return;
+            }
+        };
+        {
+            let tx = tx.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(st) => log::info!("{name}: QubesDB daemon exited ({st})"),
+                    Err(e) => log::warn!("{name}: waiting for the QubesDB daemon: {e}"),
+                }
+                let _ = tx.send(Event::QubesDbExited { domid });
+            });
+        }
+        let xl = self.xl.clone();
+        tokio::spawn(async move {
+            let filled = tokio::task::spawn_blocking(move || fill_qubesdb(&socket, &entries))
+                .await
+                .map_err(|e| format!("filling QubesDB: {e}"))
+                .and_then(|r| r);
+            let result = match filled {
+                Ok(()) if unpause => run_xl(&xl, &["unpause".into(), domid.to_string()])
+                    .await
+                    .map_err(|e| format!("xl unpause: {e}")),
+                other => other,
+            };
+            let _ = tx.send(Event::QubesDbUp { domid, result });
         });
     }
 
@@ -309,6 +401,26 @@ impl Daemon {
             old.abort();
         }
     }
+}
+
+/// Waits for the daemon's socket, then writes every entry (blocking).
+fn fill_qubesdb(socket: &std::path::Path, entries: &[(String, String)]) -> Result<(), String> {
+    let deadline = Instant::now() + QUBESDB_START_TIMEOUT;
+    let mut client = loop {
+        match qubesdb::client::Client::connect(socket, Duration::from_secs(5)) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("no daemon within {QUBESDB_START_TIMEOUT:?}: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    for (k, v) in entries {
+        client
+            .write(k, v.as_bytes())
+            .map_err(|e| qcontract::error_chain(&e))?;
+    }
+    Ok(())
 }
 
 async fn run_xl(xl: &std::path::Path, args: &[String]) -> Result<(), String> {

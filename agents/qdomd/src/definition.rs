@@ -136,6 +136,71 @@ impl Restart {
     }
 }
 
+/// The Qubes class of a VM (`/type` in its QubesDB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum VmClass {
+    AppVM,
+    TemplateVM,
+    StandaloneVM,
+    DispVM,
+}
+
+impl VmClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AppVM => "AppVM",
+            Self::TemplateVM => "TemplateVM",
+            Self::StandaloneVM => "StandaloneVM",
+            Self::DispVM => "DispVM",
+        }
+    }
+
+    /// Whether its root persists (Qubes' `updateable`).
+    pub fn updateable(self) -> bool {
+        matches!(self, Self::TemplateVM | Self::StandaloneVM)
+    }
+}
+
+/// What a VM is told about itself through QubesDB, and how the Admin API
+/// shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QubesInfo {
+    #[serde(default = "default_class")]
+    pub class: VmClass,
+    #[serde(default = "default_user")]
+    pub default_user: String,
+    /// The template it is based on, if any.
+    pub template: Option<String>,
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// Entries of the definition's own, added to the standard ones.
+    #[serde(default)]
+    pub qubesdb: BTreeMap<String, String>,
+}
+
+fn default_class() -> VmClass {
+    VmClass::AppVM
+}
+fn default_user() -> String {
+    "user".into()
+}
+fn default_label() -> String {
+    "red".into()
+}
+
+impl Default for QubesInfo {
+    fn default() -> Self {
+        Self {
+            class: default_class(),
+            default_user: default_user(),
+            template: None,
+            label: default_label(),
+            qubesdb: BTreeMap::new(),
+        }
+    }
+}
+
 /// One VM, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,14 +227,14 @@ pub struct Domain {
     pub autostart: bool,
     #[serde(default)]
     pub restart: Restart,
+    #[serde(default)]
+    pub qubes: QubesInfo,
 }
 
+/// Domain names are Qubes VM names: they reach QubesDB, qrexec and the
+/// Admin API.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && !s.starts_with('.')
+    qcontract::vm::valid_vm_name(s)
 }
 
 /// Text that goes into xl's configuration inside double quotes: no quotes,
@@ -306,6 +371,7 @@ impl Domain {
                 ));
             }
         }
+        self.validate_qubes(path)?;
         let r = &self.restart;
         if r.initial_delay_ms == 0 || r.initial_delay_ms > r.max_delay_ms {
             return Err(field(
@@ -326,6 +392,53 @@ impl Domain {
     }
 }
 
+impl Domain {
+    fn validate_qubes(&self, path: &Path) -> Result<(), DefinitionError> {
+        let field = |f: &str, reason: String| DefinitionError::Field {
+            path: path.to_owned(),
+            field: format!("qubes.{f}"),
+            reason,
+        };
+        let q = &self.qubes;
+        if !valid_user(&q.default_user) {
+            return Err(field(
+                "default_user",
+                format!(
+                    "`{}` is not a user name ([a-z_][a-z0-9_-]*, at most 32)",
+                    q.default_user
+                ),
+            ));
+        }
+        if let Some(t) = &q.template {
+            if !qcontract::vm::valid_vm_name(t) {
+                return Err(field("template", format!("`{t}` is not a Qubes VM name")));
+            }
+        }
+        if q.label.is_empty()
+            || q.label.len() > 32
+            || !q.label.chars().all(|c| c.is_ascii_lowercase())
+        {
+            return Err(field(
+                "label",
+                format!("`{}` is not a label name like red", q.label),
+            ));
+        }
+        for (key, value) in &q.qubesdb {
+            let f = format!("qubesdb.{key:?}");
+            crate::qdb::check_extra(key, value).map_err(|reason| field(&f, reason))?;
+        }
+        Ok(())
+    }
+}
+
+/// A Unix user name as Debian's `adduser` accepts it by default.
+fn valid_user(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|f| f.is_ascii_lowercase() || f == '_')
+        && c.all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || x == '_' || x == '-')
+        && s.len() <= 32
+}
+
 fn syntax(path: &Path, e: &dyn std::fmt::Display) -> DefinitionError {
     DefinitionError::Syntax {
         path: path.to_owned(),
@@ -343,7 +456,9 @@ fn name_of(path: &Path) -> Result<String, DefinitionError> {
     } else {
         Err(DefinitionError::File {
             path: path.to_owned(),
-            reason: format!("`{name}` is not a valid domain name ([A-Za-z0-9._-], at most 64)"),
+            reason: format!(
+                "`{name}` is not a Qubes VM name (a letter, then [A-Za-z0-9._-], at most 31)"
+            ),
         })
     }
 }
@@ -529,7 +644,7 @@ policy = "always"
             );
         }
         let e = parse(Path::new("/etc/qdomd/domains/bad name.toml"), GOOD, None).unwrap_err();
-        assert!(e.to_string().contains("not a valid domain name"), "{e}");
+        assert!(e.to_string().contains("not a Qubes VM name"), "{e}");
     }
 
     #[test]

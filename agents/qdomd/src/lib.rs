@@ -2,6 +2,7 @@
 //!
 //! [`definition`] reads the VM definitions (shipped and machine-local),
 //! [`xl`] turns one into the configuration Xen's `xl create` takes,
+//! [`qdb`] into the QubesDB entries the VM starts with,
 //! [`lifecycle`] is the state machine that starts, watches and restarts
 //! domains (with `qbackoff`'s restart delays), and [`xs`] turns xenstore watch firings into
 //! its events; [`daemon`] runs it against xenstore and `xl`, and
@@ -11,6 +12,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod definition;
 pub mod lifecycle;
+pub mod qdb;
 pub mod service;
 pub mod xl;
 pub mod xs;

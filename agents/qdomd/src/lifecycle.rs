@@ -16,7 +16,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Stopped,
-    /// `xl create` is running or the domain has not shown up yet.
+    /// `xl create` is running, the domain has not shown up yet, or it is
+    /// paused while its QubesDB is filled.
     Starting,
     /// The domain exists; its readiness key is not written yet.
     Running,
@@ -66,6 +67,14 @@ pub enum Event {
     Gone { domid: u32 },
     /// `domid` wrote its readiness key.
     ReadyKey { domid: u32 },
+    /// The QubesDB daemon for `domid` is up and filled (and the domain
+    /// unpaused, if that was asked), or it could not be.
+    QubesDbUp {
+        domid: u32,
+        result: Result<(), String>,
+    },
+    /// The QubesDB daemon for `domid` exited.
+    QubesDbExited { domid: u32 },
     /// A timer armed by [`Action::Timer`] fired.
     Timer {
         name: String,
@@ -97,6 +106,15 @@ pub enum Action {
         name: String,
         domid: u32,
     },
+    /// Start the domain's QubesDB daemon, fill it from the definition
+    /// (with the GUI VM's domain, for a VM that is not the GUI VM), then
+    /// unpause the domain if `unpause`.
+    StartQubesDb {
+        name: String,
+        domid: u32,
+        gui_domid: Option<u32>,
+        unpause: bool,
+    },
     /// The phase changed (for the D-Bus signal and the log).
     Changed {
         name: String,
@@ -121,7 +139,13 @@ pub struct DomainState {
     backoff: Backoff,
     up_since: Option<Instant>,
     timer_generation: u64,
+    /// QubesDB daemon restarts in this run of the domain.
+    qubesdb_restarts: u32,
 }
+
+/// A QubesDB daemon that keeps dying is left dead after this many restarts
+/// in one run of its domain (the domain itself keeps running).
+pub const MAX_DAEMON_RESTARTS: u32 = 5;
 
 #[derive(Debug, Default)]
 pub struct Supervisor {
@@ -144,6 +168,7 @@ impl Supervisor {
                         backoff,
                         up_since: None,
                         timer_generation: 0,
+                        qubesdb_restarts: 0,
                     },
                 )
             })
@@ -188,6 +213,14 @@ impl Supervisor {
         self.domains.values_mut().find(|d| d.domid == Some(domid))
     }
 
+    /// The running GUI VM's domain, for the VMs it serves.
+    fn gui_domid(&self, except: &str) -> Option<u32> {
+        self.domains
+            .values()
+            .find(|d| d.def.role == Role::Gui && d.def.name != except)
+            .and_then(|d| d.domid)
+    }
+
     pub fn handle(&mut self, ev: Event, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
         match ev {
@@ -209,7 +242,13 @@ impl Supervisor {
                             d.timer_generation += 1;
                             set(d, Phase::Stopped, &mut out);
                         }
-                        (Phase::Running | Phase::Ready | Phase::Starting, Some(domid)) => {
+                        // Paused while its QubesDB is filled: it could not
+                        // act on a shutdown request.
+                        (Phase::Starting, Some(domid)) => {
+                            set(d, Phase::Stopping, &mut out);
+                            out.push(Action::Destroy { name, domid });
+                        }
+                        (Phase::Running | Phase::Ready, Some(domid)) => {
                             set(d, Phase::Stopping, &mut out);
                             out.push(Action::Shutdown {
                                 name: name.clone(),
@@ -248,33 +287,78 @@ impl Supervisor {
                 }
             }
             Event::Appeared { name, domid } => {
+                let gui_domid = self.gui_domid(&name);
                 if let Some(d) = self.domains.get_mut(&name) {
                     if d.domid == Some(domid) {
                         return out;
                     }
                     d.domid = Some(domid);
                     d.up_since = Some(now);
-                    if d.wanted || d.phase == Phase::Starting {
-                        set(d, Phase::Running, &mut out);
-                        out.push(Action::WatchReady {
-                            name: name.clone(),
+                    d.qubesdb_restarts = 0;
+                    if d.phase == Phase::Starting && !d.wanted {
+                        // Stopped while it was being created (paused).
+                        set(d, Phase::Stopping, &mut out);
+                        out.push(Action::Destroy { name, domid });
+                    } else if d.phase == Phase::Starting {
+                        // Created paused: its QubesDB first, then unpause.
+                        out.push(Action::StartQubesDb {
+                            name,
                             domid,
+                            gui_domid,
+                            unpause: true,
                         });
-                        if !d.wanted {
-                            // Stopped while it was being created.
-                            set(d, Phase::Stopping, &mut out);
-                            out.push(Action::Shutdown {
-                                name: name.clone(),
-                                domid,
-                            });
-                            out.push(arm(d, TimerKind::StopTimeout, STOP_TIMEOUT));
-                        }
                     } else {
-                        // Created by hand (`xl create`): follow it, and
-                        // treat it as wanted until someone stops it.
+                        // Created by hand (`xl create`) or found running
+                        // when qdomd started: follow it, and treat it as
+                        // wanted until someone stops it.
                         d.wanted = true;
                         set(d, Phase::Running, &mut out);
                         out.push(Action::WatchReady { name, domid });
+                    }
+                }
+            }
+            Event::QubesDbUp { domid, result } => {
+                if let Some(d) = self.by_domid(domid) {
+                    let name = d.def.name.clone();
+                    match (result, d.phase) {
+                        (Ok(()), Phase::Starting) => {
+                            set(d, Phase::Running, &mut out);
+                            out.push(Action::WatchReady { name, domid });
+                        }
+                        (Ok(()), _) => {}
+                        (Err(reason), Phase::Starting) => {
+                            // Never run a VM without its database: destroy
+                            // it; its disappearance brings the restart
+                            // policy.
+                            log::error!("{name}: QubesDB: {reason}; destroying domain {domid}");
+                            out.push(Action::Destroy { name, domid });
+                        }
+                        (Err(reason), _) => log::error!("{name}: QubesDB: {reason}"),
+                    }
+                }
+            }
+            Event::QubesDbExited { domid } => {
+                let gui = self
+                    .by_domid(domid)
+                    .map(|d| d.def.name.clone())
+                    .and_then(|n| self.gui_domid(&n));
+                if let Some(d) = self.by_domid(domid) {
+                    if matches!(d.phase, Phase::Running | Phase::Ready) {
+                        let name = d.def.name.clone();
+                        if d.qubesdb_restarts < MAX_DAEMON_RESTARTS {
+                            d.qubesdb_restarts += 1;
+                            log::warn!("{name}: its QubesDB daemon exited; restarting it");
+                            out.push(Action::StartQubesDb {
+                                name,
+                                domid,
+                                gui_domid: gui,
+                                unpause: false,
+                            });
+                        } else {
+                            log::error!(
+                                "{name}: its QubesDB daemon exited {MAX_DAEMON_RESTARTS} times; leaving it"
+                            );
+                        }
                     }
                 }
             }

@@ -41,6 +41,9 @@ enum Cmd {
         /// Xen's toolstack.
         #[arg(long, default_value = "/usr/sbin/xl")]
         xl: PathBuf,
+        /// The QubesDB daemon started for each VM.
+        #[arg(long, default_value = "/usr/sbin/qubesdb-daemon")]
+        qubesdb_daemon: PathBuf,
     },
 }
 
@@ -71,7 +74,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             definitions,
             local,
             xl,
-        } => return serve(definitions, local, xl).await,
+            qubesdb_daemon,
+        } => {
+            return serve(
+                definitions,
+                local,
+                qdomd::daemon::Programs { xl, qubesdb_daemon },
+            )
+            .await
+        }
         Cmd::List => None,
         Cmd::Start { ref name } | Cmd::Shutdown { ref name } | Cmd::Kill { ref name } => {
             Some(name.clone())
@@ -102,7 +113,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(definitions: PathBuf, local: PathBuf, xl: PathBuf) -> anyhow::Result<()> {
+async fn serve(
+    definitions: PathBuf,
+    local: PathBuf,
+    programs: qdomd::daemon::Programs,
+) -> anyhow::Result<()> {
     qagent::logger::init();
     let set = definition::load(&definitions, &local);
     let shared = Arc::new(Mutex::new(Shared::default()));
@@ -140,7 +155,7 @@ async fn serve(definitions: PathBuf, local: PathBuf, xl: PathBuf) -> anyhow::Res
     let n = set.domains.len();
     Daemon::run(
         set,
-        xl,
+        programs,
         shared,
         chg_tx,
         req_rx,

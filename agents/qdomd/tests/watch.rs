@@ -99,7 +99,8 @@ impl World {
     /// Feeds an event and carries out the actions the way the daemon does,
     /// with `xl` faked on the store. Returns the actions.
     async fn feed(&mut self, ev: Event) -> Vec<Action> {
-        let actions = self.sup.handle(ev, self.now);
+        let mut actions = self.sup.handle(ev, self.now);
+        let mut follow = Vec::new();
         for a in &actions {
             match a {
                 Action::Create { name } => {
@@ -115,10 +116,18 @@ impl World {
                 }
                 Action::Destroy { domid, .. } => self.xl_destroy(*domid).await,
                 Action::Timer { .. } => self.timers.push(a.clone()),
+                // The daemon starts and fills QubesDB, then unpauses.
+                Action::StartQubesDb { domid, .. } => follow.push(Event::QubesDbUp {
+                    domid: *domid,
+                    result: Ok(()),
+                }),
                 _ => {}
             }
         }
         self.log.extend(actions.iter().cloned());
+        for ev in follow {
+            actions.extend(Box::pin(self.feed(ev)).await);
+        }
         actions
     }
 
@@ -326,4 +335,104 @@ fn never_policy_failed_create_and_a_domain_started_by_hand() {
         assert!(acts.is_empty(), "{acts:?}");
         assert_eq!(w.phase(), Phase::Stopped);
     });
+}
+
+#[test]
+fn qubesdb_is_filled_before_unpause_and_its_daemon_is_restarted_a_bounded_number_of_times() {
+    let now = Instant::now();
+    let mut sup = Supervisor::new([gui("always")]);
+    sup.handle(Event::Start("gui".into()), now);
+    let acts = sup.handle(
+        Event::Appeared {
+            name: "gui".into(),
+            domid: 4,
+        },
+        now,
+    );
+    assert_eq!(
+        acts,
+        [Action::StartQubesDb {
+            name: "gui".into(),
+            domid: 4,
+            gui_domid: None,
+            unpause: true
+        }]
+    );
+    assert_eq!(
+        sup.get("gui").unwrap().phase,
+        Phase::Starting,
+        "paused until filled"
+    );
+    let acts = sup.handle(
+        Event::QubesDbUp {
+            domid: 4,
+            result: Ok(()),
+        },
+        now,
+    );
+    assert!(acts.contains(&Action::WatchReady {
+        name: "gui".into(),
+        domid: 4
+    }));
+    for _ in 0..qdomd::lifecycle::MAX_DAEMON_RESTARTS {
+        let acts = sup.handle(Event::QubesDbExited { domid: 4 }, now);
+        assert!(
+            matches!(
+                acts.as_slice(),
+                [Action::StartQubesDb { unpause: false, .. }]
+            ),
+            "{acts:?}"
+        );
+    }
+    assert!(sup
+        .handle(Event::QubesDbExited { domid: 4 }, now)
+        .is_empty());
+    assert_eq!(
+        sup.get("gui").unwrap().phase,
+        Phase::Running,
+        "the VM is left alone"
+    );
+}
+
+#[test]
+fn a_vm_whose_qubesdb_fails_is_destroyed_not_run_without_it() {
+    let now = Instant::now();
+    let mut sup = Supervisor::new([gui("always")]);
+    sup.handle(Event::Start("gui".into()), now);
+    sup.handle(
+        Event::Appeared {
+            name: "gui".into(),
+            domid: 2,
+        },
+        now,
+    );
+    let acts = sup.handle(
+        Event::QubesDbUp {
+            domid: 2,
+            result: Err("no daemon".into()),
+        },
+        now,
+    );
+    assert_eq!(
+        acts,
+        [Action::Destroy {
+            name: "gui".into(),
+            domid: 2
+        }]
+    );
+    // Stopped while paused: a paused domain cannot shut down, so destroy.
+    let mut sup = Supervisor::new([gui("always")]);
+    sup.handle(Event::Start("gui".into()), now);
+    sup.handle(
+        Event::Appeared {
+            name: "gui".into(),
+            domid: 3,
+        },
+        now,
+    );
+    let acts = sup.handle(Event::Stop("gui".into()), now);
+    assert!(acts.contains(&Action::Destroy {
+        name: "gui".into(),
+        domid: 3
+    }));
 }

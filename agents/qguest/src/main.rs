@@ -7,7 +7,9 @@
 //! 2. Writes the readiness key `data/ready` under its own xenstore directory
 //!    through /dev/xen/xenbus (the handshake qdomd waits for; see qdomd's
 //!    `xs` module) and prints `QGUEST-READY domid=<id>` on its console.
-//! 3. Reaps orphans and waits. Xen's shutdown request (`xl shutdown`) makes
+//! 3. Syncs its QubesDB from dom0 (the [`vmdb`] module) and prints its
+//!    name from it.
+//! 4. Reaps orphans and waits. Xen's shutdown request (`xl shutdown`) makes
 //!    the kernel run /sbin/poweroff, which is this same program: it syncs
 //!    and powers the guest off. SIGTERM, SIGINT and SIGPWR to PID 1 do the
 //!    same.
@@ -18,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+
+mod vmdb;
 
 /// The key qdomd watches, relative to the guest's own directory.
 const READY_KEY: &str = "data/ready";
@@ -143,7 +147,15 @@ fn main() -> ExitCode {
     mount_basics();
     load_modules();
     match announce_ready() {
-        Ok(domid) => log(&format!("ready\nQGUEST-READY domid={domid}")),
+        Ok(domid) => {
+            log(&format!("ready\nQGUEST-READY domid={domid}"));
+            match domid.trim().parse::<u16>() {
+                Ok(own) => {
+                    std::thread::spawn(move || vmdb::run(own, log));
+                }
+                Err(_) => log(&format!("our domid {domid:?} is not a number; no QubesDB")),
+            }
+        }
         Err(e) => log(&format!("could not announce readiness: {e}")),
     }
     loop {

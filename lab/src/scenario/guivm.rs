@@ -1,6 +1,8 @@
 //! The GUI VM: qdomd starts the stand-in without any manual step after
 //! dom0 is ready, `qdom list` shows it, `xl destroy` from a shell gets it
-//! restarted, and stopping qdomd through qinit shuts it down.
+//! restarted, and stopping qdomd through qinit shuts it down. Its QubesDB
+//! is filled by qdomd before it runs and synced into the guest over a
+//! vchan.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,36 @@ fn guivm_row(ctx: &mut Ctx<'_>) -> Result<(String, String)> {
     let cols: Vec<&str> = row.split_whitespace().collect();
     ensure!(cols.len() >= 3, "short row: {row}");
     Ok((cols[1].to_owned(), cols[2].to_owned()))
+}
+
+/// The guest's QubesDB: dom0's copy (read through the daemon's socket),
+/// the guest's copy (the stand-in prints it once synced over the vchan),
+/// and the vchan's xenstore offer, gone once the guest connected.
+fn qubesdb(ctx: &mut Ctx<'_>, domid: &str) -> Result<()> {
+    let dom0 = ctx.sh("qubesdb-read -d guivm /name /qubes-vm-type /default-user")?;
+    let lines: Vec<&str> = dom0.lines().map(str::trim).collect();
+    ensure!(lines == ["guivm", "AppVM", "user"], "{dom0}");
+    let console = ctx.sh_until(
+        "cat /var/log/xen/console/guest-guivm.log",
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        |c| c.contains("QGUEST-QUBESDB"),
+    )?;
+    let line = console
+        .lines()
+        .find(|l| l.contains("QGUEST-QUBESDB"))
+        .context("no QGUEST-QUBESDB line")?;
+    ensure!(field(line, "name=") == Some("guivm"), "{line}");
+    let offer = ctx.sh(&format!(
+        "xenstore-ls /local/domain/0/data/vchan/{domid} 2>&1; true"
+    ))?;
+    ensure!(
+        !offer.contains("ring-ref"),
+        "the vchan offer is still there: {offer}"
+    );
+    let rss = ctx.sh("grep VmRSS /proc/$(pidof qubesdb-daemon)/status")?;
+    ctx.note(format!("{} / qubesdb-daemon {}", line.trim(), rss.trim()));
+    Ok(())
 }
 
 fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
@@ -57,6 +89,7 @@ fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
     ensure!(key.contains("qguest"), "{key}");
     let rss = ctx.sh("grep VmRSS /proc/$(pidof qdom)/status")?;
     ctx.note(format!("qdomd {}", rss.trim()));
+    qubesdb(ctx, &domid)?;
 
     // Destroyed behind qdomd's back: it comes back under a new domid.
     ctx.sh(&format!("xl destroy {domid}"))?;

@@ -3,11 +3,13 @@
 //!
 //! - [`wire`]: the 72-byte `struct qdb_hdr` and its checks;
 //! - [`db`]: the database (sorted paths, directory removal) and watches;
-//! - [`local`]: the local socket's commands for dom0 tools;
+//! - [`local`]: the local socket's commands for dom0 tools, and
+//!   [`client`], a blocking client of that socket;
 //! - [`peer`]: dom0's end of the vchan to a VM's daemon, as a state
 //!   machine (bytes in, bytes out), so a hostile VM is handled in code
 //!   that is tested and fuzzed without Xen.
 
+pub mod client;
 pub mod db;
 pub mod local;
 pub mod peer;
