@@ -12,7 +12,7 @@ use super::{field, Ctx, Scenario};
 
 pub const GUIVM: Scenario = Scenario {
     name: "guivm",
-    about: "the GUI VM comes up after QINIT-READY, is restarted after xl destroy, stops with qdomd",
+    about: "the GUI VM comes up after QINIT-READY with its QubesDB, serves an app VM, is restarted after xl destroy, stops with qdomd",
     run: guivm,
 };
 
@@ -61,6 +61,45 @@ fn qubesdb(ctx: &mut Ctx<'_>, domid: &str) -> Result<()> {
     Ok(())
 }
 
+/// The app VM stand-in: started on request, its QubesDB names the GUI VM,
+/// and it shuts down on request while the GUI VM stays.
+fn app_vm(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
+    ctx.sh("qdom start work")?;
+    let console = ctx.sh_until(
+        "cat /var/log/xen/console/guest-work.log 2>/dev/null; true",
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+        |c| c.contains("QGUEST-QUBESDB"),
+    )?;
+    let line = console
+        .lines()
+        .find(|l| l.contains("QGUEST-QUBESDB"))
+        .context("no QGUEST-QUBESDB line")?;
+    ensure!(field(line, "name=") == Some("work"), "{line}");
+    ensure!(
+        field(line, "gui-domain-xid=") == Some(gui_domid),
+        "the app VM's GUI VM is not domain {gui_domid}: {line}"
+    );
+    let dom0 = ctx.sh("qubesdb-read -d work /qubes-base-template /qubes-gui-domain-xid")?;
+    let lines: Vec<&str> = dom0.lines().map(str::trim).collect();
+    ensure!(lines == ["debian-12", gui_domid], "{dom0}");
+    ctx.note(format!("work: {}", line.trim()));
+    ctx.sh("qdom shutdown work")?;
+    ctx.sh_until(
+        "xl list",
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+        |xl| !xl.contains("work"),
+    )
+    .context("the app VM did not shut down")?;
+    let (state, _) = guivm_row(ctx)?;
+    ensure!(
+        state == "ready",
+        "the GUI VM is {state} after the app VM stopped"
+    );
+    Ok(())
+}
+
 fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
     ctx.boot(image)?;
@@ -90,6 +129,7 @@ fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
     let rss = ctx.sh("grep VmRSS /proc/$(pidof qdom)/status")?;
     ctx.note(format!("qdomd {}", rss.trim()));
     qubesdb(ctx, &domid)?;
+    app_vm(ctx, &domid)?;
 
     // Destroyed behind qdomd's back: it comes back under a new domid.
     ctx.sh(&format!("xl destroy {domid}"))?;
