@@ -1,19 +1,15 @@
 //! `qdom service` (run by qinit as `qdomd`): executes the [`Supervisor`]'s
 //! actions. Domains are created with Xen's own `xl`, followed with xenstore
 //! watches (`@introduceDomain`, `@releaseDomain`, each guest's readiness
-//! key) through xenstore-rs, restarted with backoff, and shut down (then
+//! key) on a thread of their own (qxenstore), restarted with backoff, and shut down (then
 //! destroyed after a timeout) when qinit stops the service.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use xenstore_rs::tokio::XsTokio;
-use xenstore_rs::AsyncWatch;
 
 use crate::definition::DomainSet;
 use crate::lifecycle::{Action, Event, Phase, Supervisor, STOP_TIMEOUT};
@@ -61,9 +57,8 @@ pub struct Shared {
 pub struct Daemon {
     sup: Supervisor,
     tracker: Tracker,
-    xs: XsTokio,
+    watcher: std::sync::mpsc::Sender<xs::WatchCmd>,
     events_tx: mpsc::UnboundedSender<Event>,
-    ready_watches: HashMap<u32, tokio::task::JoinHandle<()>>,
     started: Instant,
     run_dir: PathBuf,
     xl: PathBuf,
@@ -103,22 +98,15 @@ impl Daemon {
         for e in &set.errors {
             log::error!("skipping a domain: {e}");
         }
-        let xs = XsTokio::new().await.context("connecting to xenstore")?;
-        let mut introduce = xs
-            .watch(xs::INTRODUCE_DOMAIN)
-            .await
-            .context("watching @introduceDomain")?;
-        let mut release = xs
-            .watch(xs::RELEASE_DOMAIN)
-            .await
-            .context("watching @releaseDomain")?;
+        let conn = qxenstore::Xs::open().context("connecting to xenstore")?;
+        let (news_tx, mut news) = mpsc::unbounded_channel();
+        let watcher = xs::spawn_watcher(conn, news_tx).context("watching the domain list")?;
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let mut d = Daemon {
             sup: Supervisor::new(set.domains.into_values()),
             tracker: Tracker::default(),
-            xs,
+            watcher,
             events_tx,
-            ready_watches: HashMap::new(),
             started: Instant::now(),
             run_dir: RUN_DIR.into(),
             xl: programs.xl,
@@ -129,8 +117,12 @@ impl Daemon {
         std::fs::create_dir_all(&d.run_dir)
             .with_context(|| format!("creating {}", d.run_dir.display()))?;
         d.publish();
-        // Domains already running (qdomd restarted) are adopted first.
-        d.resync().await;
+        // Domains already running (qdomd restarted) are adopted first: the
+        // domain watches fire once when set, with the current list.
+        match news.recv().await {
+            Some(n) => d.news(n).await?,
+            None => anyhow::bail!("the xenstore watcher stopped"),
+        }
         for ev in d.sup.autostart() {
             d.feed(ev).await;
         }
@@ -145,8 +137,10 @@ impl Daemon {
             let until = deadline
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
             tokio::select! {
-                Some(_) = introduce.next() => d.resync().await,
-                Some(_) = release.next() => d.resync().await,
+                n = news.recv() => match n {
+                    Some(n) => d.news(n).await?,
+                    None => anyhow::bail!("the xenstore watcher stopped"),
+                },
                 Some(ev) = events.recv() => d.feed(ev).await,
                 Some(req) = requests.recv() => {
                     let ev = match req {
@@ -178,21 +172,22 @@ impl Daemon {
         }
     }
 
-    /// The domain list changed (a watch fired): feed what is new or gone.
-    async fn resync(&mut self) {
-        match xs::snapshot(&self.xs).await {
-            Ok(snap) => {
+    /// What the watcher saw: a new domain list (fed as what is new or
+    /// gone), or a readiness key.
+    async fn news(&mut self, n: xs::News) -> Result<()> {
+        match n {
+            xs::News::Domains(snap) => {
                 for ev in self.tracker.update(snap) {
                     if let Event::Gone { domid } = &ev {
-                        if let Some(h) = self.ready_watches.remove(domid) {
-                            h.abort();
-                        }
+                        let _ = self.watcher.send(xs::WatchCmd::Forget(*domid));
                     }
                     Box::pin(self.feed(ev)).await;
                 }
             }
-            Err(e) => log::error!("reading the domain list: {e}"),
+            xs::News::Event(ev) => self.feed(ev).await,
+            xs::News::Failed(e) => anyhow::bail!("xenstore watches: {e}"),
         }
+        Ok(())
     }
 
     async fn feed(&mut self, ev: Event) {
@@ -373,32 +368,8 @@ impl Daemon {
     }
 
     async fn watch_ready(&mut self, name: String, domid: u32) {
-        let xs = self.xs.clone();
-        let tx = self.events_tx.clone();
-        let path = xs::ready_path(domid);
-        let handle = tokio::spawn(async move {
-            let mut w = match xs.watch(&path).await {
-                Ok(w) => w,
-                Err(e) => {
-                    log::error!("{name}: watching {path}: {e}");
-                    return;
-                }
-            };
-            // A new watch fires once at once, so a key written before the
-            // watch was set is seen too.
-            while w.next().await.is_some() {
-                match xs::is_ready(&xs, domid).await {
-                    Ok(true) => {
-                        let _ = tx.send(Event::ReadyKey { domid });
-                        return;
-                    }
-                    Ok(false) => {}
-                    Err(e) => log::warn!("{name}: reading {path}: {e}"),
-                }
-            }
-        });
-        if let Some(old) = self.ready_watches.insert(domid, handle) {
-            old.abort();
+        if self.watcher.send(xs::WatchCmd::Ready(domid)).is_err() {
+            log::error!("{name}: the xenstore watcher is gone; not watching domain {domid}");
         }
     }
 }

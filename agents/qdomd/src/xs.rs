@@ -9,10 +9,11 @@
 //! directory, `/local/domain/<domid>/data/ready`. The `data` directory is
 //! the one libxl makes writable by the guest itself.
 
-use std::collections::BTreeMap;
-use std::io;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::mpsc;
+use std::time::Duration;
 
-use xenstore_rs::AsyncXs;
+use qxenstore::{Xs, XsError};
 
 use crate::lifecycle::Event;
 
@@ -28,35 +29,148 @@ pub fn ready_path(domid: u32) -> String {
 /// The domain list: domid → name.
 pub type Snapshot = BTreeMap<u32, String>;
 
+/// The reads qdomd makes, so the logic runs against a fake store in tests.
+pub trait Store {
+    fn directory(&mut self, path: &str) -> Result<Vec<String>, XsError>;
+    /// `None` if the node does not exist.
+    fn read(&mut self, path: &str) -> Result<Option<String>, XsError>;
+}
+
+impl Store for Xs {
+    fn directory(&mut self, path: &str) -> Result<Vec<String>, XsError> {
+        Xs::directory(self, path)
+    }
+
+    fn read(&mut self, path: &str) -> Result<Option<String>, XsError> {
+        match self.read_string(path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Reads `/local/domain` and each domain's `name`. Dom0 is left out, and so
 /// is a domain that vanishes between the two reads (the release watch
 /// brings the next snapshot).
-pub async fn snapshot<X: AsyncXs>(xs: &X) -> io::Result<Snapshot> {
+pub fn snapshot(xs: &mut impl Store) -> Result<Snapshot, XsError> {
     let mut out = Snapshot::new();
-    for entry in xs.directory("/local/domain").await? {
+    for entry in xs.directory("/local/domain")? {
         let Ok(domid) = entry.parse::<u32>() else {
             continue;
         };
         if domid == 0 {
             continue;
         }
-        match xs.read(&format!("/local/domain/{domid}/name")).await {
-            Ok(name) => {
-                out.insert(domid, name.into_string());
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        if let Some(name) = xs.read(&format!("/local/domain/{domid}/name"))? {
+            out.insert(domid, name);
         }
     }
     Ok(out)
 }
 
 /// Whether the readiness key holds a value.
-pub async fn is_ready<X: AsyncXs>(xs: &X, domid: u32) -> io::Result<bool> {
-    match xs.read(&ready_path(domid)).await {
-        Ok(v) => Ok(!v.trim().is_empty()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+pub fn is_ready(xs: &mut impl Store, domid: u32) -> Result<bool, XsError> {
+    Ok(xs
+        .read(&ready_path(domid))?
+        .is_some_and(|v| !v.trim().is_empty()))
+}
+
+/// What the daemon asks of the watcher.
+#[derive(Debug)]
+pub enum WatchCmd {
+    /// Tell when `domid` writes its readiness key.
+    Ready(u32),
+    /// `domid` is gone: drop its watch.
+    Forget(u32),
+}
+
+/// What the watcher reports.
+#[derive(Debug)]
+pub enum News {
+    /// The domain list after a domain watch fired.
+    Domains(Snapshot),
+    Event(Event),
+    /// The connection to xenstore broke; the watcher has stopped.
+    Failed(String),
+}
+
+const DOMAINS_TOKEN: &str = "domains";
+/// How often the watcher looks at its commands while no event comes.
+const TICK: Duration = Duration::from_millis(200);
+
+fn ready_token(domid: u32) -> String {
+    format!("ready-{domid}")
+}
+
+/// Runs the watches on a thread of their own, over one blocking xenstore
+/// connection: the domain watches (`@introduceDomain`, `@releaseDomain`;
+/// they fire once at once, which brings the first snapshot) and one
+/// readiness watch per starting domain.
+pub fn spawn_watcher(
+    mut xs: Xs,
+    news: tokio::sync::mpsc::UnboundedSender<News>,
+) -> Result<mpsc::Sender<WatchCmd>, XsError> {
+    xs.watch(INTRODUCE_DOMAIN, DOMAINS_TOKEN)?;
+    xs.watch(RELEASE_DOMAIN, DOMAINS_TOKEN)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        if let Err(e) = watch_loop(&mut xs, &rx, &news) {
+            let _ = news.send(News::Failed(qcontract::error_chain(&e)));
+        }
+    });
+    Ok(tx)
+}
+
+fn watch_loop(
+    xs: &mut Xs,
+    cmds: &mpsc::Receiver<WatchCmd>,
+    news: &tokio::sync::mpsc::UnboundedSender<News>,
+) -> Result<(), XsError> {
+    let mut watching: HashSet<u32> = HashSet::new();
+    loop {
+        loop {
+            match cmds.try_recv() {
+                Ok(WatchCmd::Ready(domid)) => {
+                    if watching.insert(domid) {
+                        // Fires once at once, so a key written before the
+                        // watch was set is seen too.
+                        xs.watch(&ready_path(domid), &ready_token(domid))?;
+                    }
+                }
+                Ok(WatchCmd::Forget(domid)) => {
+                    if watching.remove(&domid) {
+                        xs.unwatch(&ready_path(domid), &ready_token(domid))?;
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                // The daemon is gone.
+                Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+        let Some(ev) = xs.next_event(TICK)? else {
+            continue;
+        };
+        if ev.token == DOMAINS_TOKEN {
+            if news.send(News::Domains(snapshot(xs)?)).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        let Some(domid) = ev
+            .token
+            .strip_prefix("ready-")
+            .and_then(|d| d.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if watching.contains(&domid) && is_ready(xs, domid)? {
+            watching.remove(&domid);
+            xs.unwatch(&ready_path(domid), &ready_token(domid))?;
+            if news.send(News::Event(Event::ReadyKey { domid })).is_err() {
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -6,24 +6,24 @@
 #![allow(clippy::unwrap_used)] // test fixtures
 
 use std::collections::BTreeMap;
-use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use qdomd::definition::{parse, Domain};
 use qdomd::lifecycle::{Action, Event, Phase, Supervisor, TimerKind};
 use qdomd::xs::{self, Tracker};
+use qxenstore::XsError;
 
 #[derive(Default)]
 struct FakeXs {
     nodes: Mutex<BTreeMap<String, String>>,
 }
 
-impl xenstore_rs::AsyncXs for FakeXs {
-    async fn directory(&self, path: &str) -> io::Result<Vec<Box<str>>> {
+impl xs::Store for FakeXs {
+    fn directory(&mut self, path: &str) -> Result<Vec<String>, XsError> {
         let nodes = self.nodes.lock().unwrap();
         let prefix = format!("{path}/");
-        let mut children: Vec<Box<str>> = nodes
+        let mut children: Vec<String> = nodes
             .keys()
             .filter_map(|k| k.strip_prefix(&prefix))
             .map(|rest| rest.split('/').next().unwrap_or(rest).into())
@@ -32,26 +32,21 @@ impl xenstore_rs::AsyncXs for FakeXs {
         Ok(children)
     }
 
-    async fn read(&self, path: &str) -> io::Result<Box<str>> {
-        self.nodes
-            .lock()
-            .unwrap()
-            .get(path)
-            .map(|v| v.as_str().into())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.to_owned()))
+    fn read(&mut self, path: &str) -> Result<Option<String>, XsError> {
+        Ok(self.nodes.lock().unwrap().get(path).cloned())
     }
+}
 
-    async fn write(&self, path: &str, data: &str) -> io::Result<()> {
+impl FakeXs {
+    fn write(&self, path: &str, data: &str) {
         self.nodes.lock().unwrap().insert(path.into(), data.into());
-        Ok(())
     }
 
-    async fn rm(&self, path: &str) -> io::Result<()> {
+    fn rm(&self, path: &str) {
         self.nodes
             .lock()
             .unwrap()
             .retain(|k, _| k != path && !k.starts_with(&format!("{path}/")));
-        Ok(())
     }
 }
 
@@ -106,13 +101,7 @@ impl World {
                 Action::Create { name } => {
                     let domid = self.next_domid;
                     self.next_domid += 1;
-                    xenstore_rs::AsyncXs::write(
-                        &self.xs,
-                        &format!("/local/domain/{domid}/name"),
-                        name,
-                    )
-                    .await
-                    .unwrap();
+                    self.xs.write(&format!("/local/domain/{domid}/name"), name);
                 }
                 Action::Destroy { domid, .. } => self.xl_destroy(*domid).await,
                 Action::Timer { .. } => self.timers.push(a.clone()),
@@ -133,7 +122,7 @@ impl World {
 
     /// The domain watch fired: read the list, feed what changed.
     async fn watch_fired(&mut self) -> Vec<Action> {
-        let snap = xs::snapshot(&self.xs).await.unwrap();
+        let snap = xs::snapshot(&mut self.xs).unwrap();
         let mut out = Vec::new();
         for ev in self.tracker.update(snap) {
             out.extend(Box::pin(self.feed(ev)).await);
@@ -142,16 +131,12 @@ impl World {
     }
 
     async fn xl_destroy(&self, domid: u32) {
-        xenstore_rs::AsyncXs::rm(&self.xs, &format!("/local/domain/{domid}"))
-            .await
-            .unwrap();
+        self.xs.rm(&format!("/local/domain/{domid}"));
     }
 
     async fn guest_writes_ready(&mut self, domid: u32) -> Vec<Action> {
-        xenstore_rs::AsyncXs::write(&self.xs, &xs::ready_path(domid), "1")
-            .await
-            .unwrap();
-        assert!(xs::is_ready(&self.xs, domid).await.unwrap());
+        self.xs.write(&xs::ready_path(domid), "1");
+        assert!(xs::is_ready(&mut self.xs, domid).unwrap());
         self.feed(Event::ReadyKey { domid }).await
     }
 
@@ -207,7 +192,7 @@ fn gui_vm_starts_becomes_ready_and_is_restarted_with_backoff_after_xl_destroy() 
         );
         assert_eq!(w.phase(), Phase::Running);
         // Not ready before the guest says so.
-        assert!(!xs::is_ready(&w.xs, 1).await.unwrap());
+        assert!(!xs::is_ready(&mut w.xs, 1).unwrap());
         let acts = w.guest_writes_ready(1).await;
         assert!(
             acts.contains(&Action::Ready {
@@ -299,9 +284,7 @@ fn never_policy_failed_create_and_a_domain_started_by_hand() {
         assert!(w.timers.is_empty());
 
         // Somebody runs `xl create` by hand: qdomd follows the domain.
-        xenstore_rs::AsyncXs::write(&w.xs, "/local/domain/7/name", "gui")
-            .await
-            .unwrap();
+        w.xs.write("/local/domain/7/name", "gui");
         w.watch_fired().await;
         assert_eq!(
             (w.phase(), w.sup.get("gui").unwrap().domid),
