@@ -136,7 +136,7 @@ impl<W: Write> CpioWriter<W> {
     fn pad(&mut self) -> io::Result<()> {
         let rem = (4 - (self.written % 4)) % 4;
         let zeros = [0u8; 3];
-        self.raw(&zeros[..usize::try_from(rem).unwrap_or(0)])
+        self.raw(&zeros[..usize::try_from(rem).expect("under 4")])
     }
 
     fn write_padded(&mut self, data: &[u8]) -> io::Result<()> {

@@ -118,8 +118,8 @@ fn ioctl(control: &File, cmd: u8, buf: &mut [u8]) -> std::io::Result<()> {
 
 /// Decodes the kernel's `huge_encode_dev` device number.
 pub fn decode_dev(dev: u64) -> (u32, u32) {
-    let major = u32::try_from((dev >> 8) & 0xfff).unwrap_or(0);
-    let minor = u32::try_from((dev & 0xff) | ((dev >> 12) & 0xfff00)).unwrap_or(0);
+    let major = u32::try_from((dev >> 8) & 0xfff).expect("masked to 12 bits");
+    let minor = u32::try_from((dev & 0xff) | ((dev >> 12) & 0xfff00)).expect("masked to 20 bits");
     (major, minor)
 }
 

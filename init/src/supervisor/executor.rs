@@ -354,7 +354,10 @@ impl Supervisor {
         loop {
             match self.sigfd.read_signal() {
                 Ok(Some(info)) => {
-                    let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+                    let Ok(signo) = i32::try_from(info.ssi_signo) else {
+                        log::warn!("signalfd: signal number {} out of range", info.ssi_signo);
+                        continue;
+                    };
                     match Signal::try_from(signo) {
                         Ok(Signal::SIGCHLD) => self.reap(hooks),
                         // SIGINT is Ctrl-Alt-Del once CAD is disabled.
@@ -366,7 +369,7 @@ impl Supervisor {
                             self.feed(Event::Shutdown(Shutdown::Poweroff), hooks);
                         }
                         Ok(s) => log::info!("ignoring {s}"),
-                        Err(_) => {}
+                        Err(_) => log::warn!("signalfd: unknown signal {signo}"),
                     }
                 }
                 Ok(None) => break,

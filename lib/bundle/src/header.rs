@@ -102,6 +102,18 @@ impl Header {
         })
     }
 
+    /// The signature section's length in bytes. [`Header::parse`] capped
+    /// it at `MAX_SIGNATURES` entries, so it fits any `usize`.
+    pub fn signatures_bytes(&self) -> usize {
+        self.signatures_len as usize
+    }
+
+    /// The manifest's length in bytes, capped at `MAX_MANIFEST_LEN` by
+    /// [`Header::parse`].
+    pub fn manifest_bytes(&self) -> usize {
+        self.manifest_len as usize
+    }
+
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[..8].copy_from_slice(&MAGIC);

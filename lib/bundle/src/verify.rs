@@ -115,7 +115,7 @@ pub fn check_signatures(
     let mut counted: Vec<String> = Vec::new();
     let mut seen: Vec<[u8; 32]> = Vec::new();
     let mut strangers = Vec::new();
-    let entry = usize::try_from(SIGNATURE_ENTRY_LEN).unwrap_or(96);
+    let entry = SIGNATURE_ENTRY_LEN as usize;
     for chunk in sigs.chunks_exact(entry) {
         let mut pk = [0u8; 32];
         pk.copy_from_slice(&chunk[..32]);
@@ -160,9 +160,9 @@ pub fn read_verified<R: Read>(r: &mut R, trust: &TrustStore) -> Result<Verified,
     let mut hb = [0u8; HEADER_LEN];
     read_section(r, &mut hb, Section::Header)?;
     let header = Header::parse(&hb)?;
-    let mut sigs = vec![0u8; usize::try_from(header.signatures_len).unwrap_or(0)];
+    let mut sigs = vec![0u8; header.signatures_bytes()];
     read_section(r, &mut sigs, Section::Signatures)?;
-    let mut manifest_bytes = vec![0u8; usize::try_from(header.manifest_len).unwrap_or(0)];
+    let mut manifest_bytes = vec![0u8; header.manifest_bytes()];
     read_section(r, &mut manifest_bytes, Section::Manifest)?;
     let signers = check_signatures(&sigs, &manifest_bytes, trust)?;
     let (manifest, rest): (Manifest, &[u8]) = postcard::take_from_bytes(&manifest_bytes)

@@ -76,7 +76,7 @@ pub fn write_bundle<W: Write>(
             WriteError::Layout(format!("manifest of {} bytes is over the cap", bytes.len()))
         })?;
     let message = crate::signed_message(&bytes);
-    let count = u32::try_from(signers.len()).unwrap_or(0);
+    let count = u32::try_from(signers.len()).expect("at most MAX_SIGNATURES, checked above");
     let header = Header::new(count, manifest_len);
     let stdout = PathBuf::from("<bundle>");
     let wio = |op| {
