@@ -6,9 +6,12 @@
 //! - [`ring`]: the ring protocol of one end, without devices.
 //! - [`conn`]: a connection: either end's setup over the devices, the
 //!   xenstore advertisement, I/O that reports a dead peer.
+//! - `asyncio` (feature `tokio`): the same connection under tokio.
 //! - [`sys`]: the Linux Xen devices (event channels, grant sharing and
 //!   mapping, the event-channel status hypercall).
 
+#[cfg(feature = "tokio")]
+pub mod asyncio;
 pub mod conn;
 pub mod layout;
 pub mod ring;
