@@ -525,6 +525,42 @@ fn add_guivm(
     w.symlink("sbin/poweroff", "/init")?;
     w.dir("etc/qguest", 0o755)?;
     cpio_modules(&mut w, kver, guest_modules, GUEST_MODULES)?;
+    let mut made: BTreeSet<String> = BTreeSet::new();
+    let mut parents = |w: &mut CpioWriter<_>, path: &str| -> Result<()> {
+        let mut acc = String::new();
+        let dirs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        for d in &dirs[..dirs.len().saturating_sub(1)] {
+            acc = if acc.is_empty() {
+                (*d).to_owned()
+            } else {
+                format!("{acc}/{d}")
+            };
+            if !["sbin", "etc", "usr", "usr/lib", "usr/lib/modules"].contains(&acc.as_str())
+                && made.insert(acc.clone())
+            {
+                w.dir(&acc, 0o755)?;
+            }
+        }
+        Ok(())
+    };
+    for (i, t) in g.tools.iter().enumerate() {
+        let field = format!("profile guivm.tools[{i}]");
+        if !t.starts_with('/') || t.contains("..") {
+            bail!("{field}: `{t}` must be an absolute path");
+        }
+        let src = tree.dir().join(t.trim_start_matches('/'));
+        let bytes = fs::read(&src)
+            .with_context(|| format!("{field}: reading {} from the root", src.display()))?;
+        parents(&mut w, t)?;
+        w.file(t.trim_start_matches('/'), 0o755, &bytes)?;
+    }
+    for (link, target) in &g.links {
+        if !link.starts_with('/') || link.contains("..") {
+            bail!("profile guivm.links: `{link}` must be an absolute path");
+        }
+        parents(&mut w, link)?;
+        w.symlink(link.trim_start_matches('/'), target)?;
+    }
     let initrd = w.finish()?.finish()?;
     tree.write(&format!("{}/initrd.gz", g.dir), 0o644, &initrd, "workspace")?;
     Ok(())

@@ -86,6 +86,13 @@ pub struct GuiVmSection {
     /// initramfs, listed in `qcontract::paths::GUEST_MODULES`.
     #[serde(default)]
     pub modules: Vec<PathBuf>,
+    /// Files of the dom0 root copied into the guest initramfs at the same
+    /// path (test images: busybox, for the commands qrexec runs there).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Symlinks in the guest initramfs: link → target.
+    #[serde(default)]
+    pub links: BTreeMap<String, String>,
 }
 
 /// Update trust and signing. Public keys go into the image; private keys

@@ -2,6 +2,28 @@
 //! without I/O.
 //!
 //! - [`wire`]: the 8-byte message header, the message types and the
-//!   payload structures, each parsed from hostile bytes with its checks.
+//!   payload structures, each parsed from hostile bytes with its checks;
+//! - [`framer`]: a byte stream into messages, lengths checked first;
+//! - [`cmdline`]: the command lines (`user:command`, `QUBESRPC`) and the
+//!   service-name rules.
 
+pub mod cmdline;
+pub mod framer;
 pub mod wire;
+
+/// Where a VM's daemon listens for dom0's `qrexec-client`
+/// (`/var/run/qubes/qrexec.<domid>`, with a `qrexec.<name>` link; /var/run
+/// is /run here).
+pub fn socket_path(vm: &str) -> std::path::PathBuf {
+    format!("{SOCKET_DIR}/qrexec.{vm}").into()
+}
+
+pub const SOCKET_DIR: &str = "/run/qubes";
+/// The first data port the daemon hands out (`VCHAN_BASE_DATA_PORT`).
+pub const FIRST_DATA_PORT: u32 = wire::VCHAN_BASE_PORT + 1;
+/// How many data ports a daemon has (`MAX_CLIENTS`-sized table).
+pub const DATA_PORTS: u32 = 256;
+/// Ring size of a data vchan (qrexec-client's `libvchan_server_init`).
+pub const DATA_RING: usize = 65536;
+/// Ring size of the control vchan (the agent's `libvchan_server_init`).
+pub const CONTROL_RING: usize = 4096;
