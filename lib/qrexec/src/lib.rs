@@ -4,10 +4,13 @@
 //! - [`wire`]: the 8-byte message header, the message types and the
 //!   payload structures, each parsed from hostile bytes with its checks;
 //! - [`framer`]: a byte stream into messages, lengths checked first;
+//! - `data` (feature `io`): a data connection's pump over a vchan;
 //! - [`cmdline`]: the command lines (`user:command`, `QUBESRPC`) and the
 //!   service-name rules.
 
 pub mod cmdline;
+#[cfg(feature = "io")]
+pub mod data;
 pub mod framer;
 pub mod wire;
 

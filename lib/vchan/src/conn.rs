@@ -393,6 +393,13 @@ impl Vchan {
         !self.gone
     }
 
+    /// Asks the peer to signal its next write and its next read, for a
+    /// caller about to wait on [`Vchan::event_fd`] (look at the rings once
+    /// more after this, before sleeping).
+    pub fn request_notifications(&self) {
+        self.ep.request_all_notifications();
+    }
+
     /// Bytes ready to read now.
     pub fn data_ready(&self) -> Result<usize, VchanError> {
         self.ep.data_ready(0).map_err(|e| self.ring(e))
