@@ -25,6 +25,8 @@ pub struct Programs {
     pub xl: PathBuf,
     /// The QubesDB daemon (`qubesdb-daemon <domid> <name>`).
     pub qubesdb_daemon: PathBuf,
+    /// The qrexec daemon (`qrexec-daemon <domid> <name> <default user>`).
+    pub qrexec_daemon: PathBuf,
 }
 
 /// How long a new QubesDB daemon may take to offer its socket.
@@ -63,6 +65,7 @@ pub struct Daemon {
     run_dir: PathBuf,
     xl: PathBuf,
     qubesdb_daemon: PathBuf,
+    qrexec_daemon: PathBuf,
     shared: Arc<Mutex<Shared>>,
     changes: mpsc::UnboundedSender<DomainInfo>,
 }
@@ -111,6 +114,7 @@ impl Daemon {
             run_dir: RUN_DIR.into(),
             xl: programs.xl,
             qubesdb_daemon: programs.qubesdb_daemon,
+            qrexec_daemon: programs.qrexec_daemon,
             shared,
             changes,
         };
@@ -231,6 +235,11 @@ impl Daemon {
                 gui_domid,
                 unpause,
             } => self.start_qubesdb(name, domid, gui_domid, unpause),
+            Action::StartQrexec {
+                name,
+                domid,
+                default_user,
+            } => self.start_qrexec(name, domid, default_user),
             Action::Changed { name, phase, domid } => {
                 log::info!(
                     "{name}: {}{}",
@@ -356,6 +365,33 @@ impl Daemon {
             };
             let _ = tx.send(Event::QubesDbUp { domid, result });
         });
+    }
+
+    /// Starts the domain's qrexec daemon; reports [`Event::QrexecExited`]
+    /// when it exits.
+    fn start_qrexec(&mut self, name: String, domid: u32, default_user: String) {
+        log::info!("{name}: starting its qrexec daemon (domain {domid})");
+        let child = tokio::process::Command::new(&self.qrexec_daemon)
+            .arg(domid.to_string())
+            .arg(&name)
+            .arg(&default_user)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        let tx = self.events_tx.clone();
+        match child {
+            Ok(mut c) => {
+                tokio::spawn(async move {
+                    match c.wait().await {
+                        Ok(st) => log::info!("{name}: qrexec daemon exited ({st})"),
+                        Err(e) => log::warn!("{name}: waiting for the qrexec daemon: {e}"),
+                    }
+                    let _ = tx.send(Event::QrexecExited { domid });
+                });
+            }
+            Err(e) => {
+                log::error!("{name}: spawning {}: {e}", self.qrexec_daemon.display());
+            }
+        }
     }
 
     fn xl(&self, args: Vec<String>) {

@@ -75,6 +75,8 @@ pub enum Event {
     },
     /// The QubesDB daemon for `domid` exited.
     QubesDbExited { domid: u32 },
+    /// The qrexec daemon for `domid` exited.
+    QrexecExited { domid: u32 },
     /// A timer armed by [`Action::Timer`] fired.
     Timer {
         name: String,
@@ -115,6 +117,12 @@ pub enum Action {
         gui_domid: Option<u32>,
         unpause: bool,
     },
+    /// Start the domain's qrexec daemon (once it runs).
+    StartQrexec {
+        name: String,
+        domid: u32,
+        default_user: String,
+    },
     /// The phase changed (for the D-Bus signal and the log).
     Changed {
         name: String,
@@ -141,10 +149,13 @@ pub struct DomainState {
     timer_generation: u64,
     /// QubesDB daemon restarts in this run of the domain.
     qubesdb_restarts: u32,
+    /// qrexec daemon restarts in this run of the domain.
+    qrexec_restarts: u32,
 }
 
-/// A QubesDB daemon that keeps dying is left dead after this many restarts
-/// in one run of its domain (the domain itself keeps running).
+/// A per-VM daemon (QubesDB, qrexec) that keeps dying is left dead after
+/// this many restarts in one run of its domain (the domain itself keeps
+/// running).
 pub const MAX_DAEMON_RESTARTS: u32 = 5;
 
 #[derive(Debug, Default)]
@@ -169,6 +180,7 @@ impl Supervisor {
                         up_since: None,
                         timer_generation: 0,
                         qubesdb_restarts: 0,
+                        qrexec_restarts: 0,
                     },
                 )
             })
@@ -295,6 +307,7 @@ impl Supervisor {
                     d.domid = Some(domid);
                     d.up_since = Some(now);
                     d.qubesdb_restarts = 0;
+                    d.qrexec_restarts = 0;
                     if d.phase == Phase::Starting && !d.wanted {
                         // Stopped while it was being created (paused).
                         set(d, Phase::Stopping, &mut out);
@@ -323,7 +336,15 @@ impl Supervisor {
                     match (result, d.phase) {
                         (Ok(()), Phase::Starting) => {
                             set(d, Phase::Running, &mut out);
-                            out.push(Action::WatchReady { name, domid });
+                            out.push(Action::WatchReady {
+                                name: name.clone(),
+                                domid,
+                            });
+                            out.push(Action::StartQrexec {
+                                name,
+                                domid,
+                                default_user: d.def.qubes.default_user.clone(),
+                            });
                         }
                         (Ok(()), _) => {}
                         (Err(reason), Phase::Starting) => {
@@ -334,6 +355,26 @@ impl Supervisor {
                             out.push(Action::Destroy { name, domid });
                         }
                         (Err(reason), _) => log::error!("{name}: QubesDB: {reason}"),
+                    }
+                }
+            }
+            Event::QrexecExited { domid } => {
+                if let Some(d) = self.by_domid(domid) {
+                    if matches!(d.phase, Phase::Running | Phase::Ready) {
+                        let name = d.def.name.clone();
+                        if d.qrexec_restarts < MAX_DAEMON_RESTARTS {
+                            d.qrexec_restarts += 1;
+                            log::warn!("{name}: its qrexec daemon exited; restarting it");
+                            out.push(Action::StartQrexec {
+                                name,
+                                domid,
+                                default_user: d.def.qubes.default_user.clone(),
+                            });
+                        } else {
+                            log::error!(
+                                "{name}: its qrexec daemon exited {MAX_DAEMON_RESTARTS} times; leaving it"
+                            );
+                        }
                     }
                 }
             }

@@ -44,6 +44,9 @@ enum Cmd {
         /// The QubesDB daemon started for each VM.
         #[arg(long, default_value = "/usr/sbin/qubesdb-daemon")]
         qubesdb_daemon: PathBuf,
+        /// The qrexec daemon started for each VM once it runs.
+        #[arg(long, default_value = "/usr/sbin/qrexec-daemon")]
+        qrexec_daemon: PathBuf,
     },
 }
 
@@ -75,11 +78,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             local,
             xl,
             qubesdb_daemon,
+            qrexec_daemon,
         } => {
             return serve(
                 definitions,
                 local,
-                qdomd::daemon::Programs { xl, qubesdb_daemon },
+                qdomd::daemon::Programs {
+                    xl,
+                    qubesdb_daemon,
+                    qrexec_daemon,
+                },
             )
             .await
         }

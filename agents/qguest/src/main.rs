@@ -9,7 +9,8 @@
 //!    `xs` module) and prints `QGUEST-READY domid=<id>` on its console.
 //! 3. Syncs its QubesDB from dom0 (the [`vmdb`] module) and prints its
 //!    name from it.
-//! 4. Reaps orphans and waits. Xen's shutdown request (`xl shutdown`) makes
+//! 4. Serves dom0's qrexec as a VM's agent does (the [`agent`] module).
+//! 5. Reaps orphans and waits. Xen's shutdown request (`xl shutdown`) makes
 //!    the kernel run /sbin/poweroff, which is this same program: it syncs
 //!    and powers the guest off. SIGTERM, SIGINT and SIGPWR to PID 1 do the
 //!    same.
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
+mod agent;
 mod vmdb;
 
 /// The key qdomd watches, relative to the guest's own directory.
@@ -152,6 +154,7 @@ fn main() -> ExitCode {
             match domid.trim().parse::<u16>() {
                 Ok(own) => {
                     std::thread::spawn(move || vmdb::run(own, log));
+                    std::thread::spawn(move || agent::run(own, log));
                 }
                 Err(_) => log(&format!("our domid {domid:?} is not a number; no QubesDB")),
             }
