@@ -120,6 +120,10 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
                     let p = ExecParams::parse(h.kind, &body).map_err(|e| e.to_string())?;
                     let done = done_tx.clone();
                     let kind = h.kind;
+                    log(&format!(
+                        "qrexec: {} from domain {} on port {}",
+                        kind, p.connect_domain, p.connect_port
+                    ));
                     std::thread::spawn(move || {
                         let (domain, port) = (p.connect_domain, p.connect_port);
                         if let Err(e) = exec(own, kind, p) {

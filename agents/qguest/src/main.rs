@@ -112,16 +112,61 @@ fn power_off() -> ! {
     std::process::exit(1)
 }
 
+/// The qrexec agent runs as a process of its own (`/init --qrexec-agent
+/// <domid>`), as Qubes' does: it waits for the commands it starts itself,
+/// which PID 1's reaping of orphans would otherwise take from it.
+static AGENT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+const AGENT_FLAG: &str = "--qrexec-agent";
+
+fn spawn_agent(domid: u16) {
+    match std::process::Command::new("/proc/self/exe")
+        .arg(AGENT_FLAG)
+        .arg(domid.to_string())
+        .spawn()
+    {
+        Ok(child) => AGENT.store(
+            i32::try_from(child.id()).unwrap_or(0),
+            std::sync::atomic::Ordering::SeqCst,
+        ),
+        Err(e) => log(&format!("starting the qrexec agent: {e}")),
+    }
+}
+
 fn reap() {
     while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if matches!(st, WaitStatus::StillAlive) {
-            break;
+        let pid = match st {
+            WaitStatus::StillAlive => break,
+            WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _) => pid,
+            _ => continue,
+        };
+        if pid.as_raw() == AGENT.load(std::sync::atomic::Ordering::SeqCst) {
+            log(&format!(
+                "the qrexec agent ended ({st:?}); starting it again"
+            ));
+            std::thread::sleep(Duration::from_secs(1));
+            if let Some(domid) = DOMID.get() {
+                spawn_agent(*domid);
+            }
         }
     }
 }
 
+static DOMID: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
-    let argv0 = std::env::args().next().unwrap_or_default();
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, domid] = args.as_slice() {
+        if flag == AGENT_FLAG {
+            return match domid.parse::<u16>() {
+                Ok(own) => {
+                    agent::run(own, log);
+                    ExitCode::SUCCESS
+                }
+                Err(_) => ExitCode::from(2),
+            };
+        }
+    }
+    let argv0 = args.first().cloned().unwrap_or_default();
     if argv0.ends_with("poweroff") {
         // The kernel's orderly_poweroff() helper, run on `xl shutdown`. A
         // usermode helper has no stdout: say it on the console itself.
@@ -154,7 +199,8 @@ fn main() -> ExitCode {
             match domid.trim().parse::<u16>() {
                 Ok(own) => {
                     std::thread::spawn(move || vmdb::run(own, log));
-                    std::thread::spawn(move || agent::run(own, log));
+                    let _ = DOMID.set(own);
+                    spawn_agent(own);
                 }
                 Err(_) => log(&format!("our domid {domid:?} is not a number; no QubesDB")),
             }

@@ -84,6 +84,7 @@ fn app_vm(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
     let lines: Vec<&str> = dom0.lines().map(str::trim).collect();
     ensure!(lines == ["debian-12", gui_domid], "{dom0}");
     ctx.note(format!("work: {}", line.trim()));
+    qrexec(ctx)?;
     ctx.sh("qdom shutdown work")?;
     ctx.sh_until(
         "xl list",
@@ -97,6 +98,38 @@ fn app_vm(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
         state == "ready",
         "the GUI VM is {state} after the app VM stopped"
     );
+    Ok(())
+}
+
+/// dom0 runs commands in the app VM with `qrexec-client`: output, stderr
+/// and exit code come back, and 16 MiB piped through return byte for byte.
+fn qrexec(ctx: &mut Ctx<'_>) -> Result<()> {
+    let out = ctx.sh_within(
+        "qrexec-client -d work -w 60 DEFAULT:'echo out; echo err >&2; exit 3' 2>/tmp/qrexec.err; echo rc=$?; cat /tmp/qrexec.err",
+        Duration::from_secs(180),
+    )?;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    if lines != ["out", "rc=3", "err"] {
+        let console = ctx.sh("cat /var/log/xen/console/guest-work.log")?;
+        anyhow::bail!("qrexec-client: {out}\nthe app VM's console:\n{console}");
+    }
+    let sums = ctx.sh_within(
+        "head -c 16777216 /dev/urandom >/tmp/in && sha256sum </tmp/in && \
+         qrexec-client -d work -w 60 user:cat </tmp/in | sha256sum",
+        Duration::from_secs(600),
+    )?;
+    let sums: Vec<&str> = sums
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    ensure!(
+        sums.len() == 2 && sums[0] == sums[1],
+        "16 MiB through qrexec: {sums:?}"
+    );
+    ctx.note(format!(
+        "qrexec: exit code and 16 MiB round trip (sha256 {})",
+        &sums[0][..16]
+    ));
     Ok(())
 }
 

@@ -617,13 +617,23 @@ fn wait_advert(
 ) -> Result<(u32, u32), VchanError> {
     let xs_err = |source| VchanError::Xs { peer, port, source };
     let token = format!("vchan-{peer}-{port}");
-    xs.watch(base, &token).map_err(xs_err)?;
+    // The key itself, not the directory: xenstored only reports changes a
+    // watcher may read, and the directories above the offer are the
+    // server's own (libvchan-xen watches the same key for this reason).
+    let watched = format!("{base}/event-channel");
+    xs.watch(&watched, &token).map_err(xs_err)?;
     let deadline = Instant::now() + timeout;
+    // Until the offer exists xenstored answers EACCES rather than ENOENT
+    // (the directory above it is not ours to look into): both mean "not
+    // yet".
+    let read = |xs: &mut Xs, key: &str| match xs.read(&format!("{base}/{key}")) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() || e.errno() == Some("EACCES") => Ok(None),
+        Err(e) => Err(xs_err(e)),
+    };
     let result = loop {
-        let ring = xs.try_read(&format!("{base}/ring-ref")).map_err(xs_err)?;
-        let evt = xs
-            .try_read(&format!("{base}/event-channel"))
-            .map_err(xs_err)?;
+        let ring = read(xs, "ring-ref")?;
+        let evt = read(xs, "event-channel")?;
         if let (Some(r), Some(e)) = (ring, evt) {
             break Ok((
                 parse_number(&r, base, "ring-ref", peer, port)?,
@@ -648,7 +658,7 @@ fn wait_advert(
     };
     // The watch is only ours; failing to remove it costs nothing but a
     // stale event later, which the loop above skips by token.
-    let _ = xs.unwatch(base, &token);
+    let _ = xs.unwatch(&watched, &token);
     result
 }
 

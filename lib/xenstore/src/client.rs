@@ -71,6 +71,14 @@ impl XsError {
         matches!(self, XsError::Daemon { errno, .. } if errno == "ENOENT")
     }
 
+    /// The errno name xenstored answered with, if it refused.
+    pub fn errno(&self) -> Option<&str> {
+        match self {
+            XsError::Daemon { errno, .. } => Some(errno),
+            _ => None,
+        }
+    }
+
     /// A transaction lost a race and must be retried.
     pub fn is_again(&self) -> bool {
         matches!(self, XsError::Daemon { errno, .. } if errno == "EAGAIN")
