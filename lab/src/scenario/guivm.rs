@@ -130,6 +130,25 @@ fn qrexec(ctx: &mut Ctx<'_>) -> Result<()> {
         "qrexec: exit code and 16 MiB round trip (sha256 {})",
         &sums[0][..16]
     ));
+
+    // Its qrexec daemon killed: qdomd starts another, the VM keeps
+    // running, and calls work again.
+    let find = "ps -o pid,args | grep '[q]rexec-daemon [0-9]* work ' | awk '{print $1}'";
+    let old = ctx.sh(find)?.trim().to_owned();
+    ensure!(!old.is_empty(), "no qrexec-daemon for work");
+    ctx.sh(&format!("kill {old}"))?;
+    let again = ctx.sh_until(
+        "qrexec-client -d work -w 30 user:'echo again' 2>&1; true",
+        Duration::from_secs(180),
+        Duration::from_secs(3),
+        |out| out.trim() == "again",
+    )?;
+    let new = ctx.sh(find)?.trim().to_owned();
+    ensure!(
+        !new.is_empty() && new != old,
+        "qrexec-daemon {old} was not replaced: {new:?} ({again})"
+    );
+    ctx.note(format!("qrexec: daemon {old} killed, {new} took over"));
     Ok(())
 }
 
