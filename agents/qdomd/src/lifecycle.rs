@@ -360,21 +360,12 @@ impl Supervisor {
             }
             Event::QrexecExited { domid } => {
                 if let Some(d) = self.by_domid(domid) {
-                    if matches!(d.phase, Phase::Running | Phase::Ready) {
-                        let name = d.def.name.clone();
-                        if d.qrexec_restarts < MAX_DAEMON_RESTARTS {
-                            d.qrexec_restarts += 1;
-                            log::warn!("{name}: its qrexec daemon exited; restarting it");
-                            out.push(Action::StartQrexec {
-                                name,
-                                domid,
-                                default_user: d.def.qubes.default_user.clone(),
-                            });
-                        } else {
-                            log::error!(
-                                "{name}: its qrexec daemon exited {MAX_DAEMON_RESTARTS} times; leaving it"
-                            );
-                        }
+                    if may_restart(d, VmDaemon::Qrexec) {
+                        out.push(Action::StartQrexec {
+                            name: d.def.name.clone(),
+                            domid,
+                            default_user: d.def.qubes.default_user.clone(),
+                        });
                     }
                 }
             }
@@ -384,22 +375,13 @@ impl Supervisor {
                     .map(|d| d.def.name.clone())
                     .and_then(|n| self.gui_domid(&n));
                 if let Some(d) = self.by_domid(domid) {
-                    if matches!(d.phase, Phase::Running | Phase::Ready) {
-                        let name = d.def.name.clone();
-                        if d.qubesdb_restarts < MAX_DAEMON_RESTARTS {
-                            d.qubesdb_restarts += 1;
-                            log::warn!("{name}: its QubesDB daemon exited; restarting it");
-                            out.push(Action::StartQubesDb {
-                                name,
-                                domid,
-                                gui_domid: gui,
-                                unpause: false,
-                            });
-                        } else {
-                            log::error!(
-                                "{name}: its QubesDB daemon exited {MAX_DAEMON_RESTARTS} times; leaving it"
-                            );
-                        }
+                    if may_restart(d, VmDaemon::QubesDb) {
+                        out.push(Action::StartQubesDb {
+                            name: d.def.name.clone(),
+                            domid,
+                            gui_domid: gui,
+                            unpause: false,
+                        });
                     }
                 }
             }
@@ -455,6 +437,34 @@ impl Supervisor {
             }
         }
         out
+    }
+}
+
+/// The daemons qdomd runs beside each VM.
+#[derive(Debug, Clone, Copy)]
+enum VmDaemon {
+    QubesDb,
+    Qrexec,
+}
+
+/// Whether a per-VM daemon that exited is started again: only while its
+/// VM runs, and at most [`MAX_DAEMON_RESTARTS`] times per run of the VM.
+fn may_restart(d: &mut DomainState, which: VmDaemon) -> bool {
+    if !matches!(d.phase, Phase::Running | Phase::Ready) {
+        return false;
+    }
+    let (count, what) = match which {
+        VmDaemon::QubesDb => (&mut d.qubesdb_restarts, "QubesDB"),
+        VmDaemon::Qrexec => (&mut d.qrexec_restarts, "qrexec"),
+    };
+    let name = &d.def.name;
+    if *count < MAX_DAEMON_RESTARTS {
+        *count += 1;
+        log::warn!("{name}: its {what} daemon exited; restarting it");
+        true
+    } else {
+        log::error!("{name}: its {what} daemon exited {MAX_DAEMON_RESTARTS} times; leaving it");
+        false
     }
 }
 

@@ -31,6 +31,22 @@ fn guivm_row(ctx: &mut Ctx<'_>) -> Result<(String, String)> {
     Ok((cols[1].to_owned(), cols[2].to_owned()))
 }
 
+/// The stand-in's `QGUEST-QUBESDB` line from its console log in dom0 (the
+/// guest prints it once its QubesDB is synced).
+fn guest_synced(ctx: &mut Ctx<'_>, vm: &str, timeout: Duration) -> Result<String> {
+    let console = ctx.sh_until(
+        &format!("cat /var/log/xen/console/guest-{vm}.log 2>/dev/null; true"),
+        timeout,
+        Duration::from_secs(2),
+        |c| c.contains("QGUEST-QUBESDB"),
+    )?;
+    console
+        .lines()
+        .find(|l| l.contains("QGUEST-QUBESDB"))
+        .map(str::to_owned)
+        .context("no QGUEST-QUBESDB line")
+}
+
 /// The guest's QubesDB: dom0's copy (read through the daemon's socket),
 /// the guest's copy (the stand-in prints it once synced over the vchan),
 /// and the vchan's xenstore offer, gone once the guest connected.
@@ -38,17 +54,8 @@ fn qubesdb(ctx: &mut Ctx<'_>, domid: &str) -> Result<()> {
     let dom0 = ctx.sh("qubesdb-read -d guivm /name /qubes-vm-type /default-user")?;
     let lines: Vec<&str> = dom0.lines().map(str::trim).collect();
     ensure!(lines == ["guivm", "AppVM", "user"], "{dom0}");
-    let console = ctx.sh_until(
-        "cat /var/log/xen/console/guest-guivm.log",
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-        |c| c.contains("QGUEST-QUBESDB"),
-    )?;
-    let line = console
-        .lines()
-        .find(|l| l.contains("QGUEST-QUBESDB"))
-        .context("no QGUEST-QUBESDB line")?;
-    ensure!(field(line, "name=") == Some("guivm"), "{line}");
+    let line = guest_synced(ctx, "guivm", Duration::from_secs(60))?;
+    ensure!(field(&line, "name=") == Some("guivm"), "{line}");
     let offer = ctx.sh(&format!(
         "xenstore-ls /local/domain/0/data/vchan/{domid} 2>&1; true"
     ))?;
@@ -65,19 +72,10 @@ fn qubesdb(ctx: &mut Ctx<'_>, domid: &str) -> Result<()> {
 /// and it shuts down on request while the GUI VM stays.
 fn app_vm(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
     ctx.sh("qdom start work")?;
-    let console = ctx.sh_until(
-        "cat /var/log/xen/console/guest-work.log 2>/dev/null; true",
-        Duration::from_secs(120),
-        Duration::from_secs(2),
-        |c| c.contains("QGUEST-QUBESDB"),
-    )?;
-    let line = console
-        .lines()
-        .find(|l| l.contains("QGUEST-QUBESDB"))
-        .context("no QGUEST-QUBESDB line")?;
-    ensure!(field(line, "name=") == Some("work"), "{line}");
+    let line = guest_synced(ctx, "work", Duration::from_secs(120))?;
+    ensure!(field(&line, "name=") == Some("work"), "{line}");
     ensure!(
-        field(line, "gui-domain-xid=") == Some(gui_domid),
+        field(&line, "gui-domain-xid=") == Some(gui_domid),
         "the app VM's GUI VM is not domain {gui_domid}: {line}"
     );
     let dom0 = ctx.sh("qubesdb-read -d work /qubes-base-template /qubes-gui-domain-xid")?;
