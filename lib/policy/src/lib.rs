@@ -1,0 +1,20 @@
+//! qrexec policy as Qubes R4.2 defines it (core-qrexec
+//! `qrexec/policy/parser.py`; notes in `docs/reference/qrexec-policy.md`):
+//!
+//! - [`parse`]: one file's lines into [`Rule`]s (`service argument source
+//!   target action [key=value...]`), every error with its file, line and
+//!   reason;
+//! - [`load`]: the policy directories in order (the owner's on /var, then
+//!   the shipped `/etc/qubes/policy.d`), files in C-locale order, with
+//!   `!include` and `!include-dir`; a bad file is rejected and the others
+//!   stay in force;
+//! - [`eval`]: the first matching rule decides a [`Request`] against the
+//!   [`System`] (the domains, their types and tags); no match is a deny.
+
+pub mod eval;
+pub mod load;
+pub mod parse;
+
+pub use eval::{Domain, Request, Resolution, System};
+pub use load::{load, Policy};
+pub use parse::{Action, Rule, Token};
