@@ -10,6 +10,10 @@
 //! whatever user it names (the test images put busybox in the guest).
 //! Services (`QUBESRPC`) are looked up in `/etc/qubes-rpc`, which the
 //! stand-in does not have, so a call ends as "not found" (exit 127).
+//!
+//! One service is the stand-in's own, for the tests of a hostile VM:
+//! `qguest.SendGarbage` makes the agent write a malformed message on its
+//! control channel, as a compromised VM could.
 
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
@@ -89,21 +93,24 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
         ));
     }
     log("QGUEST-QREXEC connected");
-    let (done_tx, done_rx) = mpsc::channel::<(u32, u32)>();
+    let (done_tx, done_rx) = mpsc::channel::<ToControl>();
     let mut framer = Framer::new(MAX_QREXEC_CMD_LEN);
     let mut buf = [0u8; 4096];
     loop {
-        while let Ok((domain, port)) = done_rx.try_recv() {
-            let p = ExecParams {
-                connect_domain: domain,
-                connect_port: port,
-                cmdline: Vec::new(),
+        while let Ok(m) = done_rx.try_recv() {
+            let bytes = match m {
+                ToControl::Terminated(domain, port) => {
+                    let p = ExecParams {
+                        connect_domain: domain,
+                        connect_port: port,
+                        cmdline: Vec::new(),
+                    };
+                    message(MsgType::ConnectionTerminated, &p.render(false))
+                }
+                // A type no agent sends, with a length far over any limit.
+                ToControl::Garbage => [0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0x7f].to_vec(),
             };
-            ctrl.write_all(
-                &message(MsgType::ConnectionTerminated, &p.render(false)),
-                IO_TIMEOUT,
-            )
-            .map_err(|e| chain(&e))?;
+            ctrl.write_all(&bytes, IO_TIMEOUT).map_err(|e| chain(&e))?;
         }
         let n = match ctrl.read(&mut buf, Duration::from_millis(200)) {
             Ok(n) => n,
@@ -126,12 +133,12 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
                     ));
                     std::thread::spawn(move || {
                         let (domain, port) = (p.connect_domain, p.connect_port);
-                        if let Err(e) = exec(own, kind, p) {
+                        if let Err(e) = exec(own, kind, p, &done) {
                             log(&format!(
                                 "qrexec: connection to domain {domain} port {port}: {e}"
                             ));
                         }
-                        let _ = done.send((domain, port));
+                        let _ = done.send(ToControl::Terminated(domain, port));
                     });
                 }
                 MsgType::ServiceRefused if body.len() == SERVICE_IDENT_LEN => {}
@@ -141,8 +148,20 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
     }
 }
 
+/// What a connection's thread asks the control loop to send.
+enum ToControl {
+    Terminated(u32, u32),
+    /// `qguest.SendGarbage`.
+    Garbage,
+}
+
 /// One data connection: connect, greet, run, pass the data.
-fn exec(own: u16, kind: MsgType, p: ExecParams) -> Result<(), String> {
+fn exec(
+    own: u16,
+    kind: MsgType,
+    p: ExecParams,
+    ctrl: &mpsc::Sender<ToControl>,
+) -> Result<(), String> {
     let text = String::from_utf8(p.cmdline).map_err(|_| "command line is not UTF-8".to_string())?;
     let request = cmdline::parse(&text).map_err(|e| e.to_string())?;
     let peer =
@@ -154,7 +173,17 @@ fn exec(own: u16, kind: MsgType, p: ExecParams) -> Result<(), String> {
     data::handshake(&mut chan, IO_TIMEOUT).map_err(|e| chain(&e))?;
     let command = match request {
         Request::Command { command, .. } => command,
-        // No services in the stand-in: "not found", as the C agent
+        Request::Service { name, .. } if name == "qguest.SendGarbage" => {
+            let _ = ctrl.send(ToControl::Garbage);
+            let out = [
+                message(MsgType::DataStdout, &[]),
+                message(MsgType::DataStderr, &[]),
+                message(MsgType::DataExitCode, &0i32.to_le_bytes()),
+            ]
+            .concat();
+            return chan.write_all(&out, IO_TIMEOUT).map_err(|e| chain(&e));
+        }
+        // No other services in the stand-in: "not found", as the C agent
         // reports a missing one.
         Request::Service { .. } => return not_found(&mut chan),
     };

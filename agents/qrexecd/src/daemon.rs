@@ -57,8 +57,10 @@ enum Fatal {
     Connect(#[source] VchanError),
     #[error("the agent's control channel")]
     Channel(#[source] VchanError),
-    #[error("the agent sent {0}")]
+    #[error("cutting the VM off: the agent sent {0}")]
     Agent(String),
+    #[error("our own domid in xenstore is not a number")]
+    OwnDomid,
     #[error("local socket {path}")]
     Socket {
         path: PathBuf,
@@ -139,7 +141,7 @@ fn run(domid: u16, name: &str, default_user: String) -> Result<(), Fatal> {
         .read_string("domid")?
         .trim()
         .parse()
-        .map_err(|_| Fatal::Agent("(our own domid is not a number)".into()))?;
+        .map_err(|_| Fatal::OwnDomid)?;
     let mut ctrl = Vchan::client(&mut xs, own, domid, VCHAN_BASE_PORT, STARTUP_TIMEOUT)
         .map_err(Fatal::Connect)?;
     drop(xs);
@@ -326,7 +328,7 @@ impl Daemon {
             while let Some((h, data)) = self
                 .framer
                 .next_message()
-                .map_err(|e| Fatal::Agent(e.to_string()))?
+                .map_err(|e| Fatal::Agent(format!("a malformed message ({e})")))?
             {
                 match h.kind {
                     MsgType::ConnectionTerminated => self.terminated(&data)?,

@@ -147,6 +147,25 @@ fn qrexec(ctx: &mut Ctx<'_>) -> Result<()> {
         "qrexec-daemon {old} was not replaced: {new:?} ({again})"
     );
     ctx.note(format!("qrexec: daemon {old} killed, {new} took over"));
+
+    // A hostile VM: the stand-in writes garbage on its control channel
+    // when asked. Its daemon cuts it off and says why; the GUI VM keeps
+    // working, and the app VM does again once qdomd restarted its daemon.
+    ctx.sh("qrexec-client -d work -w 30 'user:QUBESRPC qguest.SendGarbage dom0'; true")?;
+    let cut = ctx.wait_for("cutting the VM off", Duration::from_secs(60))?;
+    ensure!(cut.contains("qrexec-daemon work "), "{cut}");
+    let alive = ctx.sh("qrexec-client -d guivm -w 30 user:'echo alive'")?;
+    ensure!(
+        alive.trim() == "alive",
+        "the GUI VM after the app VM was cut off: {alive}"
+    );
+    ctx.sh_until(
+        "qrexec-client -d work -w 30 user:'echo back' 2>&1; true",
+        Duration::from_secs(180),
+        Duration::from_secs(3),
+        |out| out.trim() == "back",
+    )?;
+    ctx.note(format!("qrexec: {}", cut.trim()));
     Ok(())
 }
 
