@@ -146,7 +146,11 @@ fn qrexec(ctx: &mut Ctx<'_>) -> Result<()> {
         !new.is_empty() && new != old,
         "qrexec-daemon {old} was not replaced: {new:?} ({again})"
     );
-    ctx.note(format!("qrexec: daemon {old} killed, {new} took over"));
+    let rss = ctx.sh(&format!("grep VmRSS /proc/{new}/status"))?;
+    ctx.note(format!(
+        "qrexec: daemon {old} killed, {new} took over; qrexec-daemon {}",
+        rss.trim()
+    ));
 
     // A hostile VM: the stand-in writes garbage on its control channel
     // when asked. Its daemon cuts it off and says why; the GUI VM keeps
