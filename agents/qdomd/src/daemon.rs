@@ -344,11 +344,17 @@ impl Daemon {
             let tx = tx.clone();
             let name = name.clone();
             tokio::spawn(async move {
-                match child.wait().await {
-                    Ok(st) => log::info!("{name}: QubesDB daemon exited ({st})"),
-                    Err(e) => log::warn!("{name}: waiting for the QubesDB daemon: {e}"),
-                }
-                let _ = tx.send(Event::QubesDbExited { domid });
+                let clean = match child.wait().await {
+                    Ok(st) => {
+                        log::info!("{name}: QubesDB daemon exited ({st})");
+                        st.success()
+                    }
+                    Err(e) => {
+                        log::warn!("{name}: waiting for the QubesDB daemon: {e}");
+                        false
+                    }
+                };
+                let _ = tx.send(Event::QubesDbExited { domid, clean });
             });
         }
         let xl = self.xl.clone();
@@ -381,15 +387,26 @@ impl Daemon {
         match child {
             Ok(mut c) => {
                 tokio::spawn(async move {
-                    match c.wait().await {
-                        Ok(st) => log::info!("{name}: qrexec daemon exited ({st})"),
-                        Err(e) => log::warn!("{name}: waiting for the qrexec daemon: {e}"),
-                    }
-                    let _ = tx.send(Event::QrexecExited { domid });
+                    let clean = match c.wait().await {
+                        Ok(st) => {
+                            log::info!("{name}: qrexec daemon exited ({st})");
+                            st.success()
+                        }
+                        Err(e) => {
+                            log::warn!("{name}: waiting for the qrexec daemon: {e}");
+                            false
+                        }
+                    };
+                    let _ = tx.send(Event::QrexecExited { domid, clean });
                 });
             }
             Err(e) => {
                 log::error!("{name}: spawning {}: {e}", self.qrexec_daemon.display());
+                // Counts as a daemon that died: the restart rule applies.
+                let _ = tx.send(Event::QrexecExited {
+                    domid,
+                    clean: false,
+                });
             }
         }
     }

@@ -73,10 +73,11 @@ pub enum Event {
         domid: u32,
         result: Result<(), String>,
     },
-    /// The QubesDB daemon for `domid` exited.
-    QubesDbExited { domid: u32 },
-    /// The qrexec daemon for `domid` exited.
-    QrexecExited { domid: u32 },
+    /// The QubesDB daemon for `domid` exited; `clean` when it said its
+    /// domain is gone (exit status 0).
+    QubesDbExited { domid: u32, clean: bool },
+    /// The qrexec daemon for `domid` exited (`clean` as above).
+    QrexecExited { domid: u32, clean: bool },
     /// A timer armed by [`Action::Timer`] fired.
     Timer {
         name: String,
@@ -358,9 +359,9 @@ impl Supervisor {
                     }
                 }
             }
-            Event::QrexecExited { domid } => {
+            Event::QrexecExited { domid, clean } => {
                 if let Some(d) = self.by_domid(domid) {
-                    if may_restart(d, VmDaemon::Qrexec) {
+                    if !clean && may_restart(d, VmDaemon::Qrexec) {
                         out.push(Action::StartQrexec {
                             name: d.def.name.clone(),
                             domid,
@@ -369,13 +370,13 @@ impl Supervisor {
                     }
                 }
             }
-            Event::QubesDbExited { domid } => {
+            Event::QubesDbExited { domid, clean } => {
                 let gui = self
                     .by_domid(domid)
                     .map(|d| d.def.name.clone())
                     .and_then(|n| self.gui_domid(&n));
                 if let Some(d) = self.by_domid(domid) {
-                    if may_restart(d, VmDaemon::QubesDb) {
+                    if !clean && may_restart(d, VmDaemon::QubesDb) {
                         out.push(Action::StartQubesDb {
                             name: d.def.name.clone(),
                             domid,

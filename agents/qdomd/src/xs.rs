@@ -33,7 +33,7 @@ pub type Snapshot = BTreeMap<u32, String>;
 pub trait Store {
     fn directory(&mut self, path: &str) -> Result<Vec<String>, XsError>;
     /// `None` if the node does not exist.
-    fn read(&mut self, path: &str) -> Result<Option<String>, XsError>;
+    fn read(&mut self, path: &str) -> Result<Option<Vec<u8>>, XsError>;
 }
 
 impl Store for Xs {
@@ -41,12 +41,8 @@ impl Store for Xs {
         Xs::directory(self, path)
     }
 
-    fn read(&mut self, path: &str) -> Result<Option<String>, XsError> {
-        match self.read_string(path) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
+    fn read(&mut self, path: &str) -> Result<Option<Vec<u8>>, XsError> {
+        self.try_read(path)
     }
 }
 
@@ -62,18 +58,26 @@ pub fn snapshot(xs: &mut impl Store) -> Result<Snapshot, XsError> {
         if domid == 0 {
             continue;
         }
+        // libxl writes the name and the guest cannot; a name that is not
+        // text is no domain of ours.
         if let Some(name) = xs.read(&format!("/local/domain/{domid}/name"))? {
-            out.insert(domid, name);
+            match String::from_utf8(name) {
+                Ok(n) => {
+                    out.insert(domid, n);
+                }
+                Err(_) => log::warn!("domain {domid}: its name is not UTF-8; ignoring it"),
+            }
         }
     }
     Ok(out)
 }
 
-/// Whether the readiness key holds a value.
+/// Whether the readiness key holds a value. The guest writes it, so it is
+/// taken as bytes: any non-blank value means ready.
 pub fn is_ready(xs: &mut impl Store, domid: u32) -> Result<bool, XsError> {
     Ok(xs
         .read(&ready_path(domid))?
-        .is_some_and(|v| !v.trim().is_empty()))
+        .is_some_and(|v| v.iter().any(|b| !b.is_ascii_whitespace())))
 }
 
 /// What the daemon asks of the watcher.
@@ -164,7 +168,17 @@ fn watch_loop(
         else {
             continue;
         };
-        if watching.contains(&domid) && is_ready(xs, domid)? {
+        let ready = match is_ready(xs, domid) {
+            Ok(r) => r,
+            // What a guest does to its own key (or xenstored's refusal to
+            // show it) concerns that guest only.
+            Err(e @ (XsError::Daemon { .. } | XsError::NotUtf8 { .. })) => {
+                log::warn!("domain {domid}: reading its readiness key: {e}");
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        if watching.contains(&domid) && ready {
             watching.remove(&domid);
             xs.unwatch(&ready_path(domid), &ready_token(domid))?;
             if news.send(News::Event(Event::ReadyKey { domid })).is_err() {

@@ -32,8 +32,13 @@ impl xs::Store for FakeXs {
         Ok(children)
     }
 
-    fn read(&mut self, path: &str) -> Result<Option<String>, XsError> {
-        Ok(self.nodes.lock().unwrap().get(path).cloned())
+    fn read(&mut self, path: &str) -> Result<Option<Vec<u8>>, XsError> {
+        Ok(self
+            .nodes
+            .lock()
+            .unwrap()
+            .get(path)
+            .map(|v| v.clone().into_bytes()))
     }
 }
 
@@ -358,7 +363,13 @@ fn qubesdb_is_filled_before_unpause_and_its_daemon_is_restarted_a_bounded_number
         domid: 4
     }));
     for _ in 0..qdomd::lifecycle::MAX_DAEMON_RESTARTS {
-        let acts = sup.handle(Event::QubesDbExited { domid: 4 }, now);
+        let acts = sup.handle(
+            Event::QubesDbExited {
+                domid: 4,
+                clean: false,
+            },
+            now,
+        );
         assert!(
             matches!(
                 acts.as_slice(),
@@ -368,7 +379,13 @@ fn qubesdb_is_filled_before_unpause_and_its_daemon_is_restarted_a_bounded_number
         );
     }
     assert!(sup
-        .handle(Event::QubesDbExited { domid: 4 }, now)
+        .handle(
+            Event::QubesDbExited {
+                domid: 4,
+                clean: false
+            },
+            now
+        )
         .is_empty());
     assert_eq!(
         sup.get("gui").unwrap().phase,

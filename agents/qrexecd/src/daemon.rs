@@ -98,6 +98,9 @@ struct Daemon {
     /// Per data port: the domain it was handed out for.
     ports: [Option<u32>; DATA_PORTS as usize],
     clients: Vec<Client>,
+    /// A forward to the agent that failed part-way: the control stream
+    /// can no longer be trusted, so the loop ends with it.
+    broken: Option<Fatal>,
 }
 
 fn log(name: &str, domid: u16, msg: &str) {
@@ -188,6 +191,7 @@ fn run(domid: u16, name: &str, default_user: String) -> Result<(), Fatal> {
         framer: Framer::new(MAX_AGENT_MSG),
         ports: [None; DATA_PORTS as usize],
         clients: Vec::new(),
+        broken: None,
     };
     d.serve(&listener)
 }
@@ -225,6 +229,14 @@ impl Daemon {
             if listen {
                 self.accept(listener);
             }
+            // Clients first: `ready` holds their positions at poll time,
+            // which the agent's messages (a terminated connection drops its
+            // client) would shift.
+            for (i, r) in ready.iter().enumerate().rev() {
+                if *r {
+                    self.client_input(i);
+                }
+            }
             if agent {
                 self.ctrl.handle_event().map_err(Fatal::Channel)?;
             }
@@ -241,10 +253,8 @@ impl Daemon {
                 }
                 Err(e) => return Err(e),
             }
-            for (i, r) in ready.iter().enumerate().rev() {
-                if *r {
-                    self.client_input(i);
-                }
+            if let Some(e) = self.broken.take() {
+                return Err(e);
             }
             if !self.ctrl.check_alive(false) {
                 self.log("the domain is gone; exiting");
@@ -464,9 +474,15 @@ impl Daemon {
             };
             let msg = message(h.kind, &reply.render(false));
             let c = &mut self.clients[i];
-            c.stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-            c.stream.write_all(&msg).map_err(|e| e.to_string())?;
-            c.stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let sent = c
+                .stream
+                .set_nonblocking(false)
+                .and_then(|()| c.stream.write_all(&msg))
+                .and_then(|()| c.stream.set_nonblocking(true));
+            if let Err(e) = sent {
+                self.release(port);
+                return Err(e.to_string());
+            }
             port
         } else if port_index(p.connect_port).is_some() {
             p.connect_port
@@ -493,7 +509,12 @@ impl Daemon {
             .ctrl
             .write_all(&message(h.kind, &forward.render(true)), HELLO_TIMEOUT)
         {
-            return Err(format!("forwarding to the agent: {e}"));
+            if p.connect_port == 0 {
+                self.release(port);
+            }
+            let reason = format!("forwarding to the agent: {e}");
+            self.broken = Some(Fatal::Channel(e));
+            return Err(reason);
         }
         Ok(())
     }
@@ -514,6 +535,14 @@ impl Daemon {
             .find(|i| self.ports[*i].is_none())?;
         self.ports[idx] = Some(domain);
         Some(FIRST_DATA_PORT + u32::try_from(idx).expect("under DATA_PORTS"))
+    }
+}
+
+impl Daemon {
+    fn release(&mut self, port: u32) {
+        if let Some(i) = port_index(port) {
+            self.ports[i] = None;
+        }
     }
 }
 
