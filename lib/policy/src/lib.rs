@@ -6,8 +6,8 @@
 //!   reason;
 //! - [`load`]: the policy directories in order (the owner's on /var, then
 //!   the shipped `/etc/qubes/policy.d`), files in C-locale order, with
-//!   `!include` and `!include-dir`; a bad file is rejected and the others
-//!   stay in force;
+//!   `!include` and `!include-dir`; a bad file is rejected, the files
+//!   before it stay in force, and a deny-everything rule takes its place;
 //! - [`eval`]: the first matching rule decides a [`Request`] against the
 //!   [`System`] (the domains, their types and tags); no match is a deny.
 

@@ -7,14 +7,16 @@
 //! `!include` and `!include-dir` are resolved against the including
 //! top-level file's directory.
 //!
-//! Unlike Qubes, where one bad file denies everything, a bad file is
-//! rejected on its own, with its file, line and reason, and the others stay
-//! in force.
+//! A bad file is rejected with its file, line and reason, and the files
+//! before it stay in force. In its place stands a rule that denies
+//! everything, so a deny it held can never turn into a later file's allow
+//! (fail closed; Qubes denies everything as soon as any file is bad). An
+//! unreadable policy directory denies everything.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::parse::{self, Line, Rule};
+use crate::parse::{self, Action, Line, Rule, Token};
 
 /// A policy file larger than this is rejected unread.
 pub const MAX_FILE_LEN: u64 = 1 << 20;
@@ -43,8 +45,24 @@ fn name_ok(name: &str) -> bool {
         .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase() || b"_.-".contains(&c))
 }
 
-/// The `.policy` files of `dir`, by name.
-fn policy_files(dir: &Path, errors: &mut Vec<PolicyError>) -> BTreeMap<String, PathBuf> {
+/// What stands in for a rejected file: deny every call from here on.
+fn deny_all(file: &str) -> Rule {
+    Rule {
+        service: None,
+        argument: None,
+        source: Token::Wildcard,
+        target: Token::Wildcard,
+        action: Action::Deny { notify: true },
+        file: file.to_owned(),
+        line: 0,
+    }
+}
+
+type Files = BTreeMap<String, Result<PathBuf, PolicyError>>;
+
+/// The `.policy` files of `dir`, by name; a name that is not allowed is an
+/// error in its place.
+fn policy_files(dir: &Path, errors: &mut Vec<PolicyError>) -> Files {
     let mut out = BTreeMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -65,14 +83,17 @@ fn policy_files(dir: &Path, errors: &mut Vec<PolicyError>) -> BTreeMap<String, P
             continue;
         }
         if !name_ok(&name) {
-            errors.push(PolicyError {
-                file: path.display().to_string(),
-                line: 0,
-                reason: "invalid filename (only 0-9, a-z, _, . and - are allowed)".into(),
-            });
+            out.insert(
+                name,
+                Err(PolicyError {
+                    file: path.display().to_string(),
+                    line: 0,
+                    reason: "invalid filename (only 0-9, a-z, _, . and - are allowed)".into(),
+                }),
+            );
             continue;
         }
-        out.insert(name, path);
+        out.insert(name, Ok(path));
     }
     out
 }
@@ -81,18 +102,28 @@ fn policy_files(dir: &Path, errors: &mut Vec<PolicyError>) -> BTreeMap<String, P
 /// shipped ones.
 pub fn load(dirs: &[&Path]) -> Policy {
     let mut policy = Policy::default();
-    let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut files: Files = BTreeMap::new();
     for dir in dirs {
-        for (name, path) in policy_files(dir, &mut policy.errors) {
-            files.entry(name).or_insert(path);
+        for (name, entry) in policy_files(dir, &mut policy.errors) {
+            files.entry(name).or_insert(entry);
         }
     }
-    for path in files.values() {
-        let base = path.parent().unwrap_or(Path::new("/")).to_owned();
-        let mut rules = Vec::new();
-        match load_file(path, &base, 0, &mut rules) {
-            Ok(()) => policy.rules.extend(rules),
-            Err(e) => policy.errors.push(e),
+    if let Some(e) = policy.errors.first() {
+        // A directory we cannot read may hold any rule: deny everything.
+        policy.rules.push(deny_all(&e.file));
+    }
+    for entry in files.values() {
+        let loaded = entry.clone().and_then(|path| {
+            let base = path.parent().unwrap_or(Path::new("/")).to_owned();
+            let mut rules = Vec::new();
+            load_file(&path, &base, 0, &mut rules).map(|()| rules)
+        });
+        match loaded {
+            Ok(rules) => policy.rules.extend(rules),
+            Err(e) => {
+                policy.rules.push(deny_all(&e.file));
+                policy.errors.push(e);
+            }
         }
     }
     policy
@@ -149,8 +180,8 @@ fn load_file(
                 if let Some(e) = errors.into_iter().next() {
                     return Err(e);
                 }
-                for f in inner.values() {
-                    load_file(f, base, depth + 1, rules)?;
+                for f in inner.into_values() {
+                    load_file(&f?, base, depth + 1, rules)?;
                 }
             }
         }
@@ -202,12 +233,17 @@ mod tests {
             [
                 ("extra.inc", Some("svc2")),
                 ("30-user.policy", Some("svc")),
+                // The bad file: deny everything from its place on.
+                ("40-bad.policy", None),
                 ("50-admin.policy", Some("admin.vm.List")),
                 ("90-default.policy", None),
+                ("Bad.policy", None),
             ]
         );
+        assert_eq!(p.rules[2].line, 0);
+        assert!(matches!(p.rules[2].action, Action::Deny { .. }));
         // The owner's 50-admin hides the shipped one.
-        assert_eq!(p.rules[2].source, crate::parse::Token::Name("work".into()));
+        assert_eq!(p.rules[3].source, Token::Name("work".into()));
         let errs: Vec<String> = p.errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(
@@ -227,7 +263,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a.policy"), "!include a.policy\n").unwrap();
         let p = load(&[d.path()]);
-        assert!(p.rules.is_empty());
+        assert_eq!(p.rules.len(), 1, "only the deny-all in its place");
         assert!(
             p.errors[0].reason.contains("nested deeper"),
             "{:?}",

@@ -204,7 +204,19 @@ pub fn pump(
     loop {
         // Send what is queued first.
         while !to_send.is_empty() {
-            let n = chan.try_write(&to_send)?;
+            let n = match chan.try_write(&to_send) {
+                Ok(n) => n,
+                // The service may be done (its exit code in the ring)
+                // while our stdin still flows: stop sending, keep reading.
+                Err(e) if e.is_peer_gone() && side == Side::Client => {
+                    to_send.clear();
+                    inputs[0].0 = None;
+                    break;
+                }
+                // The client went away: nobody wants the rest.
+                Err(e) if e.is_peer_gone() => return Ok(Outcome::Done),
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
                 break;
             }
@@ -224,7 +236,9 @@ pub fn pump(
             return Ok(Outcome::Done);
         }
         // Take from the vchan while our local writers keep up.
-        if out.pending.len() < OUTPUT_HIGH_WATER && err.pending.len() < OUTPUT_HIGH_WATER {
+        let reading =
+            out.pending.len() < OUTPUT_HIGH_WATER && err.pending.len() < OUTPUT_HIGH_WATER;
+        if reading {
             loop {
                 let n = match chan.try_read(&mut buf) {
                     Ok(n) => n,
@@ -320,13 +334,8 @@ pub fn pump(
                 continue;
             }
         }
-        wait(
-            chan,
-            &inputs,
-            &out,
-            &err,
-            !to_send.is_empty() || space <= HEADER_LEN,
-        )?;
+        let ring_full = !to_send.is_empty() || space <= HEADER_LEN;
+        wait(chan, &inputs, &out, &err, ring_full, reading)?;
     }
 }
 
@@ -356,11 +365,14 @@ fn wait(
     out: &Sink,
     err: &Sink,
     ring_full: bool,
+    reading: bool,
 ) -> Result<(), DataError> {
     // Ask the peer to signal its next read and write, then look once more:
     // what raced the request is not slept through.
     chan.request_notifications();
-    if chan.data_ready()? > 0 || (ring_full && chan.buffer_space()? > HEADER_LEN) {
+    // Data waiting counts only while we take it; above the high-water mark
+    // we wait for our local reader instead of spinning on the ring.
+    if (reading && chan.data_ready()? > 0) || (ring_full && chan.buffer_space()? > HEADER_LEN) {
         return Ok(());
     }
     let ev: BorrowedFd<'_> = chan.event_fd();

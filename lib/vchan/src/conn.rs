@@ -429,6 +429,16 @@ impl Vchan {
             self.evtchn.notify().map_err(|source| self.sys(source))?;
         }
         if n == 0 && self.peer_gone() {
+            // The peer may have written its last bytes and closed between
+            // our look at the ring and our look at its live byte: look at
+            // the ring once more before calling it gone.
+            let (n, _) = match self.ep.recv(buf) {
+                Ok(r) => r,
+                Err(e) => return Err(self.corrupt(e)),
+            };
+            if n > 0 {
+                return Ok(n);
+            }
             return Err(self.gone_error());
         }
         Ok(n)

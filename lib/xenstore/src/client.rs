@@ -123,7 +123,14 @@ pub struct Xs {
     decoder: Decoder,
     events: VecDeque<WatchEvent>,
     timeout: Duration,
+    /// Requests whose reply came too late: when it does arrive it is
+    /// dropped, so the connection stays usable after a timeout.
+    abandoned: Vec<u32>,
 }
+
+/// Late replies awaited at most; past this the daemon is not answering
+/// and the connection is given up.
+const MAX_ABANDONED: usize = 16;
 
 impl std::fmt::Debug for Xs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,6 +183,7 @@ impl Xs {
             decoder: Decoder::default(),
             events: VecDeque::new(),
             timeout: DEFAULT_TIMEOUT,
+            abandoned: Vec::new(),
         }
     }
 
@@ -350,6 +358,14 @@ impl Xs {
         path: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, XsError> {
+        if self.abandoned.len() >= MAX_ABANDONED {
+            return Err(XsError::Protocol {
+                source_name: self.source_name.clone(),
+                reason: format!(
+                    "{MAX_ABANDONED} requests went unanswered; giving the connection up"
+                ),
+            });
+        }
         let req_id = self.next_req;
         // Request id 0 is what xenstored uses for watch events; skip it.
         self.next_req = self.next_req.checked_add(1).unwrap_or(1);
@@ -369,6 +385,7 @@ impl Xs {
         let deadline = Instant::now() + self.timeout;
         loop {
             let Some(m) = self.receive(deadline)? else {
+                self.abandoned.push(req_id);
                 return Err(XsError::Timeout {
                     source_name: self.source_name.clone(),
                     op,
@@ -379,6 +396,11 @@ impl Xs {
             let kind = m.kind().map_err(|e| self.bad_reply(e))?;
             if kind == MsgType::WatchEvent {
                 self.unrequested(m)?;
+                continue;
+            }
+            if let Some(i) = self.abandoned.iter().position(|r| *r == m.header.req_id) {
+                // The late answer to a request we gave up on.
+                self.abandoned.swap_remove(i);
                 continue;
             }
             if m.header.req_id != req_id {
@@ -661,6 +683,28 @@ mod tests {
             xs.read("/bad path").unwrap_err(),
             XsError::Request { .. }
         ));
+    }
+
+    #[test]
+    fn a_late_reply_is_dropped_and_the_connection_stays_usable() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static FIRST: AtomicBool = AtomicBool::new(true);
+        let (_dir, path, _t) = fake(|m| {
+            let r = m.header.req_id;
+            if FIRST.swap(false, Ordering::SeqCst) {
+                // No answer now; it comes with the next one.
+                return Vec::new();
+            }
+            vec![(2, r - 1, b"late".to_vec()), (2, r, b"on time".to_vec())]
+        });
+        let mut xs = Xs::open_socket(&path).unwrap();
+        xs.set_timeout(Duration::from_millis(50));
+        assert!(matches!(
+            xs.read("/a").unwrap_err(),
+            XsError::Timeout { .. }
+        ));
+        xs.set_timeout(Duration::from_secs(5));
+        assert_eq!(xs.read("/b").unwrap(), b"on time");
     }
 
     #[test]
