@@ -213,6 +213,8 @@ pub fn run(domid: u16, name: Option<&str>, path: &Path) -> Result<(), DaemonErro
     let listener = bind(path)?;
     log(vm.as_ref(), &format!("serving {}", path.display()));
     let mut clients: Vec<Client> = Vec::new();
+    let mut reoffer = qbackoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut connected_since: Option<std::time::Instant> = None;
     loop {
         let (listen_ready, vm_ready, client_ready) = wait(&listener, vm.as_ref(), &clients)?;
         if listen_ready {
@@ -225,7 +227,17 @@ pub fn run(domid: u16, name: Option<&str>, path: &Path) -> Result<(), DaemonErro
                 None
             }
             .or(v.fault.take());
-            let gone = fault.is_some() || v.chan.state() == State::Gone;
+            let state = v.chan.state();
+            if state == State::Connected && connected_since.is_none() {
+                connected_since = Some(std::time::Instant::now());
+            }
+            let gone = fault.is_some() || state == State::Gone;
+            if gone {
+                // A connection that lasted earns a quick new offer.
+                if let Some(t) = connected_since.take() {
+                    reoffer.ran_for(t.elapsed());
+                }
+            }
             if gone {
                 match &fault {
                     Some(VmFault::Vchan(e)) if e.is_peer_gone() => {
@@ -239,9 +251,14 @@ pub fn run(domid: u16, name: Option<&str>, path: &Path) -> Result<(), DaemonErro
                     return Ok(());
                 }
                 // The VM's daemon may come back (a restart inside the VM):
-                // offer a fresh vchan; it syncs everything again.
+                // offer a fresh vchan; it syncs everything again. A VM that
+                // breaks its connection again and again waits longer each
+                // time (each offer costs dom0 a page and a port).
                 let (own, domid, name) = (v.own, v.domid, v.name.clone());
                 drop(vm.take());
+                let delay = reoffer.next_delay();
+                log(None, &format!("offering {name} a new vchan in {delay:?}"));
+                std::thread::sleep(delay);
                 let conn = xs
                     .as_mut()
                     .expect("a VM daemon holds a xenstore connection");
