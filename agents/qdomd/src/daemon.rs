@@ -330,7 +330,7 @@ impl Daemon {
             .stdin(std::process::Stdio::null())
             .spawn();
         let tx = self.events_tx.clone();
-        let mut child = match child {
+        let child = match child {
             Ok(c) => c,
             Err(e) => {
                 let _ = tx.send(Event::QubesDbUp {
@@ -340,23 +340,9 @@ impl Daemon {
                 return;
             }
         };
-        {
-            let tx = tx.clone();
-            let name = name.clone();
-            tokio::spawn(async move {
-                let clean = match child.wait().await {
-                    Ok(st) => {
-                        log::info!("{name}: QubesDB daemon exited ({st})");
-                        st.success()
-                    }
-                    Err(e) => {
-                        log::warn!("{name}: waiting for the QubesDB daemon: {e}");
-                        false
-                    }
-                };
-                let _ = tx.send(Event::QubesDbExited { domid, clean });
-            });
-        }
+        watch_daemon(child, name.clone(), "QubesDB", tx.clone(), move |clean| {
+            Event::QubesDbExited { domid, clean }
+        });
         let xl = self.xl.clone();
         tokio::spawn(async move {
             let filled = tokio::task::spawn_blocking(move || fill_qubesdb(&socket, &entries))
@@ -385,21 +371,10 @@ impl Daemon {
             .spawn();
         let tx = self.events_tx.clone();
         match child {
-            Ok(mut c) => {
-                tokio::spawn(async move {
-                    let clean = match c.wait().await {
-                        Ok(st) => {
-                            log::info!("{name}: qrexec daemon exited ({st})");
-                            st.success()
-                        }
-                        Err(e) => {
-                            log::warn!("{name}: waiting for the qrexec daemon: {e}");
-                            false
-                        }
-                    };
-                    let _ = tx.send(Event::QrexecExited { domid, clean });
-                });
-            }
+            Ok(c) => watch_daemon(c, name, "qrexec", tx, move |clean| Event::QrexecExited {
+                domid,
+                clean,
+            }),
             Err(e) => {
                 log::error!("{name}: spawning {}: {e}", self.qrexec_daemon.display());
                 // Counts as a daemon that died: the restart rule applies.
@@ -425,6 +400,30 @@ impl Daemon {
             log::error!("{name}: the xenstore watcher is gone; not watching domain {domid}");
         }
     }
+}
+
+/// Waits for a per-VM daemon to exit and reports it: `clean` when it
+/// exited 0, which the daemons do only once their domain is gone.
+fn watch_daemon(
+    mut child: tokio::process::Child,
+    name: String,
+    what: &'static str,
+    tx: mpsc::UnboundedSender<Event>,
+    exited: impl FnOnce(bool) -> Event + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let clean = match child.wait().await {
+            Ok(st) => {
+                log::info!("{name}: {what} daemon exited ({st})");
+                st.success()
+            }
+            Err(e) => {
+                log::warn!("{name}: waiting for the {what} daemon: {e}");
+                false
+            }
+        };
+        let _ = tx.send(exited(clean));
+    });
 }
 
 /// Waits for the daemon's socket, then writes every entry (blocking).
