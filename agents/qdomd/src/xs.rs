@@ -216,3 +216,39 @@ impl Tracker {
         events
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One node, as a guest may have written it.
+    struct OneKey(Option<Vec<u8>>);
+
+    impl Store for OneKey {
+        fn directory(&mut self, _: &str) -> Result<Vec<String>, XsError> {
+            Ok(Vec::new())
+        }
+        fn read(&mut self, _: &str) -> Result<Option<Vec<u8>>, XsError> {
+            Ok(self.0.clone())
+        }
+    }
+
+    /// The guest owns its readiness key: whatever bytes it writes are an
+    /// answer, never an error that could stop the watcher.
+    #[test]
+    fn any_non_blank_bytes_are_ready() {
+        for (value, ready) in [
+            (None, false),
+            (Some(b"".to_vec()), false),
+            (Some(b" \n".to_vec()), false),
+            (Some(b"qguest 0.1.0".to_vec()), true),
+            (Some(vec![0xff, 0xfe]), true),
+        ] {
+            assert_eq!(
+                is_ready(&mut OneKey(value.clone()), 3).unwrap(),
+                ready,
+                "{value:?}"
+            );
+        }
+    }
+}
