@@ -24,8 +24,7 @@ use qrexec::cmdline::{self, Request};
 use qrexec::data::{self, Local, Side};
 use qrexec::framer::Framer;
 use qrexec::wire::{
-    message, ExecParams, Header, MsgType, PeerInfo, MAX_QREXEC_CMD_LEN, PROTOCOL_VERSION,
-    SERVICE_IDENT_LEN, VCHAN_BASE_PORT,
+    message, ExecParams, MsgType, MAX_QREXEC_CMD_LEN, SERVICE_IDENT_LEN, VCHAN_BASE_PORT,
 };
 use qvchan::{Vchan, VchanError};
 
@@ -71,27 +70,7 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
             Err(e) => return Err(chain(&e)),
         }
     }
-    ctrl.write_all(
-        &PeerInfo {
-            version: PROTOCOL_VERSION,
-        }
-        .message(),
-        IO_TIMEOUT,
-    )
-    .map_err(|e| chain(&e))?;
-    let mut raw = [0u8; 12];
-    ctrl.read_exact(&mut raw, IO_TIMEOUT)
-        .map_err(|e| chain(&e))?;
-    let h = Header::parse(raw[..8].try_into().expect("8 bytes")).map_err(|e| e.to_string())?;
-    let version = PeerInfo::parse(&raw[8..])
-        .map_err(|e| e.to_string())?
-        .version;
-    if h.kind != MsgType::Hello || version < PROTOCOL_VERSION {
-        return Err(format!(
-            "dom0 sent {} (version {version}) instead of a protocol 3 MSG_HELLO",
-            h.kind
-        ));
-    }
+    data::handshake(&mut ctrl, IO_TIMEOUT).map_err(|e| chain(&e))?;
     log("QGUEST-QREXEC connected");
     let (done_tx, done_rx) = mpsc::channel::<ToControl>();
     let mut framer = Framer::new(MAX_QREXEC_CMD_LEN);

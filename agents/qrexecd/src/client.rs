@@ -125,12 +125,7 @@ fn run(args: &Args) -> Result<i32, String> {
     let domid = u16::try_from(reply.connect_domain)
         .map_err(|_| format!("domain {} out of range", reply.connect_domain))?;
     let mut xs = qxenstore::Xs::open().map_err(|e| qcontract::error_chain(&e))?;
-    let own: u16 = xs
-        .read_string("domid")
-        .map_err(|e| qcontract::error_chain(&e))?
-        .trim()
-        .parse()
-        .map_err(|_| "our own domid is not a number".to_string())?;
+    let own = xs.own_domid().map_err(|e| qcontract::error_chain(&e))?;
     let mut chan = Vchan::server(
         &mut xs,
         own,

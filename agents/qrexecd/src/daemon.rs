@@ -32,6 +32,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use qrexec::cmdline::substitute_default_user;
+use qrexec::data;
 use qrexec::framer::Framer;
 use qrexec::wire::{
     message, ExecParams, Header, MsgType, PeerInfo, ServiceParams, TriggerService3,
@@ -59,8 +60,6 @@ enum Fatal {
     Channel(#[source] VchanError),
     #[error("cutting the VM off: the agent sent {0}")]
     Agent(String),
-    #[error("our own domid in xenstore is not a number")]
-    OwnDomid,
     #[error("local socket {path}")]
     Socket {
         path: PathBuf,
@@ -140,43 +139,13 @@ fn main() -> ExitCode {
 
 fn run(domid: u16, name: &str, default_user: String) -> Result<(), Fatal> {
     let mut xs = qxenstore::Xs::open()?;
-    let own: u16 = xs
-        .read_string("domid")?
-        .trim()
-        .parse()
-        .map_err(|_| Fatal::OwnDomid)?;
+    let own = xs.own_domid()?;
     let mut ctrl = Vchan::client(&mut xs, own, domid, VCHAN_BASE_PORT, STARTUP_TIMEOUT)
         .map_err(Fatal::Connect)?;
     drop(xs);
     // The agent sends its HELLO first.
-    let mut raw = [0u8; 12];
-    ctrl.read_exact(&mut raw, HELLO_TIMEOUT)
-        .map_err(Fatal::Channel)?;
-    let h = Header::parse(raw[..8].try_into().expect("8 bytes"))
-        .map_err(|e| Fatal::Agent(e.to_string()))?;
-    if h.kind != MsgType::Hello || h.len != 4 {
-        return Err(Fatal::Agent(format!(
-            "{} of {} bytes instead of MSG_HELLO",
-            h.kind, h.len
-        )));
-    }
-    let version = PeerInfo::parse(&raw[8..])
-        .map_err(|e| Fatal::Agent(e.to_string()))?
-        .version
-        .min(PROTOCOL_VERSION);
-    if version < PROTOCOL_VERSION {
-        return Err(Fatal::Agent(format!(
-            "protocol version {version}; only {PROTOCOL_VERSION} (Qubes R4.1 and later) is spoken here"
-        )));
-    }
-    ctrl.write_all(
-        &PeerInfo {
-            version: PROTOCOL_VERSION,
-        }
-        .message(),
-        HELLO_TIMEOUT,
-    )
-    .map_err(Fatal::Channel)?;
+    let version = data::read_hello(&mut ctrl, HELLO_TIMEOUT).map_err(hello_error)?;
+    data::send_hello(&mut ctrl, HELLO_TIMEOUT).map_err(hello_error)?;
     let listener = bind(domid, name)?;
     log(
         name,
@@ -194,6 +163,14 @@ fn run(domid: u16, name: &str, default_user: String) -> Result<(), Fatal> {
         broken: None,
     };
     d.serve(&listener)
+}
+
+/// A failed greeting: the channel broke, or the agent said something else.
+fn hello_error(e: data::DataError) -> Fatal {
+    match e {
+        data::DataError::Vchan(e) => Fatal::Channel(e),
+        other => Fatal::Agent(other.to_string()),
+    }
 }
 
 fn bind(domid: u16, name: &str) -> Result<UnixListener, Fatal> {

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qubesdb::db::Db;
 use qubesdb::local::{Change, Session};
@@ -80,6 +80,8 @@ struct Vm {
     /// A fault found while forwarding a local change; the loop closes the
     /// connection for it.
     fault: Option<VmFault>,
+    /// When the VM connected to this offer.
+    connected_at: Option<Instant>,
 }
 
 impl Vm {
@@ -104,6 +106,7 @@ impl Vm {
             side: Dom0Side::new(),
             out: Vec::new(),
             fault: None,
+            connected_at: None,
         })
     }
 
@@ -193,34 +196,32 @@ fn log(vm: Option<&Vm>, msg: &str) {
 
 pub fn run(domid: u16, name: Option<&str>, path: &Path) -> Result<(), DaemonError> {
     let mut db = Db::new();
-    let mut xs = None;
+    // A VM's daemon keeps its xenstore connection for the offers it makes.
     let mut vm = match name {
         Some(name) => {
-            let mut conn = Xs::open()?;
-            let own = conn.read_string("domid")?;
-            let own = own.trim().parse::<u16>().map_err(|_| XsError::Protocol {
-                source_name: "domid".into(),
-                reason: format!("our own domid {own:?} is not a number"),
-            })?;
-            let v = Vm::offer(&mut conn, own, domid, name)?;
-            xs = Some(conn);
-            Some(v)
+            let mut xs = Xs::open()?;
+            let own = xs.own_domid()?;
+            let v = Vm::offer(&mut xs, own, domid, name)?;
+            Some((v, xs))
         }
         None => None,
     };
     // The socket appears only once the vchan is offered: qdomd takes the
     // socket as "ready", and unpauses the VM after filling the database.
     let listener = bind(path)?;
-    log(vm.as_ref(), &format!("serving {}", path.display()));
+    log(
+        vm.as_ref().map(|(v, _)| v),
+        &format!("serving {}", path.display()),
+    );
     let mut clients: Vec<Client> = Vec::new();
     let mut reoffer = qbackoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut connected_since: Option<std::time::Instant> = None;
     loop {
-        let (listen_ready, vm_ready, client_ready) = wait(&listener, vm.as_ref(), &clients)?;
+        let (listen_ready, vm_ready, client_ready) =
+            wait(&listener, vm.as_ref().map(|(v, _)| v), &clients)?;
         if listen_ready {
-            accept(&listener, &mut clients, vm.as_ref());
+            accept(&listener, &mut clients, vm.as_ref().map(|(v, _)| v));
         }
-        if let Some(v) = vm.as_mut() {
+        if let Some((v, xs)) = vm.as_mut() {
             let fault = if vm_ready {
                 v.service(&mut db, &mut clients).err()
             } else {
@@ -228,17 +229,10 @@ pub fn run(domid: u16, name: Option<&str>, path: &Path) -> Result<(), DaemonErro
             }
             .or(v.fault.take());
             let state = v.chan.state();
-            if state == State::Connected && connected_since.is_none() {
-                connected_since = Some(std::time::Instant::now());
+            if state == State::Connected && v.connected_at.is_none() {
+                v.connected_at = Some(Instant::now());
             }
-            let gone = fault.is_some() || state == State::Gone;
-            if gone {
-                // A connection that lasted earns a quick new offer.
-                if let Some(t) = connected_since.take() {
-                    reoffer.ran_for(t.elapsed());
-                }
-            }
-            if gone {
+            if fault.is_some() || state == State::Gone {
                 match &fault {
                     Some(VmFault::Vchan(e)) if e.is_peer_gone() => {
                         log(Some(v), "the VM closed its end")
@@ -253,22 +247,30 @@ pub fn run(domid: u16, name: Option<&str>, path: &Path) -> Result<(), DaemonErro
                 // The VM's daemon may come back (a restart inside the VM):
                 // offer a fresh vchan; it syncs everything again. A VM that
                 // breaks its connection again and again waits longer each
-                // time (each offer costs dom0 a page and a port).
-                let (own, domid, name) = (v.own, v.domid, v.name.clone());
-                drop(vm.take());
+                // time (each offer costs dom0 a page and a port); one that
+                // stayed connected a while earns a quick new offer.
+                if let Some(t) = v.connected_at {
+                    reoffer.ran_for(t.elapsed());
+                }
                 let delay = reoffer.next_delay();
-                log(None, &format!("offering {name} a new vchan in {delay:?}"));
+                log(Some(v), &format!("offering a new vchan in {delay:?}"));
+                // The old offer and its xenstore entry go before the new
+                // one is made at the same path.
+                v.chan.close();
                 std::thread::sleep(delay);
-                let conn = xs
-                    .as_mut()
-                    .expect("a VM daemon holds a xenstore connection");
-                vm = Some(Vm::offer(conn, own, domid, &name)?);
+                let (own, name) = (v.own, v.name.clone());
+                *v = Vm::offer(xs, own, domid, &name)?;
             } else if !v.chan.check_alive(false) {
                 log(Some(v), "the domain is gone; exiting");
                 return Ok(());
             }
         }
-        serve_clients(&mut clients, &client_ready, &mut db, &mut vm);
+        serve_clients(
+            &mut clients,
+            &client_ready,
+            &mut db,
+            vm.as_mut().map(|(v, _)| v),
+        );
     }
 }
 
@@ -339,7 +341,7 @@ fn accept(listener: &UnixListener, clients: &mut Vec<Client>, vm: Option<&Vm>) {
     }
 }
 
-fn serve_clients(clients: &mut Vec<Client>, ready: &[bool], db: &mut Db, vm: &mut Option<Vm>) {
+fn serve_clients(clients: &mut Vec<Client>, ready: &[bool], db: &mut Db, mut vm: Option<&mut Vm>) {
     let mut drop_idx = vec![false; clients.len()];
     for i in 0..clients.len() {
         if !ready.get(i).copied().unwrap_or(false) {
@@ -359,7 +361,7 @@ fn serve_clients(clients: &mut Vec<Client>, ready: &[bool], db: &mut Db, vm: &mu
                         out.changes
                     }
                     Err(e) => {
-                        log(vm.as_ref(), &format!("closing a local client: {e}"));
+                        log(vm.as_deref(), &format!("closing a local client: {e}"));
                         drop_idx[i] = true;
                         continue;
                     }
@@ -408,7 +410,7 @@ fn serve_clients(clients: &mut Vec<Client>, ready: &[bool], db: &mut Db, vm: &mu
         }
         if c.out.len() > CLIENT_BACKLOG {
             log(
-                vm.as_ref(),
+                vm.as_deref(),
                 "closing a local client that does not read its replies",
             );
             drop_idx[i] = true;

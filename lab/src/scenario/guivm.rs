@@ -31,6 +31,17 @@ fn guivm_row(ctx: &mut Ctx<'_>) -> Result<(String, String)> {
     Ok((cols[1].to_owned(), cols[2].to_owned()))
 }
 
+/// Waits until `xl list` no longer shows `vm` (a clean shutdown takes its
+/// time under emulation).
+fn domain_gone(ctx: &mut Ctx<'_>, vm: &str) -> Result<String> {
+    ctx.sh_until(
+        "xl list",
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+        |xl| !xl.contains(vm),
+    )
+}
+
 /// The stand-in's `QGUEST-QUBESDB` line from its console log in dom0 (the
 /// guest prints it once its QubesDB is synced).
 fn guest_synced(ctx: &mut Ctx<'_>, vm: &str, timeout: Duration) -> Result<String> {
@@ -84,13 +95,7 @@ fn app_vm(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
     ctx.note(format!("work: {}", line.trim()));
     qrexec(ctx)?;
     ctx.sh("qdom shutdown work")?;
-    ctx.sh_until(
-        "xl list",
-        Duration::from_secs(120),
-        Duration::from_secs(2),
-        |xl| !xl.contains("work"),
-    )
-    .context("the app VM did not shut down")?;
+    domain_gone(ctx, "work").context("the app VM did not shut down")?;
     let (state, _) = guivm_row(ctx)?;
     ensure!(
         state == "ready",
@@ -218,13 +223,7 @@ fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
     // Stopping qdomd through qinit shuts the guest down cleanly: the
     // guest's own poweroff runs, as its console log shows.
     ctx.sh("qinit ctl stop qdomd")?;
-    ctx.sh_until(
-        "xl list",
-        Duration::from_secs(120),
-        Duration::from_secs(2),
-        |xl| !xl.contains("guivm"),
-    )
-    .context("the GUI VM did not shut down")?;
+    domain_gone(ctx, "guivm").context("the GUI VM did not shut down")?;
     let status = ctx.sh("qinit ctl status")?;
     ensure!(status.contains("qdomd state=stopped"), "{status}");
     let console = ctx.sh("cat /var/log/xen/console/guest-guivm.log")?;

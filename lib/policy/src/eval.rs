@@ -104,17 +104,32 @@ impl System {
         }
     }
 
+    /// Whether the domain `name` is one that `t` (`@type:`, `@tag:`,
+    /// `@dispvm:@tag:`) picks out; the one place these tokens are read.
+    fn selects(&self, t: &Token, name: &str) -> bool {
+        self.domains.get(name).is_some_and(|d| match t {
+            Token::Type(ty) => &d.class == ty,
+            Token::Tag(tag) => d.tags.contains(tag),
+            Token::DispVmTag(tag) => d.template_for_dispvms && d.tags.contains(tag),
+            _ => false,
+        })
+    }
+
+    /// Every domain `t` picks out (see [`System::selects`]).
+    fn selected<'a>(&'a self, t: &'a Token) -> impl Iterator<Item = &'a str> + 'a {
+        self.domains
+            .keys()
+            .filter(move |n| self.selects(t, n))
+            .map(String::as_str)
+    }
+
     fn source_matches(&self, t: &Token, source: &str) -> bool {
         match t {
             Token::Wildcard => true,
             Token::AnyVm => source != DOM0,
             Token::AdminVm => source == DOM0,
             Token::Name(n) => n == source,
-            Token::Type(ty) => self.domains.get(source).is_some_and(|d| &d.class == ty),
-            Token::Tag(tag) => self
-                .domains
-                .get(source)
-                .is_some_and(|d| d.tags.contains(tag)),
+            Token::Type(_) | Token::Tag(_) => self.selects(t, source),
             // Not sources in R4.2's matching: never match.
             Token::DispVmOf(_) | Token::DispVmTag(_) | Token::DispVm | Token::Default => false,
         }
@@ -130,22 +145,19 @@ impl System {
         match t {
             Token::Wildcard => true,
             Token::AnyVm => *intended != Token::AdminVm,
-            Token::Type(ty) => matches!(intended, Token::Name(n)
-                if self.domains.get(n).is_some_and(|d| &d.class == ty)),
-            Token::Tag(tag) => matches!(intended, Token::Name(n)
-                if self.domains.get(n).is_some_and(|d| d.tags.contains(tag))),
+            Token::Type(_) | Token::Tag(_) => {
+                matches!(intended, Token::Name(n) if self.selects(t, n))
+            }
             Token::DispVmOf(x) => {
                 intended == t || (*intended == Token::DispVm && self.dispvm_base(source) == Some(x))
             }
-            Token::DispVmTag(tag) => {
+            Token::DispVmTag(_) => {
                 let base = match intended {
                     Token::DispVmOf(x) => Some(x.as_str()),
                     Token::DispVm => self.dispvm_base(source),
                     _ => None,
                 };
-                base.is_some_and(|b| {
-                    self.is_template(b) && self.domains.get(b).is_some_and(|d| d.tags.contains(tag))
-                })
+                base.is_some_and(|b| self.selects(t, b))
             }
             other => other == intended,
         }
@@ -178,18 +190,9 @@ impl System {
                 out.extend(self.domains.keys().cloned());
                 dispvms(out);
             }
-            Token::Type(ty) => out.extend(
-                self.domains
-                    .iter()
-                    .filter(|(_, d)| &d.class == ty)
-                    .map(|(n, _)| n.clone()),
-            ),
-            Token::Tag(tag) => out.extend(
-                self.domains
-                    .iter()
-                    .filter(|(_, d)| d.tags.contains(tag))
-                    .map(|(n, _)| n.clone()),
-            ),
+            Token::Type(_) | Token::Tag(_) => {
+                out.extend(self.selected(t).map(str::to_owned));
+            }
             Token::DispVm => {
                 out.insert("@dispvm".into());
             }
@@ -197,12 +200,7 @@ impl System {
                 out.insert(format!("@dispvm:{x}"));
             }
             Token::DispVmOf(_) => {}
-            Token::DispVmTag(tag) => out.extend(
-                self.domains
-                    .iter()
-                    .filter(|(_, d)| d.template_for_dispvms && d.tags.contains(tag))
-                    .map(|(n, _)| format!("@dispvm:{n}")),
-            ),
+            Token::DispVmTag(_) => out.extend(self.selected(t).map(|n| format!("@dispvm:{n}"))),
         }
     }
 

@@ -63,6 +63,16 @@ impl fmt::Display for Place {
     }
 }
 
+type MakeToken = fn(String) -> Token;
+
+/// The tokens with a value after their keyword.
+const PREFIXED: [(&str, MakeToken); 4] = [
+    ("@type:", Token::Type),
+    ("@tag:", Token::Tag),
+    ("@dispvm:@tag:", Token::DispVmTag),
+    ("@dispvm:", Token::DispVmOf),
+];
+
 impl Token {
     /// Parses a token for `place`, with the tables of R4.2's `VMToken`
     /// classes: what a place does not allow is an error.
@@ -77,33 +87,17 @@ impl Token {
             "@default" => Token::Default,
             "@dispvm" => Token::DispVm,
             _ => {
-                if let Some(v) = s.strip_prefix("@type:") {
-                    if v.is_empty() {
-                        return Err(empty("@type:"));
-                    }
-                    Token::Type(v.to_owned())
-                } else if let Some(v) = s.strip_prefix("@tag:") {
-                    if v.is_empty() {
-                        return Err(empty("@tag:"));
-                    }
-                    Token::Tag(v.to_owned())
-                } else if let Some(v) = s.strip_prefix("@dispvm:@tag:") {
-                    if v.is_empty() {
-                        return Err(empty("@dispvm:@tag:"));
-                    }
-                    Token::DispVmTag(v.to_owned())
-                } else if let Some(v) = s.strip_prefix("@dispvm:") {
-                    if v.is_empty() {
-                        return Err(empty("@dispvm:"));
-                    }
-                    if v.starts_with('@') {
-                        return Err(invalid());
-                    }
-                    Token::DispVmOf(v.to_owned())
-                } else if s.starts_with('@') || s.is_empty() {
-                    return Err(invalid());
-                } else {
-                    Token::Name(s.to_owned())
+                // Longest prefix first: `@dispvm:@tag:` before `@dispvm:`.
+                let prefixed = PREFIXED
+                    .iter()
+                    .find_map(|(prefix, make)| s.strip_prefix(prefix).map(|v| (*prefix, v, make)));
+                match prefixed {
+                    Some((prefix, "", _)) => return Err(empty(prefix)),
+                    // A template's name, not another keyword.
+                    Some(("@dispvm:", v, _)) if v.starts_with('@') => return Err(invalid()),
+                    Some((_, v, make)) => make(v.to_owned()),
+                    None if s.starts_with('@') || s.is_empty() => return Err(invalid()),
+                    None => Token::Name(s.to_owned()),
                 }
             }
         };

@@ -50,13 +50,22 @@ pub enum Side {
 /// Exchanges `MSG_HELLO` (both send at once; the ring holds it) and
 /// returns the agreed version. Only protocol 3 is spoken here.
 pub fn handshake(chan: &mut Vchan, timeout: Duration) -> Result<u32, DataError> {
-    chan.write_all(
-        &PeerInfo {
-            version: PROTOCOL_VERSION,
-        }
-        .message(),
-        timeout,
-    )?;
+    send_hello(chan, timeout)?;
+    read_hello(chan, timeout)
+}
+
+/// Sends our `MSG_HELLO` (protocol 3).
+pub fn send_hello(chan: &mut Vchan, timeout: Duration) -> Result<(), DataError> {
+    let hello = PeerInfo {
+        version: PROTOCOL_VERSION,
+    };
+    Ok(chan.write_all(&hello.message(), timeout)?)
+}
+
+/// Reads the peer's `MSG_HELLO` and returns the agreed version, the lower
+/// of the two; a peer below protocol 3 is refused. The control channel
+/// and every data connection greet this way.
+pub fn read_hello(chan: &mut Vchan, timeout: Duration) -> Result<u32, DataError> {
     let mut raw = [0u8; HEADER_LEN + 4];
     chan.read_exact(&mut raw, timeout)?;
     let h = Header::parse(raw[..HEADER_LEN].try_into().expect("8 bytes"))?;
@@ -70,7 +79,7 @@ pub fn handshake(chan: &mut Vchan, timeout: Duration) -> Result<u32, DataError> 
     let version = peer.version.min(PROTOCOL_VERSION);
     if version < PROTOCOL_VERSION {
         return Err(DataError::Protocol(format!(
-            "peer speaks protocol {}; only 3 is supported",
+            "peer speaks protocol {}; only 3 (Qubes R4.1 and later) is supported",
             peer.version
         )));
     }

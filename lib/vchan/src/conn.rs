@@ -421,25 +421,15 @@ impl Vchan {
         if buf.is_empty() {
             return Ok(0);
         }
-        let (n, notify) = match self.ep.recv(buf) {
-            Ok(r) => r,
-            Err(e) => return Err(self.corrupt(e)),
-        };
-        if notify {
-            self.evtchn.notify().map_err(|source| self.sys(source))?;
-        }
+        let n = self.recv(buf)?;
         if n == 0 && self.peer_gone() {
             // The peer may have written its last bytes and closed between
             // our look at the ring and our look at its live byte: look at
             // the ring once more before calling it gone.
-            let (n, _) = match self.ep.recv(buf) {
-                Ok(r) => r,
-                Err(e) => return Err(self.corrupt(e)),
+            return match self.recv(buf)? {
+                0 => Err(self.gone_error()),
+                n => Ok(n),
             };
-            if n > 0 {
-                return Ok(n);
-            }
-            return Err(self.gone_error());
         }
         Ok(n)
     }
@@ -452,10 +442,23 @@ impl Vchan {
         if buf.is_empty() {
             return Ok(0);
         }
-        let (n, notify) = match self.ep.send(buf) {
-            Ok(r) => r,
-            Err(e) => return Err(self.corrupt(e)),
-        };
+        let sent = self.ep.send(buf);
+        self.settle_transfer(sent)
+    }
+
+    /// Takes what the ring holds, signalling the peer if it asked.
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, VchanError> {
+        let got = self.ep.recv(buf);
+        self.settle_transfer(got)
+    }
+
+    /// After a ring transfer: a corrupt index ends the connection, and a
+    /// peer that asked to be told of it gets its signal.
+    fn settle_transfer(
+        &mut self,
+        r: Result<(usize, bool), RingError>,
+    ) -> Result<usize, VchanError> {
+        let (n, notify) = r.map_err(|e| self.corrupt(e))?;
         if notify {
             self.evtchn.notify().map_err(|source| self.sys(source))?;
         }

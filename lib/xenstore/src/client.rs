@@ -242,6 +242,16 @@ impl Xs {
         self.set_perms_in(0, path, perms)
     }
 
+    /// Our own domain id (the `domid` key xenstore keeps for every
+    /// domain, read relative to our own directory).
+    pub fn own_domid(&mut self) -> Result<u16, XsError> {
+        let raw = self.read_string("domid")?;
+        raw.trim().parse().map_err(|_| XsError::Protocol {
+            source_name: self.source_name.clone(),
+            reason: format!("our domid {raw:?} is not a domain id"),
+        })
+    }
+
     /// `/local/domain/<domid>`, as xenstored names it.
     pub fn get_domain_path(&mut self, domid: u32) -> Result<String, XsError> {
         let arg = domid.to_string();
