@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use crate::definition::DomainSet;
+use crate::definition::{DomainSet, Role};
 use crate::lifecycle::{Action, Event, Phase, Supervisor, STOP_TIMEOUT};
 use crate::xs::{self, Tracker};
 
@@ -49,11 +49,34 @@ pub enum Request {
     Kill(String),
 }
 
-/// Shared with the D-Bus side: the domain list after every change, and the
-/// changes themselves for the signal.
+/// One VM as the policy and the Admin API see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmView {
+    pub name: String,
+    /// Its Qubes class (`AppVM`, ...).
+    pub class: &'static str,
+    pub label: String,
+    pub memory_mib: u64,
+    pub tags: std::collections::BTreeSet<String>,
+    pub phase: Phase,
+    pub domid: Option<u32>,
+    /// The GUI VM that serves it (none for the GUI VM itself).
+    pub guivm: Option<String>,
+}
+
+impl VmView {
+    /// Whether the domain exists and runs (Qubes' `Running`).
+    pub fn running(&self) -> bool {
+        matches!(self.phase, Phase::Running | Phase::Ready)
+    }
+}
+
+/// Shared with the D-Bus side, the policy and the Admin API: the domain
+/// list after every change.
 #[derive(Debug, Default)]
 pub struct Shared {
     pub domains: Vec<DomainInfo>,
+    pub vms: Vec<VmView>,
 }
 
 pub struct Daemon {
@@ -82,6 +105,25 @@ fn infos(sup: &Supervisor) -> Vec<DomainInfo> {
             name: d.def.name.clone(),
             state: d.phase.as_str(),
             domid: d.domid.unwrap_or(0),
+        })
+        .collect()
+}
+
+fn views(sup: &Supervisor) -> Vec<VmView> {
+    let gui = sup
+        .iter()
+        .find(|d| d.def.role == Role::Gui)
+        .map(|d| d.def.name.clone());
+    sup.iter()
+        .map(|d| VmView {
+            name: d.def.name.clone(),
+            class: d.def.qubes.class.as_str(),
+            label: d.def.qubes.label.clone(),
+            memory_mib: d.def.memory_mib,
+            tags: d.def.qubes.tags.clone(),
+            phase: d.phase,
+            domid: d.domid,
+            guivm: gui.clone().filter(|g| *g != d.def.name),
         })
         .collect()
 }
@@ -171,8 +213,10 @@ impl Daemon {
 
     fn publish(&self) {
         let list = infos(&self.sup);
+        let vms = views(&self.sup);
         if let Ok(mut s) = self.shared.lock() {
             s.domains = list;
+            s.vms = vms;
         }
     }
 

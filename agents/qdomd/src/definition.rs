@@ -177,6 +177,9 @@ pub struct QubesInfo {
     /// Entries of the definition's own, added to the standard ones.
     #[serde(default)]
     pub qubesdb: BTreeMap<String, String>,
+    /// Its tags, for the policy's `@tag:` tokens.
+    #[serde(default)]
+    pub tags: std::collections::BTreeSet<String>,
 }
 
 fn default_class() -> VmClass {
@@ -197,6 +200,7 @@ impl Default for QubesInfo {
             template: None,
             label: default_label(),
             qubesdb: BTreeMap::new(),
+            tags: Default::default(),
         }
     }
 }
@@ -422,6 +426,21 @@ impl Domain {
                 "label",
                 format!("`{}` is not a label name like red", q.label),
             ));
+        }
+        // Qubes' tag rule (`qubes/tags.py`): the policy's `@tag:` reads
+        // them, so nothing else may pass.
+        for t in &q.tags {
+            if t.is_empty()
+                || t.len() > 64
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+            {
+                return Err(field(
+                    "tags",
+                    format!("`{t}` is not a tag ([A-Za-z0-9_-]+)"),
+                ));
+            }
         }
         for (key, value) in &q.qubesdb {
             let f = format!("qubesdb.{key:?}");

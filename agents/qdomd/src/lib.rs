@@ -6,12 +6,14 @@
 //! [`lifecycle`] is the state machine that starts, watches and restarts
 //! domains (with `qbackoff`'s restart delays), and [`xs`] turns xenstore watch firings into
 //! its events; [`daemon`] runs it against xenstore and `xl`, and
-//! [`service`] serves `org.qubesos.Domains1` ([`dbus`]).
+//! [`service`] serves `org.qubesos.Domains1` ([`dbus`]); [`policy`] is
+//! the qrexec policy daemon.
 
 pub mod daemon;
 pub mod dbus;
 pub mod definition;
 pub mod lifecycle;
+pub mod policy;
 pub mod qdb;
 pub mod service;
 pub mod xl;

@@ -35,6 +35,7 @@ fn list_start_unknown_and_the_state_signal() {
                 state: "ready",
                 domid: 3,
             }],
+            vms: Vec::new(),
         }));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let server = zbus::connection::Builder::address(address.as_str())

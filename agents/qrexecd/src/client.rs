@@ -10,14 +10,13 @@
 //! With `-e` the command runs with its stdio on /dev/null and the client
 //! exits at once.
 
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use qrexec::data::{self, Local, Outcome, Side};
-use qrexec::wire::{message, ExecParams, Header, MsgType, PeerInfo, HEADER_LEN, PROTOCOL_VERSION};
+use qrexec::wire::MsgType;
+use qrexecd::local::DaemonConn;
 use qvchan::Vchan;
 
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,59 +77,24 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<i32, String> {
-    let path = qrexec::socket_path(&args.vm);
-    let mut s = UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    s.set_read_timeout(Some(SOCKET_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    // The daemon greets first; protocol 3 exactly on this socket.
-    let (h, body) = read_msg(&mut s)?;
-    match PeerInfo::parse(&body) {
-        Ok(p) if h.kind == MsgType::Hello && p.version == PROTOCOL_VERSION => {}
-        _ => {
-            return Err(format!(
-                "the daemon sent {} instead of a protocol 3 MSG_HELLO",
-                h.kind
-            ))
-        }
-    }
-    s.write_all(
-        &PeerInfo {
-            version: PROTOCOL_VERSION,
-        }
-        .message(),
-    )
-    .map_err(|e| e.to_string())?;
+    let mut conn = DaemonConn::connect(&args.vm, SOCKET_TIMEOUT).map_err(|e| e.to_string())?;
     let kind = if args.just_exec {
         MsgType::JustExec
     } else {
         MsgType::ExecCmdline
     };
-    let req = ExecParams {
-        connect_domain: 0,
-        connect_port: 0,
-        cmdline: args.cmdline.as_bytes().to_vec(),
-    };
-    s.write_all(&message(kind, &req.render(true)))
+    let reply = conn
+        .request(kind, 0, args.cmdline.as_bytes())
         .map_err(|e| e.to_string())?;
-    let (h, body) = read_msg(&mut s)?;
-    if h.kind != kind || body.len() != 8 {
-        return Err(format!(
-            "the daemon answered {} of {} bytes",
-            h.kind,
-            body.len()
-        ));
-    }
-    let reply =
-        ExecParams::parse(MsgType::ConnectionTerminated, &body).map_err(|e| e.to_string())?;
-    let domid = u16::try_from(reply.connect_domain)
-        .map_err(|_| format!("domain {} out of range", reply.connect_domain))?;
+    let domid =
+        u16::try_from(reply.domain).map_err(|_| format!("domain {} out of range", reply.domain))?;
     let mut xs = qxenstore::Xs::open().map_err(|e| qcontract::error_chain(&e))?;
     let own = xs.own_domid().map_err(|e| qcontract::error_chain(&e))?;
     let mut chan = Vchan::server(
         &mut xs,
         own,
         domid,
-        reply.connect_port,
+        reply.port,
         qrexec::DATA_RING,
         qrexec::DATA_RING,
     )
@@ -140,7 +104,7 @@ fn run(args: &Args) -> Result<i32, String> {
         .map_err(|e| qcontract::error_chain(&e))?;
     data::handshake(&mut chan, SOCKET_TIMEOUT).map_err(|e| qcontract::error_chain(&e))?;
     // The daemon keeps our socket until the agent reports the end.
-    drop(s);
+    drop(conn);
     let local = if args.just_exec {
         Local::default()
     } else {
@@ -160,16 +124,4 @@ fn run(args: &Args) -> Result<i32, String> {
 
 fn dup(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, String> {
     fd.try_clone_to_owned().map_err(|e| e.to_string())
-}
-
-fn read_msg(s: &mut UnixStream) -> Result<(Header, Vec<u8>), String> {
-    let mut raw = [0u8; HEADER_LEN];
-    s.read_exact(&mut raw)
-        .map_err(|e| format!("reading from the daemon: {e}"))?;
-    let h = Header::parse(&raw).map_err(|e| e.to_string())?;
-    let len = h.checked_len(64).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)
-        .map_err(|e| format!("reading from the daemon: {e}"))?;
-    Ok((h, body))
 }

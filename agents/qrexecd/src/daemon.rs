@@ -14,9 +14,14 @@
 //! - The agent reports `MSG_CONNECTION_TERMINATED` when a data connection
 //!   ends; the port is free again and the client that asked for it is let
 //!   go.
-//! - Service calls from the VM (`MSG_TRIGGER_SERVICE3`) are refused for
-//!   now: the policy engine is not there yet, and without a policy nothing
-//!   is allowed (fail closed).
+//! - Service calls from the VM (`MSG_TRIGGER_SERVICE3`) are decided by the
+//!   policy daemon, each on a thread of its own ([`qrexecd::call`]): a
+//!   refusal is `MSG_SERVICE_REFUSED`; an allowed call to a VM gets its
+//!   data port from that VM's daemon, an allowed call to dom0 a port of
+//!   ours and the service run here; either way the agent is told where to
+//!   connect with `MSG_SERVICE_CONNECT`. Calls are bounded: at most
+//!   [`MAX_PENDING`] undecided, and [`CALL_BURST`] at once then
+//!   [`CALL_RATE`] a second, so a VM that floods only delays itself.
 //!
 //! Everything from the VM is hostile. A message of a wrong type or size
 //! cuts the VM off: the daemon logs the VM and the reason and exits, and
@@ -29,7 +34,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use qrexec::cmdline::substitute_default_user;
 use qrexec::data;
@@ -39,6 +45,7 @@ use qrexec::wire::{
     MAX_QREXEC_CMD_LEN, PROTOCOL_VERSION, SERVICE_IDENT_LEN, VCHAN_BASE_PORT,
 };
 use qrexec::{DATA_PORTS, FIRST_DATA_PORT};
+use qrexecd::call::{self, sanitize, Call, Decision};
 use qvchan::{Vchan, VchanError};
 use rustix::event::{poll, PollFd, PollFlags};
 
@@ -51,6 +58,12 @@ const MAX_CLIENTS: usize = 64;
 /// to 65000 bytes after its 96-byte head.
 const MAX_AGENT_MSG: usize = 96 + 65000;
 const TICK: Duration = Duration::from_secs(1);
+/// Calls waiting for the policy at once (the C daemon's
+/// `MAX_PENDING_POLICY`-sized table, 256).
+const MAX_PENDING: usize = 256;
+/// Calls a VM may make at once, and how many a second after that.
+const CALL_BURST: f64 = 100.0;
+const CALL_RATE: f64 = 50.0;
 
 #[derive(Debug, thiserror::Error)]
 enum Fatal {
@@ -100,6 +113,43 @@ struct Daemon {
     /// A forward to the agent that failed part-way: the control stream
     /// can no longer be trusted, so the loop ends with it.
     broken: Option<Fatal>,
+    /// Calls being decided, and their results.
+    pending: usize,
+    finished_tx: mpsc::Sender<Finished>,
+    finished_rx: mpsc::Receiver<Finished>,
+    /// A byte here wakes the loop when a call is decided.
+    wake_rx: UnixStream,
+    wake_tx: UnixStream,
+    calls: Bucket,
+}
+
+/// A decided call, back from its thread.
+struct Finished {
+    ident: String,
+    call: Call,
+    decision: Decision,
+}
+
+/// A token bucket: `CALL_BURST` calls, refilled at `CALL_RATE` a second.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// Calls refused since the last log line about it.
+    refused: u64,
+}
+
+impl Bucket {
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() * CALL_RATE;
+        self.tokens = (self.tokens + refill).min(CALL_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 fn log(name: &str, domid: u16, msg: &str) {
@@ -152,6 +202,9 @@ fn run(domid: u16, name: &str, default_user: String) -> Result<(), Fatal> {
         domid,
         &format!("connected to the agent (protocol {version})"),
     );
+    let (wake_rx, wake_tx) = UnixStream::pair().map_err(Fatal::Poll)?;
+    wake_rx.set_nonblocking(true).map_err(Fatal::Poll)?;
+    let (finished_tx, finished_rx) = mpsc::channel();
     let mut d = Daemon {
         domid,
         name: name.into(),
@@ -161,6 +214,16 @@ fn run(domid: u16, name: &str, default_user: String) -> Result<(), Fatal> {
         ports: [None; DATA_PORTS as usize],
         clients: Vec::new(),
         broken: None,
+        pending: 0,
+        finished_tx,
+        finished_rx,
+        wake_rx,
+        wake_tx,
+        calls: Bucket {
+            tokens: CALL_BURST,
+            at: Instant::now(),
+            refused: 0,
+        },
     };
     d.serve(&listener)
 }
@@ -217,6 +280,7 @@ impl Daemon {
             if agent {
                 self.ctrl.handle_event().map_err(Fatal::Channel)?;
             }
+            self.finish_calls()?;
             // Look at the agent every turn: an event may have been taken
             // by an earlier read.
             match self.agent_input() {
@@ -246,6 +310,7 @@ impl Daemon {
         let mut fds = vec![
             PollFd::new(listener, PollFlags::IN),
             PollFd::new(&ev, PollFlags::IN),
+            PollFd::new(&self.wake_rx, PollFlags::IN),
         ];
         for c in &self.clients {
             fds.push(PollFd::new(&c.stream, PollFlags::IN));
@@ -267,7 +332,7 @@ impl Daemon {
         Ok((
             hit(&fds[0]),
             hit(&fds[1]),
-            fds[2..].iter().map(hit).collect(),
+            fds[3..].iter().map(hit).collect(),
         ))
     }
 
@@ -363,19 +428,117 @@ impl Daemon {
         if !valid_ident(data) {
             return Err(Fatal::Agent("a request id with bytes after its NUL".into()));
         }
-        self.log(&format!(
-            "refused {} to {:?}: no policy engine yet, so nothing is allowed",
-            sanitize(&t.service_name, "+"),
-            sanitize(&t.target_domain, "@:")
-        ));
+        let ident = t.request_id.ident;
+        let call = match Call::new(&self.name, self.domid, &t.target_domain, &t.service_name) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.log(&format!("refused a call: {reason}"));
+                return self.refuse(&ident);
+            }
+        };
+        if self.pending >= MAX_PENDING || !self.calls.take(Instant::now()) {
+            // One line a burst, not one a call: the flood is the VM's.
+            if self.calls.refused == 0 {
+                self.log("refusing calls: too many at once (rate-limited)");
+            }
+            self.calls.refused += 1;
+            return self.refuse(&ident);
+        }
+        if self.calls.refused > 0 {
+            self.log(&format!(
+                "{} call(s) were refused while rate-limited",
+                self.calls.refused
+            ));
+            self.calls.refused = 0;
+        }
+        self.pending += 1;
+        let tx = self.finished_tx.clone();
+        let wake = self.wake_tx.try_clone().map_err(Fatal::Poll)?;
+        std::thread::spawn(move || {
+            let decision = call::decide(&call);
+            let _ = tx.send(Finished {
+                ident,
+                call,
+                decision,
+            });
+            let _ = (&wake).write_all(&[1]);
+        });
+        Ok(())
+    }
+
+    fn refuse(&mut self, ident: &str) -> Result<(), Fatal> {
         let mut p = Vec::with_capacity(SERVICE_IDENT_LEN);
         ServiceParams {
-            ident: t.request_id.ident,
+            ident: ident.to_owned(),
         }
         .render(&mut p);
         self.ctrl
             .write_all(&message(MsgType::ServiceRefused, &p), HELLO_TIMEOUT)
             .map_err(Fatal::Channel)
+    }
+
+    /// Tells the agent where the call's data connection is.
+    fn service_connect(&mut self, ident: &str, domain: u32, port: u32) -> Result<(), Fatal> {
+        let mut p = ExecParams {
+            connect_domain: domain,
+            connect_port: port,
+            cmdline: Vec::new(),
+        }
+        .render(false);
+        ServiceParams {
+            ident: ident.to_owned(),
+        }
+        .render(&mut p);
+        self.ctrl
+            .write_all(&message(MsgType::ServiceConnect, &p), HELLO_TIMEOUT)
+            .map_err(Fatal::Channel)
+    }
+
+    /// The calls whose threads are done.
+    fn finish_calls(&mut self) -> Result<(), Fatal> {
+        let mut b = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut b), Ok(n) if n > 0) {}
+        while let Ok(f) = self.finished_rx.try_recv() {
+            self.pending -= 1;
+            let what = format!(
+                "call of {} to {}",
+                f.call.descriptor(),
+                sanitize(&f.call.target, "@:")
+            );
+            match f.decision {
+                Decision::Refuse(reason) => {
+                    self.log(&format!("refused the {what}: {reason}"));
+                    self.refuse(&f.ident)?;
+                }
+                Decision::Connect { target, port } => {
+                    self.log(&format!(
+                        "{what}: allowed to {target} (domain {}, port {})",
+                        port.domain, port.port
+                    ));
+                    self.service_connect(&f.ident, port.domain, port.port)?;
+                }
+                Decision::Dom0 { requested } => {
+                    let Some(port) = self.allocate(0) else {
+                        self.log(&format!("refused the {what}: no free data port"));
+                        self.refuse(&f.ident)?;
+                        continue;
+                    };
+                    self.log(&format!("{what}: allowed to dom0 (port {port})"));
+                    self.service_connect(&f.ident, 0, port)?;
+                    let (name, domid) = (self.name.clone(), self.domid);
+                    std::thread::spawn(move || {
+                        if let Err(e) = call::serve_dom0(&f.call, port, &requested) {
+                            log(
+                                &name,
+                                domid,
+                                &format!("dom0 service {}: {e}", f.call.descriptor()),
+                            );
+                        }
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn client_input(&mut self, i: usize) {
@@ -540,20 +703,6 @@ fn valid_ident(data: &[u8]) -> bool {
         .iter()
         .all(|c| c.is_ascii_alphanumeric() || b"_.- ".contains(c))
         && ident[end..].iter().all(|b| *b == 0)
-}
-
-/// `sanitize_name`: what is not `[A-Za-z0-9_.-]` or `extra` becomes `_`,
-/// so a logged name cannot carry control characters.
-fn sanitize(s: &str, extra: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 impl AsFd for Client {

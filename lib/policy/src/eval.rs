@@ -88,6 +88,13 @@ impl System {
             .is_some_and(|d| d.template_for_dispvms)
     }
 
+    /// The caller's target as the policy reads it (`requested_target` of
+    /// an answer): `@adminvm` for dom0, `@default` for a name that does
+    /// not exist.
+    pub fn requested_target(&self, raw: &str) -> Result<String, String> {
+        self.intended(raw).map(|t| t.to_string())
+    }
+
     /// The request's target as a token (`IntendedTarget.verify`).
     fn intended(&self, raw: &str) -> Result<Token, String> {
         if raw.is_empty() {

@@ -86,6 +86,34 @@ pub fn read_hello(chan: &mut Vchan, timeout: Duration) -> Result<u32, DataError>
     Ok(version)
 }
 
+/// What a service that cannot run sends (the agent's answer for a
+/// missing one): end of stdout and stderr, then exit code 127.
+pub fn send_not_found(chan: &mut Vchan, timeout: Duration) -> Result<(), DataError> {
+    let out = [
+        message(MsgType::DataStdout, &[]),
+        message(MsgType::DataStderr, &[]),
+        message(MsgType::DataExitCode, &EXIT_NOT_FOUND.to_le_bytes()),
+    ]
+    .concat();
+    Ok(chan.write_all(&out, timeout)?)
+}
+
+/// A service's exit code: not found (or could not start).
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// A reaped process as an exit code: its status, or 128 + the signal
+/// that ended it (`process_io.c`); 255 when it could not be waited for.
+pub fn exit_status(st: std::io::Result<std::process::ExitStatus>) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match st {
+        Ok(st) => st
+            .code()
+            .or_else(|| st.signal().map(|s| 128 + s))
+            .unwrap_or(255),
+        Err(_) => 255,
+    }
+}
+
 /// The local ends of a connection.
 #[derive(Debug, Default)]
 pub struct Local {
@@ -169,7 +197,19 @@ impl Sink {
             }
         }
         if self.close_when_flushed {
-            self.fd = None;
+            if let Some(fd) = self.fd.take() {
+                // A socket service reads and writes one stream: its end of
+                // input is a half-close, not the drop of one of its fds.
+                match rustix::net::shutdown(&fd, rustix::net::Shutdown::Write) {
+                    Ok(()) | Err(Errno::NOTSOCK | Errno::NOTCONN) => {}
+                    Err(e) => {
+                        return Err(DataError::Local {
+                            what: "shutdown",
+                            source: e.into(),
+                        })
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -6,12 +6,14 @@
 //! - [`framer`]: a byte stream into messages, lengths checked first;
 //! - `data` (feature `io`): a data connection's pump over a vchan;
 //! - [`cmdline`]: the command lines (`user:command`, `QUBESRPC`) and the
-//!   service-name rules.
+//!   service-name rules;
+//! - [`service`]: where a called service lives and what it is told.
 
 pub mod cmdline;
 #[cfg(feature = "io")]
 pub mod data;
 pub mod framer;
+pub mod service;
 pub mod wire;
 
 /// Where a VM's daemon listens for dom0's `qrexec-client`
