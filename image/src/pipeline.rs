@@ -554,6 +554,23 @@ fn add_guivm(
         parents(&mut w, t)?;
         w.file(t.trim_start_matches('/'), 0o755, &bytes)?;
     }
+    for (dest, src) in &g.files {
+        let field = format!("profile guivm.files.\"{dest}\"");
+        if !dest.starts_with('/') || dest.contains("..") {
+            bail!("{field}: `{dest}` must be an absolute path");
+        }
+        let from = opts.source_dir.join(src);
+        let bytes =
+            fs::read(&from).with_context(|| format!("{field}: reading {}", from.display()))?;
+        let meta = fs::metadata(&from).with_context(|| format!("{field}: {}", from.display()))?;
+        let mode = if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 != 0 {
+            0o755
+        } else {
+            0o644
+        };
+        parents(&mut w, dest)?;
+        w.file(dest.trim_start_matches('/'), mode, &bytes)?;
+    }
     for (link, target) in &g.links {
         if !link.starts_with('/') || link.contains("..") {
             bail!("profile guivm.links: `{link}` must be an absolute path");

@@ -93,6 +93,12 @@ pub struct GuiVmSection {
     /// Symlinks in the guest initramfs: link → target.
     #[serde(default)]
     pub links: BTreeMap<String, String>,
+    /// Repository files put into the guest initramfs: guest path →
+    /// repository-relative source (test images: the qrexec services the
+    /// scenarios call). A source with an execute bit is installed 0755,
+    /// any other 0644.
+    #[serde(default)]
+    pub files: BTreeMap<String, PathBuf>,
 }
 
 /// Update trust and signing. Public keys go into the image; private keys
@@ -269,7 +275,7 @@ fn schema_error(
 /// The dotted path of the first table key named `key`, skipping tables
 /// whose keys are data (`root.links` maps paths to targets).
 fn find_key(table: &toml::Table, key: &str, prefix: &str) -> Option<String> {
-    if prefix == "root.links" {
+    if ["root.links", "guivm.links", "guivm.files"].contains(&prefix) {
         return None;
     }
     let join = |k: &str| {

@@ -36,7 +36,7 @@ const QUBESDB_START_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainInfo {
     pub name: String,
-    pub state: &'static str,
+    pub phase: Phase,
     /// 0 when it has none (dom0's id is never a guest's).
     pub domid: u32,
 }
@@ -79,6 +79,37 @@ pub struct Shared {
     pub vms: Vec<VmView>,
 }
 
+/// Waits until `vm`'s view satisfies `done` (the policy's autostart, the
+/// Admin API's start and shutdown with `wait`). A VM that is not defined
+/// fails at once; one that never gets there fails at the timeout.
+pub async fn wait_for_vm(
+    shared: &Mutex<Shared>,
+    vm: &str,
+    done: impl Fn(&VmView) -> bool,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let wait = async {
+        loop {
+            let met = shared
+                .lock()
+                .map_err(|_| "state lock poisoned".to_string())?
+                .vms
+                .iter()
+                .find(|v| v.name == vm)
+                .map(&done);
+            match met {
+                Some(true) => return Ok(()),
+                Some(false) => {}
+                None => return Err(format!("{vm} is not defined")),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| format!("{vm}: not there after {timeout:?}"))?
+}
+
 pub struct Daemon {
     sup: Supervisor,
     tracker: Tracker,
@@ -103,7 +134,7 @@ fn infos(sup: &Supervisor) -> Vec<DomainInfo> {
     sup.iter()
         .map(|d| DomainInfo {
             name: d.def.name.clone(),
-            state: d.phase.as_str(),
+            phase: d.phase,
             domid: d.domid.unwrap_or(0),
         })
         .collect()
@@ -301,7 +332,7 @@ impl Daemon {
                 self.publish();
                 let _ = self.changes.send(DomainInfo {
                     name,
-                    state: phase.as_str(),
+                    phase,
                     domid: domid.unwrap_or(0),
                 });
             }

@@ -7,8 +7,10 @@
 //! domains (with `qbackoff`'s restart delays), and [`xs`] turns xenstore watch firings into
 //! its events; [`daemon`] runs it against xenstore and `xl`, and
 //! [`service`] serves `org.qubesos.Domains1` ([`dbus`]); [`policy`] is
-//! the qrexec policy daemon.
+//! the qrexec policy daemon, and [`admin`] the Admin API the GUI VM
+//! calls through qrexec.
 
+pub mod admin;
 pub mod daemon;
 pub mod dbus;
 pub mod definition;

@@ -137,6 +137,13 @@ async fn serve(
         shared.clone(),
         req_tx.clone(),
     ));
+    let (events_tx, _) = tokio::sync::broadcast::channel::<qdomd::daemon::DomainInfo>(256);
+    let admin = tokio::spawn(qdomd::admin::serve(
+        bind_root_only(std::path::Path::new(qdomd::admin::SOCKET))?,
+        shared.clone(),
+        req_tx.clone(),
+        events_tx.clone(),
+    ));
     let conn = zbus::connection::Builder::system()
         .name(BUS_NAME)
         .serve_at(OBJECT_PATH, DomainsService::new(shared.clone(), req_tx))
@@ -155,9 +162,15 @@ async fn serve(
                 return;
             };
             while let Some(c) = chg_rx.recv().await {
-                if let Err(e) =
-                    DomainsService::state_changed(iface.signal_emitter(), &c.name, c.state, c.domid)
-                        .await
+                // Nobody listening for Admin API events is no error.
+                let _ = events_tx.send(c.clone());
+                if let Err(e) = DomainsService::state_changed(
+                    iface.signal_emitter(),
+                    &c.name,
+                    c.phase.as_str(),
+                    c.domid,
+                )
+                .await
                 {
                     log::warn!("emitting StateChanged: {e}");
                 }
@@ -186,6 +199,7 @@ async fn serve(
     .await?;
     signals.abort();
     policy.abort();
+    admin.abort();
     Ok(())
 }
 

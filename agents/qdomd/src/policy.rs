@@ -25,7 +25,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::daemon::{Request, Shared, VmView};
-use crate::lifecycle::Phase;
 
 /// How long a client may take to send its query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -277,35 +276,14 @@ async fn autostart(
     requests
         .send(Request::Start(vm.to_owned()))
         .map_err(|_| "qdomd is stopping".to_string())?;
-    let wait = async {
-        loop {
-            let running = shared.lock().ok().and_then(|s| {
-                s.vms
-                    .iter()
-                    .find(|v| v.name == vm)
-                    .map(|v| (v.running(), v.phase))
-            });
-            match running {
-                Some((true, _)) => return Ok(()),
-                Some((false, Phase::Backoff | Phase::Stopped)) => {
-                    // Not yet picked up, or failed: keep looking until the
-                    // timeout; a failure shows as a timeout.
-                }
-                Some(_) => {}
-                None => return Err("it is not defined".to_string()),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    tokio::time::timeout(AUTOSTART_TIMEOUT, wait)
-        .await
-        .map_err(|_| format!("not running after {AUTOSTART_TIMEOUT:?}"))?
+    crate::daemon::wait_for_vm(shared, vm, VmView::running, AUTOSTART_TIMEOUT).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::definition::VmClass;
+    use crate::lifecycle::Phase;
 
     fn vm(name: &str, running: bool) -> VmView {
         VmView {
@@ -413,5 +391,40 @@ mod tests {
         assert!(matches!(decide(&r, &sys, &q).answer, Answer::Allow { .. }));
         q.just_evaluate = true;
         assert_eq!(decide(&r, &sys, &q).answer, Answer::Deny);
+    }
+
+    /// The policy the image ships: the GUI VM has the Admin API, about
+    /// dom0 and about VMs, and nobody else has it.
+    #[test]
+    fn the_shipped_policy_gives_the_admin_api_to_the_gui_vm_only() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../image/overlays/base/etc/qubes/policy.d");
+        let p = qpolicy::load(&[dir.as_path()]);
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let sys = system(&[vm("guivm", true), vm("work", true)]);
+        for (source, target, svc) in [
+            ("guivm", "dom0", "admin.vm.List"),
+            ("guivm", "work", "admin.vm.Start"),
+            ("guivm", "work", "admin.vm.Shutdown"),
+            ("guivm", "work", "admin.vm.Kill"),
+            ("guivm", "work", "admin.vm.property.Get+label"),
+            ("guivm", "dom0", "admin.Events"),
+        ] {
+            let d = decide(&p.rules, &sys, &query(source, target, svc));
+            assert!(
+                matches!(d.answer, Answer::Allow { ref target, .. } if target == "dom0"),
+                "{source} -> {target} {svc}: {}",
+                d.log
+            );
+        }
+        for (source, target, svc) in [
+            ("work", "dom0", "admin.vm.List"),
+            ("work", "guivm", "admin.vm.Kill"),
+            ("work", "dom0", "admin.Events"),
+            ("work", "guivm", "qguest.Echo"),
+        ] {
+            let d = decide(&p.rules, &sys, &query(source, target, svc));
+            assert_eq!(d.answer, Answer::Deny, "{source} -> {target} {svc}");
+        }
     }
 }

@@ -77,7 +77,7 @@ impl DomainsService {
             .map_err(|_| DomainsError::Stopping("state lock poisoned".into()))?;
         Ok(s.domains
             .iter()
-            .map(|d| (d.name.clone(), d.state.to_owned(), d.domid))
+            .map(|d| (d.name.clone(), d.phase.as_str().to_owned(), d.domid))
             .collect())
     }
 

@@ -32,7 +32,7 @@ fn list_start_unknown_and_the_state_signal() {
         let shared = Arc::new(Mutex::new(Shared {
             domains: vec![DomainInfo {
                 name: "guivm".into(),
-                state: "ready",
+                phase: qdomd::lifecycle::Phase::Ready,
                 domid: 3,
             }],
             vms: Vec::new(),

@@ -8,23 +8,38 @@
 //!
 //! The stand-in has no users: a command runs as root with `/bin/sh -c`,
 //! whatever user it names (the test images put busybox in the guest).
-//! Services (`QUBESRPC`) are looked up in `/etc/qubes-rpc`, which the
-//! stand-in does not have, so a call ends as "not found" (exit 127).
+//! Services (`QUBESRPC`) are looked up as in a Qubes VM, in
+//! `/usr/local/etc/qubes-rpc`, then `/etc/qubes-rpc` (the image's
+//! `[guivm.files]` put some there): an executable runs with the argument
+//! as its parameter, a socket gets the descriptor line first; a missing
+//! one ends as "not found" (exit 127).
+//!
+//! The VM's own calls come in on the trigger socket ([`crate::trigger`])
+//! and go to dom0 on the control channel; dom0's answer goes back to the
+//! caller, and when the caller is done the agent reports the connection
+//! terminated.
 //!
 //! One service is the stand-in's own, for the tests of a hostile VM:
 //! `qguest.SendGarbage` makes the agent write a malformed message on its
 //! control channel, as a compromised VM could.
 
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags};
 
 use qrexec::cmdline::{self, Request};
 use qrexec::data::{self, Local, Side};
 use qrexec::framer::Framer;
+use qrexec::service::{self, Found};
 use qrexec::wire::{
-    message, ExecParams, MsgType, MAX_QREXEC_CMD_LEN, SERVICE_IDENT_LEN, VCHAN_BASE_PORT,
+    message, ExecParams, MsgType, ServiceParams, EXEC_PARAMS_LEN, MAX_QREXEC_CMD_LEN,
+    SERVICE_IDENT_LEN, VCHAN_BASE_PORT,
 };
 use qvchan::{Vchan, VchanError};
 
@@ -32,14 +47,56 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent waits for a data connection's server (the C agent's
 /// 120 s).
 const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
-/// Exit code of a command that could not be started, or a service that
-/// does not exist.
-const EXIT_NOT_FOUND: i32 = 127;
+/// A VM's service directories (`QREXEC_SERVICE_PATH` of a Qubes VM).
+const SERVICE_DIRS: [&str; 2] = ["/usr/local/etc/qubes-rpc", "/etc/qubes-rpc"];
 
-/// Runs forever: offer the control vchan, serve it, offer it again.
+/// The control loop's inbox: messages from the connections' threads and
+/// the trigger socket, with a byte on a socket pair to wake its poll.
+#[derive(Clone)]
+struct Inbox {
+    tx: mpsc::Sender<ToControl>,
+    wake: Arc<UnixStream>,
+}
+
+impl Inbox {
+    fn send(&self, m: ToControl) {
+        if self.tx.send(m).is_ok() {
+            let _ = (&*self.wake).write(&[1]);
+        }
+    }
+}
+
+/// Runs forever: offer the control vchan, serve it, offer it again. The
+/// trigger socket stays across control sessions.
 pub fn run(own: u16, log: fn(&str)) {
+    let (tx, rx) = mpsc::channel();
+    let (wake_rx, wake_tx) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => return log(&format!("qrexec: a socket pair: {e}")),
+    };
+    let _ = wake_rx.set_nonblocking(true);
+    let _ = wake_tx.set_nonblocking(true);
+    let inbox = Inbox {
+        tx,
+        wake: Arc::new(wake_tx),
+    };
+    let pending = Arc::new(crate::trigger::Pending::default());
+    match crate::trigger::bind(qrexec::AGENT_TRIGGER_SOCKET) {
+        Ok(listener) => {
+            let (p, inbox) = (pending.clone(), inbox.clone());
+            std::thread::spawn(move || {
+                crate::trigger::serve(listener, p, move |m| inbox.send(ToControl::Trigger(m)), log)
+            });
+        }
+        Err(e) => log(&format!(
+            "qrexec: no trigger socket, so no calls from here: {e}"
+        )),
+    }
     loop {
-        if let Err(e) = session(own, log) {
+        // Calls waiting from an earlier session get no answer now.
+        pending.clear();
+        while rx.try_recv().is_ok() {}
+        if let Err(e) = session(own, &inbox, &rx, &wake_rx, &pending, log) {
             log(&format!("qrexec: {e}; offering the control channel again"));
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -50,7 +107,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     qcontract::error_chain(e)
 }
 
-fn session(own: u16, log: fn(&str)) -> Result<(), String> {
+fn session(
+    own: u16,
+    inbox: &Inbox,
+    done_rx: &mpsc::Receiver<ToControl>,
+    wake_rx: &UnixStream,
+    pending: &Arc<crate::trigger::Pending>,
+    log: fn(&str),
+) -> Result<(), String> {
     let mut xs = qxenstore::Xs::open().map_err(|e| chain(&e))?;
     let mut ctrl = Vchan::server(
         &mut xs,
@@ -72,7 +136,6 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
     }
     data::handshake(&mut ctrl, IO_TIMEOUT).map_err(|e| chain(&e))?;
     log("QGUEST-QREXEC connected");
-    let (done_tx, done_rx) = mpsc::channel::<ToControl>();
     let mut framer = Framer::new(MAX_QREXEC_CMD_LEN);
     let mut buf = [0u8; 4096];
     loop {
@@ -88,14 +151,18 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
                 }
                 // A type no agent sends, with a length far over any limit.
                 ToControl::Garbage => [0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0x7f].to_vec(),
+                ToControl::Trigger(m) => m,
             };
             ctrl.write_all(&bytes, IO_TIMEOUT).map_err(|e| chain(&e))?;
         }
-        let n = match ctrl.read(&mut buf, Duration::from_millis(200)) {
-            Ok(n) => n,
-            Err(VchanError::Timeout { .. }) => continue,
-            Err(e) => return Err(chain(&e)),
-        };
+        let n = ctrl.try_read(&mut buf).map_err(|e| chain(&e))?;
+        if n == 0 {
+            wait(&mut ctrl, wake_rx)?;
+            if !ctrl.check_alive(false) {
+                return Err("dom0's end is gone".into());
+            }
+            continue;
+        }
         framer.push(&buf[..n]);
         while let Some((h, body)) = framer.next_message().map_err(|e| e.to_string())? {
             match h.kind {
@@ -104,7 +171,7 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
                         return Err(format!("{} without a command line", h.kind));
                     }
                     let p = ExecParams::parse(h.kind, &body).map_err(|e| e.to_string())?;
-                    let done = done_tx.clone();
+                    let done = inbox.clone();
                     let kind = h.kind;
                     log(&format!(
                         "qrexec: {} from domain {} on port {}",
@@ -117,14 +184,83 @@ fn session(own: u16, log: fn(&str)) -> Result<(), String> {
                                 "qrexec: connection to domain {domain} port {port}: {e}"
                             ));
                         }
-                        let _ = done.send(ToControl::Terminated(domain, port));
+                        done.send(ToControl::Terminated(domain, port));
                     });
                 }
-                MsgType::ServiceRefused if body.len() == SERVICE_IDENT_LEN => {}
+                MsgType::ServiceRefused if body.len() == SERVICE_IDENT_LEN => {
+                    let id = ServiceParams::parse(h.kind, &body).map_err(|e| e.to_string())?;
+                    // Closing the caller's socket is the refusal.
+                    if pending.take(&id.ident).is_none() {
+                        log(&format!(
+                            "qrexec: a refusal for unknown call {:?}",
+                            id.ident
+                        ));
+                    }
+                }
+                MsgType::ServiceConnect if body.len() == EXEC_PARAMS_LEN + SERVICE_IDENT_LEN => {
+                    let id = ServiceParams::parse(h.kind, &body[EXEC_PARAMS_LEN..])
+                        .map_err(|e| e.to_string())?;
+                    let Some(client) = pending.take(&id.ident) else {
+                        log(&format!(
+                            "qrexec: a connection for unknown call {:?}",
+                            id.ident
+                        ));
+                        continue;
+                    };
+                    let word = |i: usize| {
+                        u32::from_le_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]])
+                    };
+                    let (domain, port) = (word(0), word(4));
+                    let done = inbox.clone();
+                    std::thread::spawn(move || {
+                        caller(client, &body[..EXEC_PARAMS_LEN]);
+                        done.send(ToControl::Terminated(domain, port));
+                    });
+                }
                 other => return Err(format!("dom0 sent {other} of {} bytes", body.len())),
             }
         }
     }
+}
+
+/// Sleeps until dom0 wrote, an inbox message came, or a second passed.
+fn wait(ctrl: &mut Vchan, wake_rx: &UnixStream) -> Result<(), String> {
+    ctrl.request_notifications();
+    if ctrl.data_ready().map_err(|e| chain(&e))? > 0 {
+        return Ok(());
+    }
+    let ev = ctrl.event_fd();
+    let mut fds = [
+        PollFd::new(&ev, PollFlags::IN),
+        PollFd::new(wake_rx, PollFlags::IN),
+    ];
+    let ts = rustix::event::Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&ts)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => return Err(format!("poll: {e}")),
+    }
+    let (event, woken) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+    if event {
+        ctrl.handle_event().map_err(|e| chain(&e))?;
+    }
+    if woken {
+        let mut b = [0u8; 64];
+        while matches!((&*wake_rx).read(&mut b), Ok(n) if n > 0) {}
+    }
+    Ok(())
+}
+
+/// A caller whose call dom0 connected: it gets the data vchan's domain
+/// and port, and the connection lasts until it closes its socket.
+fn caller(mut client: UnixStream, params: &[u8]) {
+    if client.write_all(params).is_err() {
+        return;
+    }
+    let mut b = [0u8; 64];
+    while matches!(client.read(&mut b), Ok(n) if n > 0) {}
 }
 
 /// What a connection's thread asks the control loop to send.
@@ -132,15 +268,12 @@ enum ToControl {
     Terminated(u32, u32),
     /// `qguest.SendGarbage`.
     Garbage,
+    /// A call from the trigger socket, ready for dom0.
+    Trigger(Vec<u8>),
 }
 
 /// One data connection: connect, greet, run, pass the data.
-fn exec(
-    own: u16,
-    kind: MsgType,
-    p: ExecParams,
-    ctrl: &mpsc::Sender<ToControl>,
-) -> Result<(), String> {
+fn exec(own: u16, kind: MsgType, p: ExecParams, ctrl: &Inbox) -> Result<(), String> {
     let text = String::from_utf8(p.cmdline).map_err(|_| "command line is not UTF-8".to_string())?;
     let request = cmdline::parse(&text).map_err(|e| e.to_string())?;
     let peer =
@@ -150,10 +283,14 @@ fn exec(
         .map_err(|e| chain(&e))?;
     drop(xs);
     data::handshake(&mut chan, IO_TIMEOUT).map_err(|e| chain(&e))?;
-    let command = match request {
-        Request::Command { command, .. } => command,
+    let mut cmd = match request {
+        Request::Command { command, .. } => {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(&command);
+            c
+        }
         Request::Service { name, .. } if name == "qguest.SendGarbage" => {
-            let _ = ctrl.send(ToControl::Garbage);
+            ctrl.send(ToControl::Garbage);
             let out = [
                 message(MsgType::DataStdout, &[]),
                 message(MsgType::DataStderr, &[]),
@@ -162,15 +299,33 @@ fn exec(
             .concat();
             return chan.write_all(&out, IO_TIMEOUT).map_err(|e| chain(&e));
         }
-        // No other services in the stand-in: "not found", as the C agent
-        // reports a missing one.
-        Request::Service { .. } => return not_found(&mut chan),
+        Request::Service {
+            descriptor,
+            name,
+            arg,
+            source,
+            ..
+        } => {
+            let dirs: Vec<&Path> = SERVICE_DIRS.iter().map(Path::new).collect();
+            match service::find(&dirs, &name, &arg) {
+                None => return not_found(&mut chan),
+                Some(Found::Socket(path)) => {
+                    return socket_service(&mut chan, &path, &descriptor, &source)
+                }
+                Some(Found::Executable(path)) => {
+                    let mut c = Command::new(path);
+                    if !arg.is_empty() {
+                        c.arg(&arg);
+                    }
+                    c.envs(service::environment(&name, &arg, &source, None));
+                    c
+                }
+            }
+        }
     };
     let just = kind == MsgType::JustExec;
     let stdio = |piped: bool| if piped { Stdio::piped() } else { Stdio::null() };
-    let child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(&command)
+    let child = cmd
         .stdin(stdio(!just))
         .stdout(stdio(!just))
         .stderr(stdio(!just))
@@ -189,26 +344,38 @@ fn exec(
         output: child.stdin.take().map(OwnedFd::from),
         output_err: None,
     };
-    let mut status = || match child.wait() {
-        Ok(st) => {
-            use std::os::unix::process::ExitStatusExt;
-            st.code()
-                .or_else(|| st.signal().map(|s| 128 + s))
-                .unwrap_or(255)
-        }
-        Err(_) => 255,
-    };
+    let mut status = || data::exit_status(child.wait());
     data::pump(&mut chan, Side::Service, local, &mut status)
         .map(drop)
         .map_err(|e| chain(&e))
 }
 
+/// A socket service: the descriptor line, then the caller's data, on one
+/// stream; its exit code is 0.
+fn socket_service(
+    chan: &mut Vchan,
+    path: &Path,
+    descriptor: &str,
+    source: &str,
+) -> Result<(), String> {
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut s = UnixStream::connect(path).map_err(at)?;
+    s.write_all(&service::socket_header(descriptor, source, None))
+        .map_err(at)?;
+    let input = s.try_clone().map_err(at)?;
+    let local = Local {
+        input: Some(OwnedFd::from(input)),
+        input_err: None,
+        output: Some(OwnedFd::from(s)),
+        output_err: None,
+    };
+    data::pump(chan, Side::Service, local, &mut || 0)
+        .map(drop)
+        .map_err(|e| chain(&e))
+}
+
+/// "Not found", as the C agent reports a missing service or a command
+/// that cannot start.
 fn not_found(chan: &mut Vchan) -> Result<(), String> {
-    let mut out = message(MsgType::DataStdout, &[]);
-    out.extend_from_slice(&message(MsgType::DataStderr, &[]));
-    out.extend_from_slice(&message(
-        MsgType::DataExitCode,
-        &EXIT_NOT_FOUND.to_le_bytes(),
-    ));
-    chan.write_all(&out, IO_TIMEOUT).map_err(|e| chain(&e))
+    data::send_not_found(chan, IO_TIMEOUT).map_err(|e| chain(&e))
 }

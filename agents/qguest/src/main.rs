@@ -9,7 +9,10 @@
 //!    `xs` module) and prints `QGUEST-READY domid=<id>` on its console.
 //! 3. Syncs its QubesDB from dom0 (the [`vmdb`] module) and prints its
 //!    name from it.
-//! 4. Serves dom0's qrexec as a VM's agent does (the [`agent`] module).
+//! 4. Serves dom0's qrexec as a VM's agent does (the [`agent`] module),
+//!    and takes the VM's own service calls on its trigger socket
+//!    ([`trigger`]); as `qrexec-client-vm` (a link, or `--qrexec-client-vm`)
+//!    it is the program that makes them ([`client_vm`]).
 //! 5. Reaps orphans and waits. Xen's shutdown request (`xl shutdown`) makes
 //!    the kernel run /sbin/poweroff, which is this same program: it syncs
 //!    and powers the guest off. SIGTERM, SIGINT and SIGPWR to PID 1 do the
@@ -23,6 +26,8 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 mod agent;
+mod client_vm;
+mod trigger;
 mod vmdb;
 
 /// The key qdomd watches, relative to the guest's own directory.
@@ -151,6 +156,14 @@ fn reap() {
     }
 }
 
+const CLIENT_VM_FLAG: &str = "--qrexec-client-vm";
+
+/// A process exit code as `ExitCode` (a call's code is the service's,
+/// 0 to 255).
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(u8::MAX))
+}
+
 static DOMID: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
@@ -167,6 +180,13 @@ fn main() -> ExitCode {
         }
     }
     let argv0 = args.first().cloned().unwrap_or_default();
+    // `qrexec-client-vm` is a link to this program in the guest.
+    if argv0.ends_with("qrexec-client-vm") {
+        return exit_code(client_vm::main(&args[1..]));
+    }
+    if args.get(1).map(String::as_str) == Some(CLIENT_VM_FLAG) {
+        return exit_code(client_vm::main(&args[2..]));
+    }
     if argv0.ends_with("poweroff") {
         // The kernel's orderly_poweroff() helper, run on `xl shutdown`. A
         // usermode helper has no stdout: say it on the console itself.

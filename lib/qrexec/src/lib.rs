@@ -24,6 +24,12 @@ pub fn socket_path(vm: &str) -> std::path::PathBuf {
 }
 
 pub const SOCKET_DIR: &str = "/run/qubes";
+/// Where a VM's agent takes service calls from `qrexec-client-vm`
+/// (`/var/run/qubes/qrexec-agent`; /var/run is /run in a Qubes VM).
+pub const AGENT_TRIGGER_SOCKET: &str = "/run/qubes/qrexec-agent";
+/// `qrexec-client-vm`'s exit code when the call is refused
+/// (`QREXEC_EXIT_REQUEST_REFUSED`).
+pub const EXIT_REQUEST_REFUSED: i32 = 126;
 /// The first data port the daemon hands out (`VCHAN_BASE_DATA_PORT`).
 pub const FIRST_DATA_PORT: u32 = wire::VCHAN_BASE_PORT + 1;
 /// How many data ports a daemon has (`MAX_CLIENTS`-sized table).
