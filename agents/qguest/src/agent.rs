@@ -81,7 +81,7 @@ pub fn run(own: u16, log: fn(&str)) {
         wake: Arc::new(wake_tx),
     };
     let pending = Arc::new(crate::trigger::Pending::default());
-    match crate::trigger::bind(qrexec::AGENT_TRIGGER_SOCKET) {
+    match crate::bind_for_all(qrexec::AGENT_TRIGGER_SOCKET) {
         Ok(listener) => {
             let (p, inbox) = (pending.clone(), inbox.clone());
             std::thread::spawn(move || {

@@ -7,8 +7,9 @@
 //! 2. Writes the readiness key `data/ready` under its own xenstore directory
 //!    through /dev/xen/xenbus (the handshake qdomd waits for; see qdomd's
 //!    `xs` module) and prints `QGUEST-READY domid=<id>` on its console.
-//! 3. Syncs its QubesDB from dom0 (the [`vmdb`] module) and prints its
-//!    name from it.
+//! 3. Syncs its QubesDB from dom0 (the [`vmdb`] module), prints its name
+//!    from it and serves it to the VM's programs; as `qubesdb-read` (a
+//!    link) it is the tool that reads it.
 //! 4. Serves dom0's qrexec as a VM's agent does (the [`agent`] module),
 //!    and takes the VM's own service calls on its trigger socket
 //!    ([`trigger`]); as `qrexec-client-vm` (a link, or `--qrexec-client-vm`)
@@ -110,6 +111,24 @@ fn load_modules() {
     }
 }
 
+/// Binds a local socket every process of the VM may use (the qrexec
+/// trigger socket and QubesDB's, as in a Qubes VM), replacing a stale one.
+fn bind_for_all(path: &str) -> Result<std::os::unix::net::UnixListener, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{path}: {e}")),
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| format!("{path}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("{path}: {e}"))?;
+    Ok(l)
+}
+
 fn power_off() -> ! {
     rustix::fs::sync();
     let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
@@ -183,6 +202,9 @@ fn main() -> ExitCode {
     // `qrexec-client-vm` is a link to this program in the guest.
     if argv0.ends_with("qrexec-client-vm") {
         return exit_code(client_vm::main(&args[1..]));
+    }
+    if argv0.ends_with("qubesdb-read") {
+        return vmdb::read_tool(&args[1..]);
     }
     if args.get(1).map(String::as_str) == Some(CLIENT_VM_FLAG) {
         return exit_code(client_vm::main(&args[2..]));

@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -151,22 +150,6 @@ pub fn serve(
             }
         });
     }
-}
-
-/// Binds the trigger socket, open to the whole VM.
-pub fn bind(path: &str) -> Result<UnixListener, String> {
-    if let Some(dir) = std::path::Path::new(path).parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{path}: {e}")),
-    }
-    let l = UnixListener::bind(path).map_err(|e| format!("{path}: {e}"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| format!("{path}: {e}"))?;
-    Ok(l)
 }
 
 #[cfg(test)]

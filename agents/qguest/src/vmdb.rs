@@ -6,12 +6,23 @@
 //!
 //! Once the first copy is complete it prints the VM's name and GUI VM
 //! (`QGUEST-QUBESDB name=<name> gui-domain-xid=<xid>`), the stand-in's
-//! equivalent of `qubesdb-read /name`. If the connection breaks it
-//! reconnects, as the VM-side daemon does when dom0's restarts.
+//! marker for the scenarios. If the connection breaks it reconnects, as
+//! the VM-side daemon does when dom0's restarts.
+//!
+//! The VM's programs read the copy at `/run/qubes/qubesdb.sock` with the
+//! local protocol (`qubesdb::local`), as in a Qubes VM; `qubesdb-read
+//! <path>...` is this program under that name. The stand-in's copy is
+//! dom0's and read-only here: a local write or removal is refused (the
+//! client is disconnected), and watches never fire.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qubesdb::db::Db;
+use qubesdb::local::Session;
 use qubesdb::peer::VmSide;
 use qubesdb::wire::QdbPath;
 use qvchan::Vchan;
@@ -21,24 +32,94 @@ use qvchan::Vchan;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs forever: sync, mirror, reconnect.
+/// Runs forever: sync, mirror, reconnect; serve the copy locally.
 pub fn run(own: u16, log: fn(&str)) {
+    let db = Arc::new(Mutex::new(Db::new()));
+    let socket = qubesdb::socket_path(None);
+    match crate::bind_for_all(&socket.to_string_lossy()) {
+        Ok(listener) => {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let db = db.clone();
+                    std::thread::spawn(move || local_client(stream, &db, log));
+                }
+            });
+        }
+        Err(e) => log(&format!("qubesdb: no local socket: {e}")),
+    }
     let mut announced = false;
     loop {
-        if let Err(e) = session(own, &mut announced, log) {
+        if let Err(e) = session(own, &db, &mut announced, log) {
             log(&format!("qubesdb: {e}; reconnecting"));
         }
         std::thread::sleep(Duration::from_secs(1));
     }
 }
 
-fn session(own: u16, announced: &mut bool, log: fn(&str)) -> Result<(), String> {
+/// One local client: reads answered from the copy; anything that would
+/// change it ends the connection.
+fn local_client(mut stream: UnixStream, db: &Mutex<Db>, log: fn(&str)) {
+    let mut session = Session::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let out = {
+            let Ok(db) = db.lock() else { return };
+            // On a scratch copy: what a client changes must not land.
+            let mut scratch = db.clone();
+            match session.input(&mut scratch, &buf[..n]) {
+                Ok(out) => out,
+                Err(e) => return log(&format!("qubesdb: a local client: {e}")),
+            }
+        };
+        if !out.changes.is_empty() {
+            return log("qubesdb: a local client tried to change the copy; it is read-only here");
+        }
+        if stream.write_all(&out.reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// `qubesdb-read <path>...` in the VM.
+pub fn read_tool(paths: &[String]) -> ExitCode {
+    if paths.is_empty() || paths.iter().any(|p| p.starts_with('-')) {
+        eprintln!("usage: qubesdb-read <path>...");
+        return ExitCode::from(2);
+    }
+    let socket = qubesdb::socket_path(None);
+    match qubesdb::client::print_values(&socket, paths, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ qubesdb::client::ReadToolError::Missing(_)) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("qubesdb-read: {}", qcontract::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn session(
+    own: u16,
+    shared: &Mutex<Db>,
+    announced: &mut bool,
+    log: fn(&str),
+) -> Result<(), String> {
     let err = |e: &dyn std::error::Error| qcontract::error_chain(e);
     let mut xs = qxenstore::Xs::open().map_err(|e| err(&e))?;
     let mut chan = Vchan::client(&mut xs, own, 0, qubesdb::VCHAN_PORT, CONNECT_TIMEOUT)
         .map_err(|e| err(&e))?;
     drop(xs);
-    let mut db = Db::new();
+    // A new connection starts from an empty copy, as dom0 sends it all.
+    *shared
+        .lock()
+        .map_err(|_| "the copy's lock is poisoned".to_string())? = Db::new();
     let (mut side, hello) = VmSide::new();
     chan.write_all(&hello, IO_TIMEOUT).map_err(|e| err(&e))?;
     let mut buf = [0u8; 4096];
@@ -50,22 +131,30 @@ fn session(own: u16, announced: &mut bool, log: fn(&str)) -> Result<(), String> 
             Err(qvchan::VchanError::Timeout { .. }) => continue,
             Err(e) => return Err(err(&e)),
         };
+        let mut db = shared
+            .lock()
+            .map_err(|_| "the copy's lock is poisoned".to_string())?;
         let out = side.input(&mut db, &buf[..n]).map_err(|e| err(&e))?;
-        chan.write_all(&out.send, IO_TIMEOUT).map_err(|e| err(&e))?;
-        if side.synced() && !*announced {
-            *announced = true;
+        let first = side.synced() && !*announced;
+        let marker = first.then(|| {
             let get = |p: &str| {
                 QdbPath::new(p)
                     .ok()
                     .and_then(|p| db.read(&p).map(|v| String::from_utf8_lossy(v).into_owned()))
                     .unwrap_or_else(|| "-".into())
             };
-            log(&format!(
+            format!(
                 "QGUEST-QUBESDB name={} gui-domain-xid={} entries={}",
                 get("/name"),
                 get("/qubes-gui-domain-xid"),
                 db.len()
-            ));
+            )
+        });
+        drop(db);
+        chan.write_all(&out.send, IO_TIMEOUT).map_err(|e| err(&e))?;
+        if let Some(m) = marker {
+            *announced = true;
+            log(&m);
         }
     }
 }

@@ -3,9 +3,7 @@
 //! command line. Each value is printed on a line of its own; a missing
 //! entry is an error (exit 1), as with Qubes' tool.
 
-use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
@@ -28,31 +26,17 @@ fn main() -> ExitCode {
         }
     }
     let socket = qubesdb::socket_path(vm.as_deref());
-    let mut client = match qubesdb::client::Client::connect(&socket, Duration::from_secs(10)) {
-        Ok(c) => c,
+    match qubesdb::client::print_values(&socket, &paths, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ qubesdb::client::ReadToolError::Missing(_)) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("qubesdb-read: {}", qcontract::error_chain(&e));
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    for p in &paths {
-        match client.read(p) {
-            Ok(Some(v)) => {
-                let _ = out.write_all(&v);
-                let _ = out.write_all(b"\n");
-            }
-            Ok(None) => {
-                eprintln!("Failed to read {p}");
-                return ExitCode::FAILURE;
-            }
-            Err(e) => {
-                eprintln!("qubesdb-read: {}", qcontract::error_chain(&e));
-                return ExitCode::FAILURE;
-            }
+            ExitCode::FAILURE
         }
     }
-    ExitCode::SUCCESS
 }
 
 fn usage() -> ExitCode {

@@ -2,7 +2,8 @@
 //! dom0 is ready, `qdom list` shows it, `xl destroy` from a shell gets it
 //! restarted, and stopping qdomd through qinit shuts it down. Its QubesDB
 //! is filled by qdomd before it runs and synced into the guest over a
-//! vchan.
+//! vchan. With the app VM beside it: qrexec from dom0, VM to VM under a
+//! policy rule, and the Admin API from the GUI VM (refused to the app VM).
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use super::{field, Ctx, Scenario};
 
 pub const GUIVM: Scenario = Scenario {
     name: "guivm",
-    about: "the GUI VM comes up after QINIT-READY with its QubesDB, serves an app VM, is restarted after xl destroy, stops with qdomd",
+    about: "the GUI VM comes up after QINIT-READY with its QubesDB, serves an app VM, runs it through the Admin API, is restarted after xl destroy, stops with qdomd",
     run: guivm,
 };
 
@@ -92,8 +93,20 @@ fn app_vm(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
     let dom0 = ctx.sh("qubesdb-read -d work /qubes-base-template /qubes-gui-domain-xid")?;
     let lines: Vec<&str> = dom0.lines().map(str::trim).collect();
     ensure!(lines == ["debian-12", gui_domid], "{dom0}");
+    // And from inside the VM, with the VM's own tool.
+    let inside = ctx.sh_within(
+        "qrexec-client -d work -w 60 root:'qubesdb-read /name /qubes-gui-domain-xid' </dev/null",
+        Duration::from_secs(180),
+    )?;
+    let lines: Vec<&str> = inside.lines().map(str::trim).collect();
+    ensure!(
+        lines == ["work", gui_domid],
+        "qubesdb-read in work: {inside}"
+    );
     ctx.note(format!("work: {}", line.trim()));
     qrexec(ctx)?;
+    vm_to_vm(ctx)?;
+    admin_api(ctx, gui_domid)?;
     ctx.sh("qdom shutdown work")?;
     domain_gone(ctx, "work").context("the app VM did not shut down")?;
     let (state, _) = guivm_row(ctx)?;
@@ -175,6 +188,139 @@ fn qrexec(ctx: &mut Ctx<'_>) -> Result<()> {
         |out| out.trim() == "back",
     )?;
     ctx.note(format!("qrexec: {}", cut.trim()));
+    Ok(())
+}
+
+/// `qrexec-client-vm` in `vm`, run from dom0: what it prints (NULs shown
+/// as `|`) and its exit code.
+fn call_from(ctx: &mut Ctx<'_>, vm: &str, target: &str, service: &str) -> Result<(String, i32)> {
+    let out = ctx.sh_within(
+        &format!(
+            "qrexec-client -d {vm} -w 60 root:'qrexec-client-vm {target} {service} </dev/null 2>&1; echo \"rc=$?\"' </dev/null | tr '\\0' '|'"
+        ),
+        Duration::from_secs(240),
+    )?;
+    let (body, rc) = out
+        .trim_end()
+        .rsplit_once("rc=")
+        .with_context(|| format!("{vm}: {service}: no exit code in {out:?}"))?;
+    let rc = rc
+        .trim()
+        .parse()
+        .with_context(|| format!("{vm}: {service}: exit code in {out:?}"))?;
+    Ok((body.to_owned(), rc))
+}
+
+/// A call from the app VM to the GUI VM: allowed by a rule on /var, it
+/// carries data both ways; with the rule gone, it is refused.
+fn vm_to_vm(ctx: &mut Ctx<'_>) -> Result<()> {
+    let rule = "/var/lib/qubes/policy.d/50-scenario.policy";
+    ctx.sh(&format!(
+        "mkdir -p /var/lib/qubes/policy.d && echo 'qguest.Echo * work guivm allow' >{rule}"
+    ))?;
+    let out = ctx.sh_within(
+        "echo through-the-gui-vm | qrexec-client -d work -w 60 root:'qrexec-client-vm guivm qguest.Echo; echo rc=$?'",
+        Duration::from_secs(240),
+    )?;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    ensure!(
+        lines == ["through-the-gui-vm", "rc=0"],
+        "work -> guivm qguest.Echo: {out}"
+    );
+    ctx.sh(&format!("rm {rule}"))?;
+    let (body, rc) = call_from(ctx, "work", "guivm", "qguest.Echo")?;
+    ensure!(
+        rc == 126 && body.contains("Request refused"),
+        "work -> guivm without the rule: rc={rc} {body}"
+    );
+    let log = ctx.wait_for(
+        "qguest.Echo+: work -> guivm: denied",
+        Duration::from_secs(30),
+    )?;
+    ctx.note(format!("vm to vm: allowed by a rule, then {}", log.trim()));
+    Ok(())
+}
+
+/// The GUI VM runs the system through the Admin API; the app VM may not.
+fn admin_api(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
+    let (list, rc) = call_from(ctx, "guivm", "dom0", "admin.vm.List")?;
+    ensure!(
+        rc == 0
+            && list
+                == "0|dom0 class=AdminVM state=Running\n\
+                    guivm class=AppVM state=Running\n\
+                    work class=AppVM state=Running\n",
+        "guivm: admin.vm.List: rc={rc} {list:?}"
+    );
+    let (prop, _) = call_from(ctx, "guivm", "work", "admin.vm.property.Get+guivm")?;
+    ensure!(prop == "0|default=True type=vm guivm", "{prop:?}");
+
+    let (body, rc) = call_from(ctx, "work", "dom0", "admin.vm.List")?;
+    ensure!(
+        rc == 126 && body.contains("Request refused"),
+        "work: admin.vm.List: rc={rc} {body}"
+    );
+    let denied = ctx.wait_for(
+        "admin.vm.List+: work -> dom0: denied",
+        Duration::from_secs(30),
+    )?;
+
+    // Events while the GUI VM stops and starts the app VM.
+    ctx.sh(
+        "(qrexec-client -d guivm root:'qrexec-client-vm dom0 admin.Events </dev/null' \
+         </dev/null | tr '\\0' '|' >/tmp/events) >/dev/null 2>&1 & echo $! >/tmp/events.pid",
+    )?;
+    ctx.sh_until(
+        "cat /tmp/events; true",
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+        |e| e.contains("connection-established"),
+    )?;
+    let (stop, rc) = call_from(ctx, "guivm", "work", "admin.vm.Shutdown+wait")?;
+    ensure!(
+        rc == 0 && stop == "0|",
+        "guivm: Shutdown+wait work: rc={rc} {stop:?}"
+    );
+    domain_gone(ctx, "work").context("admin.vm.Shutdown did not stop the app VM")?;
+    // The next boot's console gets a fresh log (xenconsoled opens it anew
+    // for the new domain).
+    ctx.sh("mv /var/log/xen/console/guest-work.log /var/log/xen/console/guest-work.log.1")?;
+    let (again, _) = call_from(ctx, "guivm", "work", "admin.vm.Shutdown")?;
+    ensure!(
+        again == "2|QubesVMNotStartedError||Domain is powered off: 'work'|",
+        "{again:?}"
+    );
+    let (start, rc) = call_from(ctx, "guivm", "work", "admin.vm.Start")?;
+    ensure!(
+        rc == 0 && start == "0|",
+        "guivm: Start work: rc={rc} {start:?}"
+    );
+    let line = guest_synced(ctx, "work", Duration::from_secs(120))?;
+    ensure!(field(&line, "gui-domain-xid=") == Some(gui_domid), "{line}");
+    let events = ctx.sh_until(
+        "cat /tmp/events; true",
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+        |e| e.contains("|work|domain-start|"),
+    )?;
+    ctx.sh("kill $(cat /tmp/events.pid) 2>/dev/null; true")?;
+    for want in [
+        "1||connection-established||",
+        "1|work|domain-pre-shutdown||",
+        "1|work|domain-shutdown||",
+        "1|work|domain-stopped||",
+        "1|work|domain-pre-start|start_guid|True||",
+        "1|work|domain-start|start_guid|True||",
+    ] {
+        ensure!(
+            events.contains(want),
+            "no {want:?} in the events: {events:?}"
+        );
+    }
+    ctx.note(format!(
+        "admin api: guivm lists, stops and starts work, events streamed; {}",
+        denied.trim()
+    ));
     Ok(())
 }
 

@@ -154,3 +154,34 @@ impl Client {
         }
     }
 }
+
+/// Why `qubesdb-read` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadToolError {
+    /// Qubes' own words for a missing entry.
+    #[error("Failed to read {0}")]
+    Missing(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("writing a value: {0}")]
+    Output(#[source] io::Error),
+}
+
+/// What `qubesdb-read` does with its paths: each value on a line of its
+/// own, in order; a missing entry stops it (the tool's exit code 1).
+pub fn print_values(
+    socket: &Path,
+    paths: &[String],
+    out: &mut impl Write,
+) -> Result<(), ReadToolError> {
+    let mut client = Client::connect(socket, Duration::from_secs(10))?;
+    for p in paths {
+        let v = client
+            .read(p)?
+            .ok_or_else(|| ReadToolError::Missing(p.clone()))?;
+        out.write_all(&v)
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(ReadToolError::Output)?;
+    }
+    Ok(())
+}
