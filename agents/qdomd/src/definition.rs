@@ -17,6 +17,51 @@ pub const SHIPPED_DIR: &str = "/etc/qdomd/domains";
 /// Machine-local overrides and additions (data partition).
 pub const LOCAL_DIR: &str = "/var/lib/qdomd/domains";
 
+/// Where a VM's kernel and ramdisk may come from. The image's own files
+/// (`/usr/`, read-only and verified) always; `/var/lib/qdomd/` (the data
+/// partition: a VM built elsewhere, such as a real Qubes VM's kernel and
+/// initramfs) only on test profiles, never on a production image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootFiles {
+    ImageOnly,
+    ImageAndVar,
+}
+
+impl BootFiles {
+    /// The image's rule: production unless its image info says otherwise
+    /// (an unreadable one counts as production: fail closed).
+    pub fn for_image(info: &Path) -> BootFiles {
+        match qcontract::ImageInfo::load(info) {
+            Ok(i) if !i.production => BootFiles::ImageAndVar,
+            Ok(_) => BootFiles::ImageOnly,
+            Err(e) => {
+                log::error!(
+                    "{}: VM boot files only from the image",
+                    qcontract::error_chain(&e)
+                );
+                BootFiles::ImageOnly
+            }
+        }
+    }
+
+    fn allows(self, path: &str) -> bool {
+        let clean = !path.split('/').any(|c| c == ".." || c == ".");
+        let image = path.starts_with("/usr/");
+        let var = path.starts_with(VAR_BOOT_DIR);
+        clean && (image || (var && self == BootFiles::ImageAndVar))
+    }
+
+    fn rule(self) -> &'static str {
+        match self {
+            BootFiles::ImageOnly => "must be a file of the image (under /usr/)",
+            BootFiles::ImageAndVar => "must be under /usr/ or /var/lib/qdomd/",
+        }
+    }
+}
+
+/// Where test profiles may keep VM kernels and ramdisks.
+pub const VAR_BOOT_DIR: &str = "/var/lib/qdomd/";
+
 /// Definition files larger than this are refused unread.
 const MAX_FILE_LEN: u64 = 64 * 1024;
 const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -548,7 +593,24 @@ pub struct DomainSet {
     pub errors: Vec<DefinitionError>,
 }
 
-pub fn load(shipped: &Path, local: &Path) -> DomainSet {
+/// A loaded domain whose boot files the image's rule does not allow is
+/// refused like a malformed one.
+fn check_boot_files(d: Domain, path: &Path, boot: BootFiles) -> Result<Domain, DefinitionError> {
+    for (f, value) in [("kernel", &d.kernel), ("ramdisk", &d.ramdisk)] {
+        if let Some(v) = value {
+            if !boot.allows(v) {
+                return Err(DefinitionError::Field {
+                    path: path.to_owned(),
+                    field: f.into(),
+                    reason: format!("`{v}` {}", boot.rule()),
+                });
+            }
+        }
+    }
+    Ok(d)
+}
+
+pub fn load(shipped: &Path, local: &Path, boot: BootFiles) -> DomainSet {
     let mut set = DomainSet::default();
     let locals = toml_files(local);
     let local_of = |name: &std::ffi::OsStr| locals.iter().find(|p| p.file_name() == Some(name));
@@ -562,9 +624,9 @@ pub fn load(shipped: &Path, local: &Path) -> DomainSet {
         let result = read_limited(path).and_then(|text| match local_of(fname) {
             Some(lp) => {
                 let ltext = read_limited(lp)?;
-                parse(path, &text, Some((lp, &ltext)))
+                parse(path, &text, Some((lp, &ltext))).and_then(|d| check_boot_files(d, lp, boot))
             }
-            None => parse(path, &text, None),
+            None => parse(path, &text, None).and_then(|d| check_boot_files(d, path, boot)),
         });
         match result {
             Ok(d) => {
@@ -577,7 +639,10 @@ pub fn load(shipped: &Path, local: &Path) -> DomainSet {
         if lp.file_name().is_some_and(|f| seen.iter().any(|s| s == f)) {
             continue;
         }
-        match read_limited(lp).and_then(|t| parse(lp, &t, None)) {
+        match read_limited(lp)
+            .and_then(|t| parse(lp, &t, None))
+            .and_then(|d| check_boot_files(d, lp, boot))
+        {
             Ok(d) => {
                 set.domains.insert(d.name.clone(), d);
             }
@@ -712,11 +777,11 @@ policy = "always"
         std::fs::write(var.join("gui.toml"), "vcpus = 2\n").unwrap();
         std::fs::write(
             var.join("local.toml"),
-            "type = \"pvh\"\nkernel = \"/k\"\nmemory_mib = 64\n",
+            "type = \"pvh\"\nkernel = \"/usr/k\"\nmemory_mib = 64\n",
         )
         .unwrap();
         std::fs::write(etc.join("huge.toml"), "#".repeat(70_000)).unwrap();
-        let set = load(&etc, &var);
+        let set = load(&etc, &var, BootFiles::ImageOnly);
         let names: Vec<&String> = set.domains.keys().collect();
         assert_eq!(names, ["gui", "local"]);
         assert_eq!(set.domains["gui"].vcpus, 2);
@@ -732,6 +797,42 @@ policy = "always"
             set.errors[1].to_string().contains("huge.toml"),
             "{:?}",
             set.errors
+        );
+    }
+
+    /// Kernels from /var only on test images; nothing outside /usr and
+    /// /var/lib/qdomd, and no `..`, anywhere.
+    #[test]
+    fn boot_files_from_var_only_on_test_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let (etc, var) = (dir.path().join("etc"), dir.path().join("var"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&var).unwrap();
+        let def = |kernel: &str| {
+            format!("type = \"pv\"\nkernel = \"{kernel}\"\nramdisk = \"/usr/lib/r\"\nmemory_mib = 64\n")
+        };
+        std::fs::write(var.join("qubes.toml"), def("/var/lib/qdomd/vms/qubes/vmlinuz")).unwrap();
+        std::fs::write(var.join("tmp.toml"), def("/tmp/vmlinuz")).unwrap();
+        std::fs::write(var.join("dots.toml"), def("/usr/../var/lib/x")).unwrap();
+        let test = load(&etc, &var, BootFiles::ImageAndVar);
+        assert_eq!(test.domains.keys().collect::<Vec<_>>(), ["qubes"]);
+        assert_eq!(test.errors.len(), 2, "{:?}", test.errors);
+        let prod = load(&etc, &var, BootFiles::ImageOnly);
+        assert!(prod.domains.is_empty());
+        let e = prod
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .find(|e| e.contains("qubes.toml"))
+            .unwrap();
+        assert!(
+            e.contains("field `kernel`") && e.contains("must be a file of the image"),
+            "{e}"
+        );
+        // An unreadable image info means production.
+        assert_eq!(
+            BootFiles::for_image(&dir.path().join("missing")),
+            BootFiles::ImageOnly
         );
     }
 }

@@ -324,6 +324,36 @@ fn admin_api(ctx: &mut Ctx<'_>, gui_domid: &str) -> Result<()> {
     Ok(())
 }
 
+/// A VM built elsewhere (test images only): a local definition whose
+/// kernel and ramdisk are on /var runs with the full set of Qubes
+/// daemons once qdomd has read it.
+fn elsewhere(ctx: &mut Ctx<'_>) -> Result<()> {
+    let dir = "/var/lib/qdomd/vms/elsewhere";
+    ctx.sh(&format!(
+        "mkdir -p {dir} /var/lib/qdomd/domains && \
+         cp /usr/lib/qdomd/guivm/vmlinuz /usr/lib/qdomd/guivm/initrd.gz {dir}/ && \
+         printf '%s\\n' 'type = \"pv\"' 'kernel = \"{dir}/vmlinuz\"' \
+           'ramdisk = \"{dir}/initrd.gz\"' 'cmdline = \"console=hvc0 loglevel=4\"' \
+           'memory_mib = 192' 'vcpus = 1' '[restart]' 'policy = \"never\"' \
+           >/var/lib/qdomd/domains/elsewhere.toml"
+    ))?;
+    // Definitions are read when qdomd starts.
+    ctx.sh("qinit ctl restart qdomd")?;
+    ctx.wait_for(READY, ctx.timeouts.guivm)?;
+    ctx.sh("qdom start elsewhere")?;
+    let line = guest_synced(ctx, "elsewhere", Duration::from_secs(120))?;
+    ensure!(field(&line, "name=") == Some("elsewhere"), "{line}");
+    let out = ctx.sh_within(
+        "qrexec-client -d elsewhere -w 60 root:'qubesdb-read /name' </dev/null",
+        Duration::from_secs(180),
+    )?;
+    ensure!(out.trim() == "elsewhere", "qrexec in elsewhere: {out}");
+    ctx.sh("qdom kill elsewhere")?;
+    domain_gone(ctx, "elsewhere")?;
+    ctx.note(format!("a VM from /var: {}", line.trim()));
+    Ok(())
+}
+
 fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
     ctx.boot(image)?;
@@ -365,6 +395,8 @@ fn guivm(ctx: &mut Ctx<'_>) -> Result<()> {
         (state.as_str(), domid.as_str()) == ("ready", second.as_str()),
         "{state} {domid}"
     );
+
+    elsewhere(ctx)?;
 
     // Stopping qdomd through qinit shuts the guest down cleanly: the
     // guest's own poweroff runs, as its console log shows.
