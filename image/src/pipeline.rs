@@ -520,6 +520,7 @@ fn add_guivm(
     ] {
         w.dir(d, 0o755)?;
     }
+    w.dir("tmp", 0o1777)?;
     w.char_dev("dev/console", 0o600, 5, 1)?;
     w.file("init", 0o755, &agent)?;
     w.symlink("sbin/poweroff", "/init")?;
@@ -865,6 +866,7 @@ fn write_initramfs(
     ] {
         w.dir(d, 0o755)?;
     }
+    w.dir("tmp", 0o1777)?;
     w.char_dev("dev/console", 0o600, 5, 1)?;
     w.file("init", 0o755, qinit)?;
     cpio_modules(&mut w, kver, early, EARLY_MODULES)?;

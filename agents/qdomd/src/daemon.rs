@@ -27,6 +27,8 @@ pub struct Programs {
     pub qubesdb_daemon: PathBuf,
     /// The qrexec daemon (`qrexec-daemon <domid> <name> <default user>`).
     pub qrexec_daemon: PathBuf,
+    /// dom0's qrexec client, for the policy's `policy.Ask` calls.
+    pub qrexec_client: PathBuf,
 }
 
 /// How long a new QubesDB daemon may take to offer its socket.

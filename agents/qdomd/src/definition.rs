@@ -809,9 +809,15 @@ policy = "always"
         std::fs::create_dir_all(&etc).unwrap();
         std::fs::create_dir_all(&var).unwrap();
         let def = |kernel: &str| {
-            format!("type = \"pv\"\nkernel = \"{kernel}\"\nramdisk = \"/usr/lib/r\"\nmemory_mib = 64\n")
+            format!(
+                "type = \"pv\"\nkernel = \"{kernel}\"\nramdisk = \"/usr/lib/r\"\nmemory_mib = 64\n"
+            )
         };
-        std::fs::write(var.join("qubes.toml"), def("/var/lib/qdomd/vms/qubes/vmlinuz")).unwrap();
+        std::fs::write(
+            var.join("qubes.toml"),
+            def("/var/lib/qdomd/vms/qubes/vmlinuz"),
+        )
+        .unwrap();
         std::fs::write(var.join("tmp.toml"), def("/tmp/vmlinuz")).unwrap();
         std::fs::write(var.join("dots.toml"), def("/usr/../var/lib/x")).unwrap();
         let test = load(&etc, &var, BootFiles::ImageAndVar);

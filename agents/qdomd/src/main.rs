@@ -47,6 +47,10 @@ enum Cmd {
         /// The qrexec daemon started for each VM once it runs.
         #[arg(long, default_value = "/usr/sbin/qrexec-daemon")]
         qrexec_daemon: PathBuf,
+        /// dom0's qrexec client (the policy's `ask` calls the GUI VM's
+        /// `policy.Ask` with it).
+        #[arg(long, default_value = "/usr/sbin/qrexec-client")]
+        qrexec_client: PathBuf,
     },
 }
 
@@ -79,6 +83,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             xl,
             qubesdb_daemon,
             qrexec_daemon,
+            qrexec_client,
         } => {
             return serve(
                 definitions,
@@ -87,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     xl,
                     qubesdb_daemon,
                     qrexec_daemon,
+                    qrexec_client,
                 },
             )
             .await
@@ -135,6 +141,7 @@ async fn serve(
     let policy = tokio::spawn(qdomd::policy::serve(
         bind_root_only(std::path::Path::new(qpolicy::SOCKET))?,
         qdomd::policy::Dirs::default(),
+        programs.qrexec_client.clone(),
         shared.clone(),
         req_tx.clone(),
     ));

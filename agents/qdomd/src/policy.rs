@@ -30,6 +30,10 @@ use crate::daemon::{Request, Shared, VmView};
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an autostarted target may take to run.
 const AUTOSTART_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the user has to answer an `ask` (then: deny).
+const ASK_TIMEOUT: Duration = Duration::from_secs(120);
+/// `policy.Ask` answers `deny` or `allow:<target>`.
+const MAX_ASK_ANSWER: usize = 256;
 
 /// The system the policy decides against: every defined VM, and dom0.
 pub fn system(vms: &[VmView]) -> System {
@@ -65,6 +69,138 @@ pub struct Decision {
     pub log: String,
     /// A VM that must be started before the answer is given.
     pub autostart: Option<String>,
+    /// The rule says ask: the answer above (deny) stands unless the
+    /// source's GUI VM answers `policy.Ask` ([`after_ask`]).
+    pub ask: Option<AskSpec>,
+}
+
+/// What an `ask` offers the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AskSpec {
+    pub service: String,
+    /// With its `+`.
+    pub argument: String,
+    pub targets: Vec<String>,
+    pub default_target: Option<String>,
+    pub user: Option<String>,
+    pub autostart: bool,
+    pub rule: String,
+}
+
+/// The request `policy.Ask` reads on its stdin (`AgentAskResolution` of
+/// R4.2: JSON with the source, service, argument, the targets offered,
+/// the default one, and an icon per domain).
+#[derive(Debug, serde::Serialize)]
+struct AskParams<'a> {
+    source: &'a str,
+    service: &'a str,
+    argument: &'a str,
+    targets: &'a [String],
+    default_target: &'a str,
+    icons: std::collections::BTreeMap<String, String>,
+}
+
+/// The JSON for the GUI VM's `policy.Ask`.
+pub fn ask_params(spec: &AskSpec, source: &str, vms: &[VmView]) -> Result<String, String> {
+    let mut icons: std::collections::BTreeMap<String, String> = vms
+        .iter()
+        .map(|v| {
+            let prefix = v.class.to_ascii_lowercase();
+            (v.name.clone(), format!("{prefix}-{}", v.label))
+        })
+        .collect();
+    icons.insert(qpolicy::eval::DOM0.into(), "adminvm-black".into());
+    let p = AskParams {
+        source,
+        service: &spec.service,
+        argument: &spec.argument,
+        targets: &spec.targets,
+        default_target: spec.default_target.as_deref().unwrap_or(""),
+        icons,
+    };
+    serde_json::to_string(&p).map_err(|e| format!("the policy.Ask request: {e}"))
+}
+
+/// The decision once the GUI VM answered (`deny`, or `allow:<target>`
+/// with one of the targets offered), or did not (`Err`).
+pub fn after_ask(
+    spec: &AskSpec,
+    sys: &System,
+    q: &Query,
+    response: Result<&str, String>,
+) -> Decision {
+    let denied = |reason: String| Decision {
+        answer: Answer::Deny,
+        log: format!(
+            "qrexec: {}: {} -> {}: denied: {reason}",
+            q.service_and_arg, q.source, q.intended_target
+        ),
+        autostart: None,
+        ask: None,
+    };
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => return denied(format!("ask at {}: nobody answered ({e})", spec.rule)),
+    };
+    if response == "deny" {
+        return denied(format!("ask at {}: the user said no", spec.rule));
+    }
+    match response.strip_prefix("allow:") {
+        Some(t) if spec.targets.iter().any(|x| x == t) => {
+            let requested = match sys.requested_target(&q.intended_target) {
+                Ok(r) => r,
+                Err(reason) => return denied(reason),
+            };
+            allowed(
+                sys,
+                q,
+                &format!("{}{}", spec.service, spec.argument),
+                requested,
+                t.to_owned(),
+                spec.user.clone(),
+                spec.autostart,
+            )
+        }
+        _ => denied(format!(
+            "ask at {}: an invalid answer from policy.Ask ({:?})",
+            spec.rule,
+            printable(response)
+        )),
+    }
+}
+
+/// At most 64 characters of `s`, control characters escaped, for a log.
+fn printable(s: &str) -> String {
+    s.chars().take(64).flat_map(char::escape_debug).collect()
+}
+
+/// The allow decision and its log line.
+fn allowed(
+    sys: &System,
+    q: &Query,
+    service_and_arg: &str,
+    requested: String,
+    target: String,
+    user: Option<String>,
+    autostart: bool,
+) -> Decision {
+    let needs_start = autostart
+        && target != qpolicy::eval::DOM0
+        && sys.domains.get(&target).is_some_and(|d| !d.running);
+    Decision {
+        log: format!(
+            "qrexec: {service_and_arg}: {} -> {requested}: allowed to {target}",
+            q.source
+        ),
+        autostart: needs_start.then(|| target.clone()),
+        answer: Answer::Allow {
+            user: user.unwrap_or_else(|| "DEFAULT".into()),
+            target,
+            autostart,
+            requested_target: requested,
+        },
+        ask: None,
+    }
 }
 
 /// Decides one query (`handle_request` of R4.2).
@@ -80,6 +216,7 @@ pub fn decide(rules: &[qpolicy::Rule], sys: &System, q: &Query) -> Decision {
             q.service_and_arg, q.source, q.intended_target
         ),
         autostart: None,
+        ask: None,
     };
     if !sys.domains.contains_key(&q.source) {
         return denied("the source is not a known domain");
@@ -104,6 +241,7 @@ pub fn decide(rules: &[qpolicy::Rule], sys: &System, q: &Query) -> Decision {
         } => (target, user, autostart),
         Resolution::Ask {
             targets,
+            default_target,
             user,
             autostart,
             rule,
@@ -118,29 +256,30 @@ pub fn decide(rules: &[qpolicy::Rule], sys: &System, q: &Query) -> Decision {
             match chosen {
                 Some(t) if q.assume_yes_for_ask && targets.contains(&t) => (t, user, autostart),
                 _ => {
-                    return denied(&format!(
-                        "ask at {rule}: nobody to ask (policy.Ask is not served here yet)"
-                    ))
+                    let mut d = denied(&format!("ask at {rule}: nobody to ask"));
+                    d.ask = Some(AskSpec {
+                        service,
+                        argument,
+                        targets,
+                        default_target,
+                        user,
+                        autostart,
+                        rule,
+                    });
+                    return d;
                 }
             }
         }
     };
-    let needs_start = autostart
-        && target != qpolicy::eval::DOM0
-        && sys.domains.get(&target).is_some_and(|d| !d.running);
-    Decision {
-        log: format!(
-            "qrexec: {service}{argument}: {} -> {requested}: allowed to {target}",
-            q.source
-        ),
-        autostart: needs_start.then(|| target.clone()),
-        answer: Answer::Allow {
-            user: user.unwrap_or_else(|| "DEFAULT".into()),
-            target,
-            autostart,
-            requested_target: requested,
-        },
-    }
+    allowed(
+        sys,
+        q,
+        &format!("{service}{argument}"),
+        requested,
+        target,
+        user,
+        autostart,
+    )
 }
 
 /// The policy's directories, the owner's first.
@@ -157,6 +296,7 @@ impl Default for Dirs {
 pub async fn serve(
     listener: tokio::net::UnixListener,
     dirs: Dirs,
+    qrexec_client: PathBuf,
     shared: Arc<Mutex<Shared>>,
     requests: mpsc::UnboundedSender<Request>,
 ) {
@@ -170,14 +310,15 @@ pub async fn serve(
                 continue;
             }
         };
-        let (dirs, shared, requests, reported) = (
+        let (dirs, shared, requests, reported, qc) = (
             dirs.clone(),
             shared.clone(),
             requests.clone(),
             reported.clone(),
+            qrexec_client.clone(),
         );
         tokio::spawn(async move {
-            if let Err(e) = client(stream, dirs, shared, requests, reported).await {
+            if let Err(e) = client(stream, dirs, qc, shared, requests, reported).await {
                 log::warn!("policy socket: {e}");
             }
         });
@@ -206,6 +347,7 @@ async fn read_query(stream: &mut tokio::net::UnixStream) -> Result<Query, String
 async fn client(
     mut stream: tokio::net::UnixStream,
     dirs: Dirs,
+    qrexec_client: PathBuf,
     shared: Arc<Mutex<Shared>>,
     requests: mpsc::UnboundedSender<Request>,
     reported: Arc<Mutex<BTreeSet<String>>>,
@@ -232,7 +374,29 @@ async fn client(
     .await
     .map_err(|e| format!("loading the policy: {e}"))?;
     report_errors(&policy.errors, &reported);
-    let mut d = decide(&policy.rules, &system(&vms), &query);
+    let sys = system(&vms);
+    let mut d = decide(&policy.rules, &sys, &query);
+    if let Some(spec) = d.ask.take() {
+        let guivm = vms
+            .iter()
+            .find(|v| v.name == query.source)
+            .and_then(|v| v.guivm.clone());
+        d = match guivm {
+            None => after_ask(&spec, &sys, &query, Err("the source has no GUI VM".into())),
+            Some(g) => {
+                let response = match ask_params(&spec, &query.source, &vms) {
+                    Ok(params) => ask(&qrexec_client, &g, &params).await,
+                    Err(e) => Err(e),
+                };
+                after_ask(
+                    &spec,
+                    &sys,
+                    &query,
+                    response.as_deref().map_err(Clone::clone),
+                )
+            }
+        };
+    }
     if let Some(vm) = d.autostart.take() {
         if let Err(e) = autostart(&vm, &shared, &requests).await {
             d.answer = Answer::Deny;
@@ -264,6 +428,45 @@ fn report_errors(errors: &[qpolicy::load::PolicyError], reported: &Mutex<BTreeSe
         log::error!("policy: {e}; the rest of the policy stays in force");
     }
     *seen = now;
+}
+
+/// Calls `policy.Ask` in `guivm` as R4.2's policy daemon does
+/// (`qrexec-client -d <guivm> 'DEFAULT:QUBESRPC policy.Ask dom0'`, the
+/// JSON on its stdin) and returns what it printed.
+async fn ask(qrexec_client: &std::path::Path, guivm: &str, params: &str) -> Result<String, String> {
+    use tokio::process::Command;
+    let mut child = Command::new(qrexec_client)
+        .args(["-d", guivm, "DEFAULT:QUBESRPC policy.Ask dom0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", qrexec_client.display()))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let talk = async {
+        stdin
+            .write_all(params.as_bytes())
+            .await
+            .map_err(|e| format!("writing the request: {e}"))?;
+        drop(stdin);
+        let mut out = Vec::new();
+        (&mut stdout)
+            .take(MAX_ASK_ANSWER as u64 + 1)
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if out.len() > MAX_ASK_ANSWER {
+            return Err(format!("an answer over {MAX_ASK_ANSWER} bytes"));
+        }
+        String::from_utf8(out).map_err(|_| "an answer that is not text".to_string())
+    };
+    let out = tokio::time::timeout(ASK_TIMEOUT, talk)
+        .await
+        .map_err(|_| format!("no answer from {guivm} within {ASK_TIMEOUT:?}"))??;
+    let _ = child.wait().await;
+    Ok(out)
 }
 
 /// Starts `vm` and waits until it runs.
@@ -381,16 +584,49 @@ mod tests {
     }
 
     #[test]
-    fn ask_needs_someone_to_answer() {
-        let r = rules("qubes.Filecopy * work @anyvm ask\n");
-        let sys = system(&[vm("guivm", true), vm("work", true)]);
-        let d = decide(&r, &sys, &query("work", "guivm", "qubes.Filecopy"));
+    fn ask_goes_to_the_gui_vm_and_its_answer_counts() {
+        let r = rules("qubes.Filecopy * work @anyvm ask default_target=guivm\n");
+        let vms = [vm("guivm", true), vm("work", true)];
+        let sys = system(&vms);
+        let q = query("work", "guivm", "qubes.Filecopy");
+        let d = decide(&r, &sys, &q);
         assert_eq!(d.answer, Answer::Deny);
+        let spec = d.ask.expect("an ask");
+        assert_eq!(spec.default_target.as_deref(), Some("guivm"));
+        let json: serde_json::Value =
+            serde_json::from_str(&ask_params(&spec, "work", &vms).unwrap()).unwrap();
+        assert_eq!(json["source"], "work");
+        assert_eq!(json["service"], "qubes.Filecopy");
+        assert_eq!(json["argument"], "+");
+        assert_eq!(json["default_target"], "guivm");
+        assert!(json["targets"]
+            .as_array()
+            .unwrap()
+            .contains(&"guivm".into()));
+        assert_eq!(json["icons"]["work"], "appvm-red");
+        assert_eq!(json["icons"]["dom0"], "adminvm-black");
+        let allow = after_ask(&spec, &sys, &q, Ok("allow:guivm"));
+        assert!(
+            matches!(allow.answer, Answer::Allow { ref target, .. } if target == "guivm"),
+            "{}",
+            allow.log
+        );
+        for (resp, why) in [
+            (Ok("deny"), "the user said no"),
+            (Ok("allow:ghost"), "an invalid answer"),
+            (Ok("allow:guivm\n"), "an invalid answer"),
+            (Err("timeout".to_string()), "nobody answered"),
+        ] {
+            let d = after_ask(&spec, &sys, &q, resp.as_deref().map_err(Clone::clone));
+            assert_eq!(d.answer, Answer::Deny);
+            assert!(d.log.contains(why), "{}", d.log);
+        }
         let mut q = query("work", "guivm", "qubes.Filecopy");
         q.assume_yes_for_ask = true;
         assert!(matches!(decide(&r, &sys, &q).answer, Answer::Allow { .. }));
         q.just_evaluate = true;
-        assert_eq!(decide(&r, &sys, &q).answer, Answer::Deny);
+        let d = decide(&r, &sys, &q);
+        assert_eq!((d.answer, d.ask), (Answer::Deny, None));
     }
 
     /// The policy the image ships: the GUI VM has the Admin API, about

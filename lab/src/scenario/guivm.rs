@@ -237,7 +237,39 @@ fn vm_to_vm(ctx: &mut Ctx<'_>) -> Result<()> {
         "qguest.Echo+: work -> guivm: denied",
         Duration::from_secs(30),
     )?;
-    ctx.note(format!("vm to vm: allowed by a rule, then {}", log.trim()));
+
+    // `ask`: the GUI VM's policy.Ask decides (the stand-in answers what
+    // /tmp/ask-answer says).
+    ctx.sh(&format!("echo 'qguest.Echo * work guivm ask' >{rule}"))?;
+    ctx.sh("qrexec-client -d guivm -w 60 root:'printf allow:guivm >/tmp/ask-answer' </dev/null")?;
+    let out = ctx.sh_within(
+        "echo asked-and-allowed | qrexec-client -d work -w 60 root:'qrexec-client-vm guivm qguest.Echo; echo rc=$?'",
+        Duration::from_secs(240),
+    )?;
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    ensure!(
+        lines == ["asked-and-allowed", "rc=0"],
+        "work -> guivm qguest.Echo after allow:guivm: {out}"
+    );
+    let asked =
+        ctx.sh("qrexec-client -d guivm -w 60 root:'cat /tmp/policy-ask.request' </dev/null")?;
+    ensure!(
+        asked.contains(r#""source":"work""#) && asked.contains(r#""service":"qguest.Echo""#),
+        "policy.Ask got {asked}"
+    );
+    ctx.sh("qrexec-client -d guivm -w 60 root:'printf deny >/tmp/ask-answer' </dev/null")?;
+    let (body, rc) = call_from(ctx, "work", "guivm", "qguest.Echo")?;
+    ensure!(
+        rc == 126 && body.contains("Request refused"),
+        "work -> guivm with the user saying no: rc={rc} {body}"
+    );
+    let said_no = ctx.wait_for("the user said no", Duration::from_secs(30))?;
+    ctx.sh(&format!("rm {rule}"))?;
+    ctx.note(format!(
+        "vm to vm: allowed by a rule, then {}; ask: allowed by policy.Ask, then {}",
+        log.trim(),
+        said_no.trim()
+    ));
     Ok(())
 }
 
