@@ -46,7 +46,7 @@ enum Cmd {
     /// Benchmarks (not tests): `boot` compares qinit with systemd, `update`
     /// qupdate with a plain copy and RAUC, `verity` our tree with veritysetup.
     Bench {
-        #[arg(value_parser = ["boot", "update", "verity"])]
+        #[arg(value_parser = ["boot", "update", "verity", "qrexec"])]
         what: String,
         /// Runs of each variant.
         #[arg(long, default_value_t = 2)]
@@ -168,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         } => match what.as_str() {
             "update" => bench::update::run(&root, runs, size_mib)?,
             "verity" => bench::verity::run(&root, runs, size_mib)?,
+            "qrexec" => bench::qrexec::run(&root, runs)?,
             _ => bench::boot::run(&root, runs)?,
         },
     }
@@ -247,6 +248,7 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
             .args(["-p", "qinit", "-p", "qimage", "-p", "qbus", "-p", "qupdate"])
             .args([
                 "-p", "qdomd", "-p", "qguest", "-p", "qcmd", "-p", "qubesdbd", "-p", "qrexecd",
+                "-p", "qvchan-cat",
             ])
             .env("RUSTFLAGS", static_rustflags(root)),
     )?;

@@ -3,6 +3,8 @@
 //!
 //! - [`boot`]: boot-to-ready of qinit against systemd.
 //! - [`update`]: apply throughput of qupdate against a plain copy and RAUC.
+//! - [`qrexec`]: qrexec throughput against a raw vchan, call latency both
+//!   ways, and the per-VM daemons' memory.
 //! - [`verity`]: our dm-verity tree against `veritysetup format`, and a full
 //!   image build from a warm cache.
 
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 pub mod boot;
+pub mod qrexec;
 pub mod update;
 pub mod verity;
 
