@@ -247,8 +247,18 @@ fn build_static_binaries(root: &Path) -> Result<PathBuf> {
             .args(["build", "--release", "--locked", "--target", TARGET])
             .args(["-p", "qinit", "-p", "qimage", "-p", "qbus", "-p", "qupdate"])
             .args([
-                "-p", "qdomd", "-p", "qguest", "-p", "qcmd", "-p", "qubesdbd", "-p", "qrexecd",
-                "-p", "qvchan-cat",
+                "-p",
+                "qdomd",
+                "-p",
+                "qguest",
+                "-p",
+                "qcmd",
+                "-p",
+                "qubesdbd",
+                "-p",
+                "qrexecd",
+                "-p",
+                "qvchan-cat",
             ])
             .env("RUSTFLAGS", static_rustflags(root)),
     )?;

@@ -79,7 +79,8 @@ fn send(peer: u16, port: u32) -> Result<u64, String> {
 fn recv(peer: u16, port: u32) -> Result<u64, String> {
     let mut xs = qxenstore::Xs::open().map_err(|e| chain(&e))?;
     let own = xs.own_domid().map_err(|e| chain(&e))?;
-    let mut chan = Vchan::client(&mut xs, own, peer, port, CONNECT_TIMEOUT).map_err(|e| chain(&e))?;
+    let mut chan =
+        Vchan::client(&mut xs, own, peer, port, CONNECT_TIMEOUT).map_err(|e| chain(&e))?;
     drop(xs);
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; RING];
@@ -87,7 +88,8 @@ fn recv(peer: u16, port: u32) -> Result<u64, String> {
     loop {
         match chan.read(&mut buf, IO_TIMEOUT) {
             Ok(n) => {
-                out.write_all(&buf[..n]).map_err(|e| format!("stdout: {e}"))?;
+                out.write_all(&buf[..n])
+                    .map_err(|e| format!("stdout: {e}"))?;
                 total += n as u64;
             }
             Err(e) if e.is_peer_gone() => break,

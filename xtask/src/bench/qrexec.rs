@@ -110,19 +110,30 @@ pub fn run(root: &Path, runs: u32) -> Result<()> {
     let down = super::mean(&m.dom0_to_vm) / f64::from(CALLS) * 1000.0;
     println!("qrexec in one dom0 and two VMs, nested QEMU (TCG), {runs} run(s) each:");
     println!("  64 MiB dom0 -> VM                    seconds     MB/s");
-    println!("    raw vchan (qvchan-cat)            {raw:8.2}  {:7.1}", mbps(raw));
-    println!("    qrexec (qrexec-client, cat)       {qrexec:8.2}  {:7.1}", mbps(qrexec));
+    println!(
+        "    raw vchan (qvchan-cat)            {raw:8.2}  {:7.1}",
+        mbps(raw)
+    );
+    println!(
+        "    qrexec (qrexec-client, cat)       {qrexec:8.2}  {:7.1}",
+        mbps(qrexec)
+    );
     println!(
         "    throughput qrexec/raw {:.2} (goal 0.80)",
         mbps(qrexec) / mbps(raw)
     );
     println!("  {CALLS} sequential empty calls          ms per call");
     println!("    dom0 -> VM (qrexec-client)        {down:8.1}");
-    println!("    VM -> dom0 (qrexec-client-vm)     {up:8.1}   (policy, service lookup, a dom0 process)");
+    println!(
+        "    VM -> dom0 (qrexec-client-vm)     {up:8.1}   (policy, service lookup, a dom0 process)"
+    );
     println!("    ratio VM->dom0 / dom0->VM {:.2}", up / down);
     println!("  resident memory of the per-VM daemons (goal 2048 KiB each):");
     for (cmd, kib) in &m.rss {
-        println!("    {kib:6} KiB  {:.2} of the goal  {cmd}", *kib as f64 / 2048.0);
+        println!(
+            "    {kib:6} KiB  {:.2} of the goal  {cmd}",
+            *kib as f64 / 2048.0
+        );
     }
     Ok(())
 }
@@ -205,6 +216,10 @@ fn measure(vm: &mut qemu::Vm, runs: u32) -> Result<Measured> {
     }
     m.rss = rss_kib(vm, "qubesdb-daemon ")?;
     m.rss.extend(rss_kib(vm, "qrexec-daemon ")?);
-    ensure!(m.rss.len() >= 4, "not every per-VM daemon found: {:?}", m.rss);
+    ensure!(
+        m.rss.len() >= 4,
+        "not every per-VM daemon found: {:?}",
+        m.rss
+    );
     Ok(m)
 }
