@@ -50,6 +50,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
 /// How long a caller may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// `admin.Events` streams at once; more are refused (`QubesException`).
+const MAX_EVENT_STREAMS: usize = 16;
+/// How often a quiet event stream checks that its caller is still there
+/// (it has half-closed already, so only a hang-up tells).
+const HANGUP_CHECK: Duration = Duration::from_secs(5);
+/// How long `admin.vm.Kill` waits for the domain to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(30);
 
 /// A request, as qubesd's `eof_received` splits it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +270,9 @@ fn property(dest_name: &str, dest: Option<&VmView>, prop: &str) -> Reply {
         (None, "type") => ("True", "str", "AdminVM".to_owned()),
         (Some(vm), "label") => ("False", "label", vm.label.clone()),
         (None, "label") => ("True", "label", "black".to_owned()),
+        // Derived from the GUI VM's role, so the system's default when
+        // there is one; none (the GUI VM itself) is an empty value, as
+        // qubesd renders None.
         (Some(vm), "guivm") => (
             if vm.guivm.is_some() { "True" } else { "False" },
             "vm",
@@ -359,6 +369,7 @@ pub async fn serve(
     requests: mpsc::UnboundedSender<Request>,
     events: broadcast::Sender<DomainInfo>,
 ) {
+    let streams = Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -368,9 +379,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let (shared, requests, events) = (shared.clone(), requests.clone(), events.subscribe());
+        let (shared, requests, events, streams) = (
+            shared.clone(),
+            requests.clone(),
+            events.subscribe(),
+            streams.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = client(stream, shared, requests, events).await {
+            if let Err(e) = client(stream, shared, requests, events, streams).await {
                 log::warn!("admin socket: {e}");
             }
         });
@@ -400,6 +416,7 @@ async fn client(
     shared: Arc<Mutex<Shared>>,
     requests: mpsc::UnboundedSender<Request>,
     events: broadcast::Receiver<DomainInfo>,
+    streams: Arc<tokio::sync::Semaphore>,
 ) -> Result<(), String> {
     let cred = stream
         .peer_cred()
@@ -416,13 +433,15 @@ async fn client(
         .map_err(|_| "state lock poisoned".to_string())?
         .vms
         .clone();
+    // The names are the caller's text: only their harmless characters go
+    // into the log.
     let what = format!(
         "{}{}{} from {} to {}",
-        call.method,
+        loggable(&call.method),
         if call.arg.is_empty() { "" } else { "+" },
-        call.arg,
-        call.source,
-        call.dest
+        loggable(&call.arg),
+        loggable(&call.source),
+        loggable(&call.dest)
     );
     let reply = match plan(&call, &vms) {
         Plan::Reply(r) => r,
@@ -455,13 +474,26 @@ async fn client(
             }
         }
         Plan::Kill(vm) => {
-            send(&requests, Request::Kill(vm))?;
-            Reply::Ok(String::new())
+            send(&requests, Request::Kill(vm.clone()))?;
+            // qubesd answers once the domain is gone.
+            let halted = |v: &VmView| matches!(v.phase, Phase::Stopped | Phase::Backoff);
+            match crate::daemon::wait_for_vm(&shared, &vm, halted, KILL_WAIT).await {
+                Ok(()) => Reply::Ok(String::new()),
+                Err(e) => Reply::exception("QubesException", format!("Kill failed: {e}")),
+            }
         }
-        Plan::Events { only } => {
-            log::info!("admin: {what}: streaming events");
-            return stream_events(stream, &vms, only, events).await;
-        }
+        Plan::Events { only } => match streams.try_acquire_owned() {
+            Ok(slot) => {
+                log::info!("admin: {what}: streaming events");
+                let r = stream_events(stream, &shared, &vms, only, events).await;
+                drop(slot);
+                return r;
+            }
+            Err(_) => Reply::exception(
+                "QubesException",
+                format!("{MAX_EVENT_STREAMS} event streams are open already"),
+            ),
+        },
     };
     let bytes = match &reply {
         Reply::Ok(text) => {
@@ -473,7 +505,6 @@ async fn client(
             render_exception(kind, message)
         }
         Reply::Abort(why) => {
-            // The names are checked or ours; the reason is ours.
             log::warn!("admin: {what}: {why}; closed without an answer");
             return Ok(());
         }
@@ -488,6 +519,20 @@ async fn client(
         .map_err(|e| format!("answering {what}: {e}"))
 }
 
+/// At most 80 characters of `s`, each outside `[A-Za-z0-9_.+@:-]` as `_`.
+fn loggable(s: &str) -> String {
+    s.chars()
+        .take(80)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.+@:-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 fn send(requests: &mpsc::UnboundedSender<Request>, r: Request) -> Result<(), String> {
     requests
         .send(r)
@@ -495,9 +540,10 @@ fn send(requests: &mpsc::UnboundedSender<Request>, r: Request) -> Result<(), Str
 }
 
 /// `admin.Events`: the confirmation, then every change until the caller
-/// goes away (its write fails).
+/// goes away: a write fails, or a periodic check finds it hung up.
 async fn stream_events(
     mut stream: tokio::net::UnixStream,
+    shared: &Mutex<Shared>,
     vms: &[VmView],
     only: Option<String>,
     mut events: broadcast::Receiver<DomainInfo>,
@@ -509,26 +555,58 @@ async fn stream_events(
         .write_all(&render_event("", "connection-established", &[]))
         .await
         .map_err(gone)?;
+    let mut check = tokio::time::interval(HANGUP_CHECK);
     loop {
-        let info = match events.recv().await {
-            Ok(i) => i,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                log::warn!("admin: events: {n} changes dropped for a slow caller");
+        let changes: Vec<(String, Phase)> = tokio::select! {
+            got = events.recv() => match got {
+                Ok(i) => vec![(i.name, i.phase)],
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Changes were dropped for this slow caller: catch up
+                    // from the state as it is now.
+                    log::warn!("admin: events: {n} changes missed by a slow caller; catching up");
+                    shared
+                        .lock()
+                        .map_err(|_| "state lock poisoned".to_string())?
+                        .vms
+                        .iter()
+                        .map(|v| (v.name.clone(), v.phase))
+                        .collect()
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            _ = check.tick() => {
+                if hung_up(&stream) {
+                    return Ok(());
+                }
                 continue;
             }
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
         };
-        let prev = last.insert(info.name.clone(), info.phase);
-        if only.as_ref().is_some_and(|o| *o != info.name) {
-            continue;
-        }
-        for (event, kwargs) in events_for(prev, info.phase) {
-            stream
-                .write_all(&render_event(&info.name, event, &kwargs))
-                .await
-                .map_err(gone)?;
+        for (name, phase) in changes {
+            let prev = last.insert(name.clone(), phase);
+            if only.as_ref().is_some_and(|o| *o != name) {
+                continue;
+            }
+            for (event, kwargs) in events_for(prev, phase) {
+                stream
+                    .write_all(&render_event(&name, event, &kwargs))
+                    .await
+                    .map_err(gone)?;
+            }
         }
     }
+}
+
+/// Whether the caller closed its end entirely (`POLLHUP`; it half-closed
+/// when it sent the request, so end of file says nothing).
+fn hung_up(stream: &tokio::net::UnixStream) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stream, PollFlags::empty())];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
 }
 
 #[cfg(test)]
@@ -757,5 +835,16 @@ mod tests {
             render_event("", "connection-established", &[]),
             b"1\0\0connection-established\0\0"
         );
+    }
+
+    /// A caller that half-closed is still there; one that closed is gone.
+    #[tokio::test]
+    async fn a_hung_up_caller_is_seen() {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut theirs = theirs;
+        theirs.shutdown().await.unwrap();
+        assert!(!hung_up(&ours));
+        drop(theirs);
+        assert!(hung_up(&ours));
     }
 }

@@ -17,10 +17,12 @@ pub const SHIPPED_DIR: &str = "/etc/qdomd/domains";
 /// Machine-local overrides and additions (data partition).
 pub const LOCAL_DIR: &str = "/var/lib/qdomd/domains";
 
-/// Where a VM's kernel and ramdisk may come from. The image's own files
-/// (`/usr/`, read-only and verified) always; `/var/lib/qdomd/` (the data
-/// partition: a VM built elsewhere, such as a real Qubes VM's kernel and
-/// initramfs) only on test profiles, never on a production image.
+/// Where a VM's kernel and ramdisk may come from: the files dom0 hands a
+/// PV or PVH guest to boot. The image's own files (`/usr/`, read-only and
+/// verified) always; `/var/lib/qdomd/` (the data partition: a VM built
+/// elsewhere, such as a real Qubes VM's kernel and initramfs) only on test
+/// profiles, never on a production image. (An HVM guest boots whatever
+/// its own disks hold; that is the VM's code, not a file dom0 chose.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootFiles {
     ImageOnly,

@@ -158,20 +158,21 @@ async fn serve(
         .build()
         .await
         .with_context(|| format!("owning {BUS_NAME} on the system bus"))?;
-    // State changes become the D-Bus signal.
+    // State changes become the D-Bus signal and the Admin API's events;
+    // the events go out whether or not the signal can.
     let signals = {
         let conn = conn.clone();
         tokio::spawn(async move {
-            let Ok(iface) = conn
+            let iface = conn
                 .object_server()
                 .interface::<_, DomainsService>(OBJECT_PATH)
                 .await
-            else {
-                return;
-            };
+                .inspect_err(|e| log::warn!("no StateChanged signal: {e}"))
+                .ok();
             while let Some(c) = chg_rx.recv().await {
                 // Nobody listening for Admin API events is no error.
                 let _ = events_tx.send(c.clone());
+                let Some(iface) = &iface else { continue };
                 if let Err(e) = DomainsService::state_changed(
                     iface.signal_emitter(),
                     &c.name,

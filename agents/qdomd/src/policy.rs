@@ -34,6 +34,9 @@ const AUTOSTART_TIMEOUT: Duration = Duration::from_secs(120);
 const ASK_TIMEOUT: Duration = Duration::from_secs(120);
 /// `policy.Ask` answers `deny` or `allow:<target>`.
 const MAX_ASK_ANSWER: usize = 256;
+/// Questions in flight at once, over every VM: each holds a dom0
+/// qrexec-client and a prompt in the GUI VM. More are denied at once.
+const MAX_ASKS: usize = 8;
 
 /// The system the policy decides against: every defined VM, and dom0.
 pub fn system(vms: &[VmView]) -> System {
@@ -301,6 +304,7 @@ pub async fn serve(
     requests: mpsc::UnboundedSender<Request>,
 ) {
     let reported = Arc::new(Mutex::new(BTreeSet::<String>::new()));
+    let asks = Arc::new(tokio::sync::Semaphore::new(MAX_ASKS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -310,15 +314,18 @@ pub async fn serve(
                 continue;
             }
         };
-        let (dirs, shared, requests, reported, qc) = (
+        let (dirs, shared, requests, reported) = (
             dirs.clone(),
             shared.clone(),
             requests.clone(),
             reported.clone(),
-            qrexec_client.clone(),
         );
+        let ask = Asker {
+            qrexec_client: qrexec_client.clone(),
+            slots: asks.clone(),
+        };
         tokio::spawn(async move {
-            if let Err(e) = client(stream, dirs, qc, shared, requests, reported).await {
+            if let Err(e) = client(stream, dirs, ask, shared, requests, reported).await {
                 log::warn!("policy socket: {e}");
             }
         });
@@ -344,10 +351,16 @@ async fn read_query(stream: &mut tokio::net::UnixStream) -> Result<Query, String
     Query::parse(&buf).map_err(|e| e.to_string())
 }
 
+/// How questions are put to a GUI VM, and how many at once.
+struct Asker {
+    qrexec_client: PathBuf,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
 async fn client(
     mut stream: tokio::net::UnixStream,
     dirs: Dirs,
-    qrexec_client: PathBuf,
+    asker: Asker,
     shared: Arc<Mutex<Shared>>,
     requests: mpsc::UnboundedSender<Request>,
     reported: Arc<Mutex<BTreeSet<String>>>,
@@ -384,13 +397,24 @@ async fn client(
         d = match guivm {
             None => after_ask(&spec, &sys, &query, Err("the source has no GUI VM".into())),
             Some(g) => {
-                let response = match ask_params(&spec, &query.source, &vms) {
-                    Ok(params) => ask(&qrexec_client, &g, &params).await,
-                    Err(e) => Err(e),
+                let response = match (
+                    asker.slots.try_acquire(),
+                    ask_params(&spec, &query.source, &vms),
+                ) {
+                    (Err(_), _) => Err(format!("{MAX_ASKS} questions are pending already")),
+                    (Ok(_slot), Ok(params)) => ask(&asker.qrexec_client, &g, &params).await,
+                    (Ok(_), Err(e)) => Err(e),
                 };
+                // The user may have taken a while: decide against the
+                // domains as they are now (a target may have stopped).
+                let now = shared
+                    .lock()
+                    .map_err(|_| "state lock poisoned".to_string())?
+                    .vms
+                    .clone();
                 after_ask(
                     &spec,
-                    &sys,
+                    &system(&now),
                     &query,
                     response.as_deref().map_err(Clone::clone),
                 )
@@ -445,6 +469,7 @@ async fn ask(qrexec_client: &std::path::Path, guivm: &str, params: &str) -> Resu
         .map_err(|e| format!("{}: {e}", qrexec_client.display()))?;
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let child = &mut child;
     let talk = async {
         stdin
             .write_all(params.as_bytes())
@@ -460,13 +485,18 @@ async fn ask(qrexec_client: &std::path::Path, guivm: &str, params: &str) -> Resu
         if out.len() > MAX_ASK_ANSWER {
             return Err(format!("an answer over {MAX_ASK_ANSWER} bytes"));
         }
-        String::from_utf8(out).map_err(|_| "an answer that is not text".to_string())
+        let text = String::from_utf8(out).map_err(|_| "an answer that is not text".to_string())?;
+        // The answer counts once qrexec-client is done with the call.
+        child
+            .wait()
+            .await
+            .map_err(|e| format!("waiting for qrexec-client: {e}"))?;
+        Ok(text)
     };
-    let out = tokio::time::timeout(ASK_TIMEOUT, talk)
+    // On a timeout the child is dropped, and so killed (kill_on_drop).
+    tokio::time::timeout(ASK_TIMEOUT, talk)
         .await
-        .map_err(|_| format!("no answer from {guivm} within {ASK_TIMEOUT:?}"))??;
-    let _ = child.wait().await;
-    Ok(out)
+        .map_err(|_| format!("no answer from {guivm} within {ASK_TIMEOUT:?}"))?
 }
 
 /// Starts `vm` and waits until it runs.

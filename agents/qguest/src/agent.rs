@@ -52,18 +52,59 @@ const SERVICE_DIRS: [&str; 2] = ["/usr/local/etc/qubes-rpc", "/etc/qubes-rpc"];
 
 /// The control loop's inbox: messages from the connections' threads and
 /// the trigger socket, with a byte on a socket pair to wake its poll.
+/// Each message carries the control session it belongs to: what an old
+/// session's threads send after dom0's daemon was replaced (a connection
+/// ending, say) must not reach the new daemon, which hands out its ports
+/// afresh.
 #[derive(Clone)]
 struct Inbox {
-    tx: mpsc::Sender<ToControl>,
+    tx: mpsc::Sender<(u64, ToControl)>,
     wake: Arc<UnixStream>,
+    session: u64,
 }
 
 impl Inbox {
     fn send(&self, m: ToControl) {
-        if self.tx.send(m).is_ok() {
+        if self.tx.send((self.session, m)).is_ok() {
+            // A full wake pipe already wakes the loop.
             let _ = (&*self.wake).write(&[1]);
         }
     }
+
+    fn for_session(&self, session: u64) -> Inbox {
+        Inbox {
+            session,
+            ..self.clone()
+        }
+    }
+}
+
+/// Session of the trigger socket's messages: they belong to whichever
+/// session is current when they arrive (their callers are kept in
+/// [`crate::trigger::Pending`], cleared for every new session).
+const ANY_SESSION: u64 = u64::MAX;
+
+/// Threads the agent runs for dom0's connections and its callers at once;
+/// past this a request is answered as if its command did not exist.
+const MAX_THREADS: usize = 512;
+static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs `f` on a thread of its own, counted against [`MAX_THREADS`];
+/// false if there is no room (or no thread could be made).
+fn spawn_counted(f: impl FnOnce() + Send + 'static) -> bool {
+    use std::sync::atomic::Ordering;
+    if THREADS.fetch_add(1, Ordering::SeqCst) >= MAX_THREADS {
+        THREADS.fetch_sub(1, Ordering::SeqCst);
+        return false;
+    }
+    let spawned = std::thread::Builder::new().spawn(move || {
+        f();
+        THREADS.fetch_sub(1, Ordering::SeqCst);
+    });
+    if spawned.is_err() {
+        THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
+    spawned.is_ok()
 }
 
 /// Runs forever: offer the control vchan, serve it, offer it again. The
@@ -79,6 +120,7 @@ pub fn run(own: u16, log: fn(&str)) {
     let inbox = Inbox {
         tx,
         wake: Arc::new(wake_tx),
+        session: ANY_SESSION,
     };
     let pending = Arc::new(crate::trigger::Pending::default());
     match crate::bind_for_all(qrexec::AGENT_TRIGGER_SOCKET) {
@@ -92,11 +134,10 @@ pub fn run(own: u16, log: fn(&str)) {
             "qrexec: no trigger socket, so no calls from here: {e}"
         )),
     }
-    loop {
+    for n in 0.. {
         // Calls waiting from an earlier session get no answer now.
         pending.clear();
-        while rx.try_recv().is_ok() {}
-        if let Err(e) = session(own, &inbox, &rx, &wake_rx, &pending, log) {
+        if let Err(e) = session(own, &inbox.for_session(n), &rx, &wake_rx, &pending, log) {
             log(&format!("qrexec: {e}; offering the control channel again"));
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -110,7 +151,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 fn session(
     own: u16,
     inbox: &Inbox,
-    done_rx: &mpsc::Receiver<ToControl>,
+    done_rx: &mpsc::Receiver<(u64, ToControl)>,
     wake_rx: &UnixStream,
     pending: &Arc<crate::trigger::Pending>,
     log: fn(&str),
@@ -139,7 +180,10 @@ fn session(
     let mut framer = Framer::new(MAX_QREXEC_CMD_LEN);
     let mut buf = [0u8; 4096];
     loop {
-        while let Ok(m) = done_rx.try_recv() {
+        while let Ok((from, m)) = done_rx.try_recv() {
+            if from != inbox.session && from != ANY_SESSION {
+                continue;
+            }
             let bytes = match m {
                 ToControl::Terminated(domain, port) => {
                     let p = ExecParams {
@@ -177,8 +221,8 @@ fn session(
                         "qrexec: {} from domain {} on port {}",
                         kind, p.connect_domain, p.connect_port
                     ));
-                    std::thread::spawn(move || {
-                        let (domain, port) = (p.connect_domain, p.connect_port);
+                    let (domain, port) = (p.connect_domain, p.connect_port);
+                    let started = spawn_counted(move || {
                         if let Err(e) = exec(own, kind, p, &done) {
                             log(&format!(
                                 "qrexec: connection to domain {domain} port {port}: {e}"
@@ -186,6 +230,14 @@ fn session(
                         }
                         done.send(ToControl::Terminated(domain, port));
                     });
+                    if !started {
+                        // No thread: the port is free again at once (the
+                        // peer's connect times out).
+                        log(&format!(
+                            "qrexec: no thread for domain {domain} port {port}"
+                        ));
+                        inbox.send(ToControl::Terminated(domain, port));
+                    }
                 }
                 MsgType::ServiceRefused if body.len() == SERVICE_IDENT_LEN => {
                     let id = ServiceParams::parse(h.kind, &body).map_err(|e| e.to_string())?;
@@ -212,10 +264,15 @@ fn session(
                     };
                     let (domain, port) = (word(0), word(4));
                     let done = inbox.clone();
-                    std::thread::spawn(move || {
+                    // Callers are bounded by the pending table; a failed
+                    // spawn drops the caller, who reads end of file.
+                    if !spawn_counted(move || {
                         caller(client, &body[..EXEC_PARAMS_LEN]);
                         done.send(ToControl::Terminated(domain, port));
-                    });
+                    }) {
+                        log("qrexec: no thread for a connected caller");
+                        inbox.send(ToControl::Terminated(domain, port));
+                    }
                 }
                 other => return Err(format!("dom0 sent {other} of {} bytes", body.len())),
             }

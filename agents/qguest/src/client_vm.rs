@@ -109,10 +109,11 @@ fn call(target: &str, service: &str) -> Result<i32, String> {
     };
     let outcome = data::pump(&mut chan, Side::Client, local, &mut || 0).map_err(|e| chain(&e))?;
     drop(trigger);
-    Ok(match outcome {
-        data::Outcome::Exited(code) => code,
-        data::Outcome::Done => 0,
-    })
+    match outcome {
+        data::Outcome::Exited(code) => Ok(code),
+        // Only a service side ends this way.
+        data::Outcome::Done => Err("the service ended without an exit code".into()),
+    }
 }
 
 #[cfg(test)]

@@ -177,10 +177,11 @@ fn reap() {
 
 const CLIENT_VM_FLAG: &str = "--qrexec-client-vm";
 
-/// A process exit code as `ExitCode` (a call's code is the service's,
-/// 0 to 255).
+/// A process exit code as `ExitCode`: its low byte, as the kernel keeps
+/// of any exit status (a service's -1 is 255).
 fn exit_code(code: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(u8::MAX))
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    ExitCode::from((code & 0xff) as u8)
 }
 
 static DOMID: std::sync::OnceLock<u16> = std::sync::OnceLock::new();

@@ -32,6 +32,9 @@ use qrexec::wire::{
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Calls waiting for dom0's answer at once; more are closed at once.
 const MAX_PENDING: usize = 256;
+/// Clients still sending their request at once; more are closed at once,
+/// so a local program cannot use up the agent's threads.
+const MAX_READING: usize = 32;
 const IDENT_PREFIX: &str = "SOCKET";
 
 /// The clients whose calls dom0 has not answered yet, by number.
@@ -126,6 +129,7 @@ pub fn serve(
     send: impl Fn(Vec<u8>) + Clone + Send + 'static,
     log: fn(&str),
 ) {
+    let reading = Arc::new(AtomicU32::new(0));
     for stream in listener.incoming() {
         let mut stream = match stream {
             Ok(s) => s,
@@ -135,8 +139,14 @@ pub fn serve(
                 continue;
             }
         };
-        let (pending, send) = (pending.clone(), send.clone());
-        std::thread::spawn(move || {
+        if reading.fetch_add(1, Ordering::SeqCst) as usize >= MAX_READING {
+            reading.fetch_sub(1, Ordering::SeqCst);
+            log("qrexec: a local call dropped: too many clients sending at once");
+            continue;
+        }
+        let (pending, send, count) = (pending.clone(), send.clone(), reading.clone());
+        let spawned = std::thread::Builder::new().spawn(move || {
+            let _count = Decrement(count);
             let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
             let req = match read_request(&mut stream) {
                 Ok(r) => r,
@@ -149,6 +159,19 @@ pub fn serve(
                 Err(e) => log(&format!("qrexec: a local call dropped: {e}")),
             }
         });
+        if let Err(e) = spawned {
+            reading.fetch_sub(1, Ordering::SeqCst);
+            log(&format!("qrexec: a local call dropped: no thread ({e})"));
+        }
+    }
+}
+
+/// Counts a reader out when its thread ends, however it ends.
+struct Decrement(Arc<AtomicU32>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

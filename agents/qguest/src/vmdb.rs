@@ -39,12 +39,7 @@ pub fn run(own: u16, log: fn(&str)) {
     match crate::bind_for_all(&socket.to_string_lossy()) {
         Ok(listener) => {
             let db = db.clone();
-            std::thread::spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let db = db.clone();
-                    std::thread::spawn(move || local_client(stream, &db, log));
-                }
-            });
+            std::thread::spawn(move || serve_local(listener, &db, log));
         }
         Err(e) => log(&format!("qubesdb: no local socket: {e}")),
     }
@@ -54,6 +49,38 @@ pub fn run(own: u16, log: fn(&str)) {
             log(&format!("qubesdb: {e}; reconnecting"));
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Local clients connected at once; more are closed at once.
+const MAX_LOCAL_CLIENTS: u32 = 32;
+
+/// Accepts the VM's programs, each on a thread of its own (bounded).
+fn serve_local(listener: std::os::unix::net::UnixListener, db: &Arc<Mutex<Db>>, log: fn(&str)) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let clients = Arc::new(AtomicU32::new(0));
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of fds, say: wait rather than spin.
+                log(&format!("qubesdb: local socket: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_LOCAL_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let (db, count) = (db.clone(), clients.clone());
+        let spawned = std::thread::Builder::new().spawn(move || {
+            local_client(stream, &db, log);
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            clients.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

@@ -254,7 +254,9 @@ fn vm_to_vm(ctx: &mut Ctx<'_>) -> Result<()> {
     let asked =
         ctx.sh("qrexec-client -d guivm -w 60 root:'cat /tmp/policy-ask.request' </dev/null")?;
     ensure!(
-        asked.contains(r#""source":"work""#) && asked.contains(r#""service":"qguest.Echo""#),
+        asked.contains(r#""source":"work""#)
+            && asked.contains(r#""service":"qguest.Echo""#)
+            && asked.contains(r#""targets":["guivm"]"#),
         "policy.Ask got {asked}"
     );
     ctx.sh("qrexec-client -d guivm -w 60 root:'printf deny >/tmp/ask-answer' </dev/null")?;
