@@ -8,7 +8,7 @@
 //! its events; [`daemon`] runs it against xenstore and `xl`, and
 //! [`service`] serves `org.qubesos.Domains1` ([`dbus`]); [`policy`] is
 //! the qrexec policy daemon, and [`admin`] the Admin API the GUI VM
-//! calls through qrexec.
+//! calls through qrexec, both on [`rootsock`]'s root-only sockets.
 
 pub mod admin;
 pub mod daemon;
@@ -17,6 +17,7 @@ pub mod definition;
 pub mod lifecycle;
 pub mod policy;
 pub mod qdb;
+pub mod rootsock;
 pub mod service;
 pub mod xl;
 pub mod xs;

@@ -139,7 +139,7 @@ async fn serve(
     let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
     let (chg_tx, mut chg_rx) = tokio::sync::mpsc::unbounded_channel::<qdomd::daemon::DomainInfo>();
     let policy = tokio::spawn(qdomd::policy::serve(
-        bind_root_only(std::path::Path::new(qpolicy::SOCKET))?,
+        qdomd::rootsock::bind(std::path::Path::new(qpolicy::SOCKET))?,
         qdomd::policy::Dirs::default(),
         programs.qrexec_client.clone(),
         shared.clone(),
@@ -147,7 +147,7 @@ async fn serve(
     ));
     let (events_tx, _) = tokio::sync::broadcast::channel::<qdomd::daemon::DomainInfo>(256);
     let admin = tokio::spawn(qdomd::admin::serve(
-        bind_root_only(std::path::Path::new(qdomd::admin::SOCKET))?,
+        qdomd::rootsock::bind(std::path::Path::new(qdomd::admin::SOCKET))?,
         shared.clone(),
         req_tx.clone(),
         events_tx.clone(),
@@ -210,23 +210,4 @@ async fn serve(
     policy.abort();
     admin.abort();
     Ok(())
-}
-
-/// A socket only root may connect to, in a directory made if missing; a
-/// socket left by an earlier run is replaced.
-fn bind_root_only(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(l)
 }

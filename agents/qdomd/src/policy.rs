@@ -305,31 +305,21 @@ pub async fn serve(
 ) {
     let reported = Arc::new(Mutex::new(BTreeSet::<String>::new()));
     let asks = Arc::new(tokio::sync::Semaphore::new(MAX_ASKS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                log::warn!("policy socket: accepting: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (dirs, shared, requests, reported) = (
-            dirs.clone(),
-            shared.clone(),
-            requests.clone(),
-            reported.clone(),
-        );
-        let ask = Asker {
+    crate::rootsock::serve(listener, "policy socket", move |stream| {
+        let asker = Asker {
             qrexec_client: qrexec_client.clone(),
             slots: asks.clone(),
         };
-        tokio::spawn(async move {
-            if let Err(e) = client(stream, dirs, ask, shared, requests, reported).await {
-                log::warn!("policy socket: {e}");
-            }
-        });
-    }
+        client(
+            stream,
+            dirs.clone(),
+            asker,
+            shared.clone(),
+            requests.clone(),
+            reported.clone(),
+        )
+    })
+    .await;
 }
 
 async fn read_query(stream: &mut tokio::net::UnixStream) -> Result<Query, String> {
@@ -365,13 +355,6 @@ async fn client(
     requests: mpsc::UnboundedSender<Request>,
     reported: Arc<Mutex<BTreeSet<String>>>,
 ) -> Result<(), String> {
-    // Only qrexec-daemon (root) asks; the socket is root-only as well.
-    let cred = stream
-        .peer_cred()
-        .map_err(|e| format!("peer credentials: {e}"))?;
-    if cred.uid() != 0 {
-        return Err(format!("refusing a client of uid {}", cred.uid()));
-    }
     let query = tokio::time::timeout(QUERY_TIMEOUT, read_query(&mut stream))
         .await
         .map_err(|_| "a client sent no query in time".to_string())??;

@@ -118,17 +118,10 @@ pub fn read_tool(paths: &[String]) -> ExitCode {
         eprintln!("usage: qubesdb-read <path>...");
         return ExitCode::from(2);
     }
-    let socket = qubesdb::socket_path(None);
-    match qubesdb::client::print_values(&socket, paths, &mut std::io::stdout().lock()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e @ qubesdb::client::ReadToolError::Missing(_)) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("qubesdb-read: {}", qcontract::error_chain(&e));
-            ExitCode::FAILURE
-        }
+    if qubesdb::client::read_tool(&qubesdb::socket_path(None), paths) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -26,16 +26,10 @@ fn main() -> ExitCode {
         }
     }
     let socket = qubesdb::socket_path(vm.as_deref());
-    match qubesdb::client::print_values(&socket, &paths, &mut std::io::stdout().lock()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e @ qubesdb::client::ReadToolError::Missing(_)) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("qubesdb-read: {}", qcontract::error_chain(&e));
-            ExitCode::FAILURE
-        }
+    if qubesdb::client::read_tool(&socket, &paths) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -185,3 +185,26 @@ pub fn print_values(
     }
     Ok(())
 }
+
+/// `qubesdb-read`'s run, for dom0's tool and a VM's alike: the values on
+/// stdout; on failure the reason on stderr (Qubes' own words for a
+/// missing entry) and `false`.
+pub fn read_tool(socket: &Path, paths: &[String]) -> bool {
+    match print_values(socket, paths, &mut std::io::stdout().lock()) {
+        Ok(()) => true,
+        Err(e @ ReadToolError::Missing(_)) => {
+            eprintln!("{e}");
+            false
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("qubesdb-read: {msg}");
+            false
+        }
+    }
+}
