@@ -8,74 +8,15 @@
 //! itself (`signed-by`); each `.deb`'s SHA-256 is checked again against the
 //! signed index or the package lock before it is used, so a cached file
 //! that rotted is caught. Which version to fetch is decided in
-//! [`crate::lock`]; this module is its [`Archive`](crate::lock::Archive).
+//! [`crate::lock`]; this module is its [`Archive`].
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
-
+use crate::archive::{Archive, ArchiveError, FetchedPackage, PackageInfo};
 use crate::profile::DebianSection;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AptError {
-    #[error("apt cache {path}: {op}")]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("package `{package}` (profile field {field}) is not in {suite}")]
-    UnknownPackage {
-        package: String,
-        field: String,
-        suite: String,
-    },
-    #[error("package `{package}`: the index entry has no `{field}`")]
-    BadIndex {
-        package: String,
-        field: &'static str,
-    },
-    #[error("package `{package}`: metapackage has no dependency starting with `{prefix}`")]
-    NoKernel { package: String, prefix: String },
-    #[error(
-        "package `{package}` {path}: SHA-256 {actual} does not match the signed index ({expected})"
-    )]
-    HashMismatch {
-        package: String,
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-}
-
-/// A package as the signed index describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PackageInfo {
-    pub name: String,
-    pub version: String,
-    pub sha256: String,
-    /// Path in the archive (`pool/main/...`).
-    pub filename: String,
-    pub depends: String,
-}
-
-/// A fetched, verified `.deb`.
-#[derive(Debug, Clone)]
-pub struct FetchedPackage {
-    pub info: PackageInfo,
-    pub deb: PathBuf,
-}
 
 /// apt with its whole state under `root`.
 #[derive(Debug)]
@@ -86,7 +27,7 @@ pub struct PrivateApt {
 
 impl PrivateApt {
     /// Prepares the private apt tree for `debian` under `cache_root`.
-    pub fn new(cache_root: &Path, debian: &DebianSection) -> Result<Self, AptError> {
+    pub fn new(cache_root: &Path, debian: &DebianSection) -> Result<Self, ArchiveError> {
         let root = cache_root.join(format!("apt-{}", debian.suite));
         for dir in [
             "etc/apt.conf.d",
@@ -99,7 +40,7 @@ impl PrivateApt {
             "log",
         ] {
             let d = root.join(dir);
-            fs::create_dir_all(&d).map_err(|source| AptError::Io {
+            fs::create_dir_all(&d).map_err(|source| ArchiveError::Io {
                 path: d.clone(),
                 op: "create directory",
                 source,
@@ -142,7 +83,7 @@ APT::Sandbox::User "root";
         write_if_changed(&root.join("apt.conf"), &conf)?;
         let status = root.join("state/status");
         if !status.exists() {
-            fs::write(&status, "").map_err(|source| AptError::Io {
+            fs::write(&status, "").map_err(|source| ArchiveError::Io {
                 path: status.clone(),
                 op: "create dpkg status",
                 source,
@@ -172,7 +113,7 @@ APT::Sandbox::User "root";
     }
 
     /// Downloads the package lists unless they exist (or `refresh`).
-    pub fn update(&self, refresh: bool) -> Result<(), AptError> {
+    pub fn update(&self, refresh: bool) -> Result<(), ArchiveError> {
         if self.has_lists() && !refresh {
             log::info!("apt lists for {} are cached; not refreshing", self.suite);
             return Ok(());
@@ -188,7 +129,7 @@ APT::Sandbox::User "root";
         &self,
         name: &str,
         version: Option<&str>,
-    ) -> Result<Option<PackageInfo>, AptError> {
+    ) -> Result<Option<PackageInfo>, ArchiveError> {
         let spec = match version {
             Some(v) => format!("{name}={v}"),
             None => name.to_owned(),
@@ -199,7 +140,7 @@ APT::Sandbox::User "root";
             Ok(t) => t,
             // apt-cache says so on stderr and exits 100; anything else
             // (a broken list, a missing binary) is a real error.
-            Err(AptError::Command { stderr, .. }) if is_not_found(&stderr) => return Ok(None),
+            Err(ArchiveError::Command { stderr, .. }) if is_not_found(&stderr) => return Ok(None),
             Err(e) => return Err(e),
         };
         let stanza = parse_stanza(&text);
@@ -208,7 +149,7 @@ APT::Sandbox::User "root";
             return Ok(None);
         }
         let get = |f: &'static str| {
-            stanza.get(f).cloned().ok_or(AptError::BadIndex {
+            stanza.get(f).cloned().ok_or(ArchiveError::BadIndex {
                 package: name.to_owned(),
                 field: f,
             })
@@ -227,7 +168,7 @@ APT::Sandbox::User "root";
     }
 
     /// Unpacks a fetched package once into the cache and returns its tree.
-    pub fn extract(&self, pkg: &FetchedPackage) -> Result<PathBuf, AptError> {
+    pub fn extract(&self, pkg: &FetchedPackage) -> Result<PathBuf, ArchiveError> {
         let dir = self.root.join("extract").join(format!(
             "{}_{}",
             pkg.info.name,
@@ -240,19 +181,19 @@ APT::Sandbox::User "root";
             return Ok(dir);
         }
         if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|source| AptError::Io {
+            fs::remove_dir_all(&dir).map_err(|source| ArchiveError::Io {
                 path: dir.clone(),
                 op: "remove partial extraction",
                 source,
             })?;
         }
-        fs::create_dir_all(&dir).map_err(|source| AptError::Io {
+        fs::create_dir_all(&dir).map_err(|source| ArchiveError::Io {
             path: dir.clone(),
             op: "create directory",
             source,
         })?;
         run(Command::new("dpkg-deb").arg("-x").arg(&pkg.deb).arg(&dir))?;
-        fs::write(&done, &pkg.info.sha256).map_err(|source| AptError::Io {
+        fs::write(&done, &pkg.info.sha256).map_err(|source| ArchiveError::Io {
             path: done.clone(),
             op: "write marker",
             source,
@@ -261,24 +202,28 @@ APT::Sandbox::User "root";
     }
 }
 
-impl crate::lock::Archive for PrivateApt {
+impl Archive for PrivateApt {
     fn suite(&self) -> &str {
         &self.suite
     }
 
-    fn lookup(&self, name: &str, version: Option<&str>) -> Result<Option<PackageInfo>, AptError> {
+    fn lookup(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Option<PackageInfo>, ArchiveError> {
         self.index_entry(name, version)
     }
 
-    fn refresh(&self) -> Result<(), AptError> {
+    fn refresh(&self) -> Result<(), ArchiveError> {
         self.update(true)
     }
 
-    fn cached_path(&self, info: &PackageInfo) -> Result<PathBuf, AptError> {
+    fn cached_path(&self, info: &PackageInfo) -> Result<PathBuf, ArchiveError> {
         Path::new(&info.filename)
             .file_name()
             .map(|f| self.debs_dir().join(f))
-            .ok_or(AptError::BadIndex {
+            .ok_or(ArchiveError::BadIndex {
                 package: info.name.clone(),
                 field: "Filename",
             })
@@ -286,7 +231,7 @@ impl crate::lock::Archive for PrivateApt {
 
     /// `apt-get download` checks the file against the signed index itself;
     /// the caller checks it again against what it expects.
-    fn download(&self, info: &PackageInfo) -> Result<(), AptError> {
+    fn download(&self, info: &PackageInfo) -> Result<(), ArchiveError> {
         let path = self.cached_path(info)?;
         let debs = self.debs_dir();
         let mut cmd = self.command("apt-get");
@@ -303,7 +248,7 @@ impl crate::lock::Archive for PrivateApt {
                     .and_then(|f| f.rsplit('_').next())
                     .unwrap_or("amd64.deb");
                 let apt_name = debs.join(format!("{}_{epoch}%3a{ver}_{arch}", info.name));
-                fs::rename(&apt_name, &path).map_err(|source| AptError::Io {
+                fs::rename(&apt_name, &path).map_err(|source| ArchiveError::Io {
                     path: apt_name.clone(),
                     op: "rename downloaded package",
                     source,
@@ -324,55 +269,36 @@ fn is_not_found(stderr: &str) -> bool {
     .any(|m| stderr.contains(m))
 }
 
-fn write_if_changed(path: &Path, content: &str) -> Result<(), AptError> {
+fn write_if_changed(path: &Path, content: &str) -> Result<(), ArchiveError> {
     if fs::read_to_string(path).ok().as_deref() == Some(content) {
         return Ok(());
     }
-    fs::write(path, content).map_err(|source| AptError::Io {
+    fs::write(path, content).map_err(|source| ArchiveError::Io {
         path: path.to_owned(),
         op: "write",
         source,
     })
 }
 
-fn run(cmd: &mut Command) -> Result<String, AptError> {
+fn run(cmd: &mut Command) -> Result<String, ArchiveError> {
     let describe = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let out = cmd.output().map_err(|source| AptError::Io {
+    let out = cmd.output().map_err(|source| ArchiveError::Io {
         path: PathBuf::from(cmd.get_program()),
         op: "spawn",
         source,
     })?;
     if !out.status.success() {
-        return Err(AptError::Command {
+        return Err(ArchiveError::Command {
             command: describe,
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub(crate) fn sha256_file(path: &Path) -> Result<String, AptError> {
-    let io = |source| AptError::Io {
-        path: path.to_owned(),
-        op: "hash",
-        source,
-    };
-    let mut f = fs::File::open(path).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Parses the first RFC-822 stanza of apt-cache output; continuation lines
@@ -402,15 +328,6 @@ fn parse_stanza(text: &str) -> BTreeMap<String, String> {
     fields
 }
 
-pub(crate) fn kernel_from_depends(depends: &str) -> Option<String> {
-    depends
-        .split(',')
-        .flat_map(|alt| alt.split('|'))
-        .map(|d| d.split_whitespace().next().unwrap_or(""))
-        .find(|d| d.starts_with("linux-image-"))
-        .map(str::to_owned)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,18 +341,5 @@ mod tests {
         assert_eq!(s["Version"], "1:2.0-1");
         assert_eq!(s["Description"], "x\nmore");
         assert_eq!(s["SHA256"], "ab");
-    }
-
-    #[test]
-    fn kernel_metapackage_resolution() {
-        assert_eq!(
-            kernel_from_depends("linux-image-6.12.117+deb13-amd64 (= 6.12.117-1)"),
-            Some("linux-image-6.12.117+deb13-amd64".into())
-        );
-        assert_eq!(
-            kernel_from_depends("foo, linux-image-6.1.0-1-amd64"),
-            Some("linux-image-6.1.0-1-amd64".into())
-        );
-        assert_eq!(kernel_from_depends("libc6 (>= 2)"), None);
     }
 }

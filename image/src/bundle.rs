@@ -119,7 +119,12 @@ pub fn from_image_dir(dir: &Path, keys: &[PathBuf], out: Option<&Path>) -> Resul
     let root = dir.join(ROOT_IMAGE);
     check_root_hash(&root, &vinfo)?;
     let out = out.map_or_else(
-        || dir.join(format!("{}-{}.bundle", info.name, release.version)),
+        || {
+            dir.join(qcontract::paths::output::bundle_file(
+                &info.name,
+                &release.version,
+            ))
+        },
         Path::to_owned,
     );
     write_signed(&out, &release, &dir.join(BOOT_IMAGE), &root, &vinfo, keys)?;

@@ -11,6 +11,7 @@
 //! with a published build; [`kernel`] builds the optional minimal kernel.
 
 pub mod apt;
+pub mod archive;
 pub mod bundle;
 pub mod cpio;
 pub mod elf;

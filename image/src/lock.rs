@@ -25,10 +25,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apt::{self, AptError, FetchedPackage, PackageInfo};
+use crate::archive::{self, Archive, ArchiveError, FetchedPackage, PackageInfo};
 
-/// The lock's name inside a build's output directory.
-pub const LOCK_FILE: &str = "packages.lock";
 /// The lock format this code reads and writes.
 pub const FORMAT: u32 = 1;
 
@@ -75,7 +73,7 @@ pub enum LockError {
         field: String,
     },
     #[error(transparent)]
-    Apt(#[from] AptError),
+    Apt(#[from] ArchiveError),
 }
 
 /// A `.deb` whose hash is not the lock's (boxed in [`LockError`]: five
@@ -213,20 +211,6 @@ pub fn cache_lock_path(cache_dir: &Path, name: &str) -> PathBuf {
     cache_dir.join("locks").join(format!("{name}.lock"))
 }
 
-/// The package source behind the lock: apt in production, a map in tests.
-pub trait Archive {
-    fn suite(&self) -> &str;
-    /// The signed index's entry for `name`, at `version` or the candidate
-    /// version; `None` when the index has no such package (or version).
-    fn lookup(&self, name: &str, version: Option<&str>) -> Result<Option<PackageInfo>, AptError>;
-    /// Downloads fresh package lists.
-    fn refresh(&self) -> Result<(), AptError>;
-    /// Where the cache keeps `info`'s `.deb` (it may not exist yet).
-    fn cached_path(&self, info: &PackageInfo) -> Result<PathBuf, AptError>;
-    /// Downloads `info`'s `.deb` to [`cached_path`](Self::cached_path).
-    fn download(&self, info: &PackageInfo) -> Result<(), AptError>;
-}
-
 /// A package the build needs, and the profile field that asks for it.
 #[derive(Debug, Clone)]
 pub struct Wanted {
@@ -294,10 +278,11 @@ impl<'a, A: Archive> Resolver<'a, A> {
             name: meta.to_owned(),
             field: "boot.kernel_package".into(),
         })?;
-        let package = apt::kernel_from_depends(&info.depends).ok_or(AptError::NoKernel {
-            package: meta.to_owned(),
-            prefix: "linux-image-".into(),
-        })?;
+        let package =
+            archive::kernel_from_depends(&info.depends).ok_or(ArchiveError::NoKernel {
+                package: meta.to_owned(),
+                prefix: "linux-image-".into(),
+            })?;
         Ok(KernelPin {
             meta: meta.to_owned(),
             package,
@@ -330,7 +315,7 @@ impl<'a, A: Archive> Resolver<'a, A> {
 
     fn indexed(&self, w: &Wanted) -> Result<PackageInfo, LockError> {
         self.archive.lookup(&w.name, None)?.ok_or_else(|| {
-            AptError::UnknownPackage {
+            ArchiveError::UnknownPackage {
                 package: w.name.clone(),
                 field: w.field.clone(),
                 suite: self.archive.suite().to_owned(),
@@ -342,12 +327,12 @@ impl<'a, A: Archive> Resolver<'a, A> {
     /// Cache first; a download is checked against the signed index.
     fn fetch_indexed(&self, info: PackageInfo) -> Result<FetchedPackage, LockError> {
         let path = self.archive.cached_path(&info)?;
-        if !(path.exists() && apt::sha256_file(&path)? == info.sha256) {
+        if !(path.exists() && archive::sha256_file(&path)? == info.sha256) {
             log::info!("downloading {} {}", info.name, info.version);
             self.archive.download(&info)?;
-            let actual = apt::sha256_file(&path)?;
+            let actual = archive::sha256_file(&path)?;
             if actual != info.sha256 {
-                return Err(AptError::HashMismatch {
+                return Err(ArchiveError::HashMismatch {
                     package: info.name.clone(),
                     path,
                     expected: info.sha256.clone(),
@@ -381,7 +366,7 @@ impl<'a, A: Archive> Resolver<'a, A> {
         };
         let path = self.archive.cached_path(&info)?;
         let cached = if path.exists() {
-            let actual = apt::sha256_file(&path)?;
+            let actual = archive::sha256_file(&path)?;
             if actual == entry.sha256 {
                 return Ok(FetchedPackage { info, deb: path });
             }
@@ -406,7 +391,7 @@ impl<'a, A: Archive> Resolver<'a, A> {
         }
         log::info!("downloading {} {} (locked)", entry.name, entry.version);
         self.archive.download(&info)?;
-        let actual = apt::sha256_file(&path)?;
+        let actual = archive::sha256_file(&path)?;
         if actual != entry.sha256 {
             return Err(mismatch(actual, format!("downloaded {}", path.display())));
         }
@@ -502,7 +487,7 @@ mod tests {
             &self,
             name: &str,
             version: Option<&str>,
-        ) -> Result<Option<PackageInfo>, AptError> {
+        ) -> Result<Option<PackageInfo>, ArchiveError> {
             Ok(self
                 .index
                 .borrow()
@@ -520,31 +505,31 @@ mod tests {
                     },
                 }))
         }
-        fn refresh(&self) -> Result<(), AptError> {
+        fn refresh(&self) -> Result<(), ArchiveError> {
             self.refreshes.set(self.refreshes.get() + 1);
             self.index
                 .borrow_mut()
                 .extend(self.after_refresh.iter().cloned());
             Ok(())
         }
-        fn cached_path(&self, info: &PackageInfo) -> Result<PathBuf, AptError> {
+        fn cached_path(&self, info: &PackageInfo) -> Result<PathBuf, ArchiveError> {
             Ok(self
                 .debs_dir
                 .join(format!("{}_{}.deb", info.name, info.version)))
         }
-        fn download(&self, info: &PackageInfo) -> Result<(), AptError> {
+        fn download(&self, info: &PackageInfo) -> Result<(), ArchiveError> {
             let index = self.index.borrow();
             let (_, _, data) = index
                 .iter()
                 .find(|(n, v, _)| *n == info.name && *v == info.version)
-                .ok_or_else(|| AptError::Command {
+                .ok_or_else(|| ArchiveError::Command {
                     command: format!("apt-get download {}={}", info.name, info.version),
                     status: "exit status: 100".into(),
                     stderr: "E: not found".into(),
                 })?;
             let bytes = self.corrupt.clone().unwrap_or_else(|| data.clone());
             self.downloads.borrow_mut().push(info.name.clone());
-            std::fs::write(self.cached_path(info)?, bytes).map_err(|source| AptError::Io {
+            std::fs::write(self.cached_path(info)?, bytes).map_err(|source| ArchiveError::Io {
                 path: self.debs_dir.clone(),
                 op: "write",
                 source,
@@ -745,7 +730,7 @@ mod tests {
             .fetch(&wanted(&["libc6", "no-such-pkg"]))
             .unwrap_err()
         {
-            LockError::Apt(AptError::UnknownPackage {
+            LockError::Apt(ArchiveError::UnknownPackage {
                 package,
                 field,
                 suite,

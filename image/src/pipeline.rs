@@ -180,26 +180,68 @@ fn wanted_packages(profile: &Profile, kernel_package: &str) -> Vec<Wanted> {
     wanted
 }
 
+/// The build, stage by stage: each stage takes what the earlier ones
+/// made and returns its own typed artifact; nothing reaches the output
+/// directory but through the staging directory, which only [`publish`]
+/// commits.
 fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
     let name = profile.image.name.clone();
     let stage = Staging::new(&opts.out_dir, &name)?;
-    let staging = stage.dir.clone();
     let work = opts
         .work_dir
         .clone()
         .unwrap_or_else(|| opts.cache_dir.join("work").join(&name));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let ids = Ids::new(&profile);
 
-    // Packages, following the lock.
+    let packages = fetch(opts, &profile)?;
+    let kernel = kernel(opts, &profile, &packages)?;
+    let info = image_info(&profile, &kernel.version, opts.epoch)?.render();
+    let root = root_tree(opts, &profile, &packages, &kernel, &info, &work)?;
+    let verity = verity_root(opts, &profile, &ids, &root, &stage.dir)?;
+    let initrd = initramfs(opts, &kernel, &verity, &info, &work)?;
+    let parts = partitions(
+        opts, &profile, &ids, &packages, &kernel, &initrd, &work, &stage.dir,
+    )?;
+    let disk = stage.dir.join(DISK_IMAGE);
+    assemble_disk(
+        &disk,
+        &profile,
+        &ids,
+        &parts.esp,
+        &parts.boot,
+        &verity.image,
+        &parts.data,
+    )?;
+    publish(
+        opts, profile, stage, packages, kernel, root, verity, &initrd, &parts, &info,
+    )
+}
+
+/// Stage 1: the packages, fetched and unpacked, following the lock.
+struct Packages {
+    set: PackageSet,
+    /// The versioned kernel image package the metapackage resolved to.
+    kernel_package: String,
+    /// The lock followed, if any, and the one this build makes.
+    pin: Option<Pin>,
+    lock: Lock,
+}
+
+fn fetch(opts: &BuildOptions, profile: &Profile) -> Result<Packages> {
     let apt = PrivateApt::new(&opts.cache_dir, &profile.debian)?;
     apt.update(opts.refresh)?;
-    let pin = select_pin(opts, &profile)?;
+    let pin = select_pin(opts, profile)?;
     let resolver = Resolver::new(&apt, pin.as_ref());
     let kernel_pin = resolver.kernel(&profile.boot.kernel_package)?;
-    let kernel_pkg = kernel_pin.package.clone();
-    let fetched = resolver.fetch(&wanted_packages(&profile, &kernel_pkg))?;
-    let new_lock = Lock::new(&name, &profile.debian.suite, kernel_pin, &fetched);
-    fs::write(staging.join(lock::LOCK_FILE), new_lock.render())?;
+    let kernel_package = kernel_pin.package.clone();
+    let fetched = resolver.fetch(&wanted_packages(profile, &kernel_package))?;
+    let lock = Lock::new(
+        &profile.image.name,
+        &profile.debian.suite,
+        kernel_pin,
+        &fetched,
+    );
     let mut unpacked = Vec::new();
     for f in &fetched {
         unpacked.push(Unpacked {
@@ -209,19 +251,40 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
             root: apt.extract(f)?,
         });
     }
-    let set = PackageSet::new(unpacked);
+    Ok(Packages {
+        set: PackageSet::new(unpacked),
+        kernel_package,
+        pin,
+        lock,
+    })
+}
 
-    // Kernel.
-    let kernel_root = set
+/// Stage 2: the kernel and the modules each part of the system loads.
+struct Kernel {
+    package: String,
+    version: String,
+    vmlinuz: PathBuf,
+    /// Stage 1 (initramfs).
+    early: Vec<Module>,
+    /// Stage 2 (the root).
+    dom0: Vec<Module>,
+    /// The guest stand-in, from its own initramfs.
+    guest: Vec<Module>,
+}
+
+fn kernel(opts: &BuildOptions, profile: &Profile, packages: &Packages) -> Result<Kernel> {
+    let package = packages.kernel_package.clone();
+    let kernel_root = packages
+        .set
         .packages()
         .iter()
-        .find(|p| p.name == kernel_pkg)
+        .find(|p| p.name == package)
         .map(|p| p.root.clone())
         .context("kernel package vanished")?;
-    let kver = single_subdir(&kernel_root.join("usr/lib/modules"))
-        .with_context(|| format!("{kernel_pkg}: finding the module directory"))?;
-    let vmlinuz = kernel_root.join(format!("boot/vmlinuz-{kver}"));
-    let kmods = KernelModules::open(&kernel_root.join("usr/lib/modules").join(&kver))?;
+    let version = single_subdir(&kernel_root.join("usr/lib/modules"))
+        .with_context(|| format!("{package}: finding the module directory"))?;
+    let vmlinuz = kernel_root.join(format!("boot/vmlinuz-{version}"));
+    let kmods = KernelModules::open(&kernel_root.join("usr/lib/modules").join(&version))?;
     let early = resolve_modules(
         &kmods,
         &opts.source_dir,
@@ -235,77 +298,151 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
         &profile.modules.dom0,
         &early_names,
     )?;
-    // The guest stand-in loads its own modules from its initramfs.
     let guest = match &profile.guivm {
         Some(g) => resolve_modules(&kmods, &opts.source_dir, &g.modules, &BTreeSet::new())?,
         None => Vec::new(),
     };
+    Ok(Kernel {
+        package,
+        version,
+        vmlinuz,
+        early,
+        dom0,
+        guest,
+    })
+}
 
-    // Root tree: composed from the profile, or taken as given (benchmarks
-    // against a stock Debian root).
-    let info = image_info(&profile, &kver, opts.epoch)?.render();
-    let mut uncompressed = None;
-    let tree_dir = match &opts.root_tree {
-        Some(dir) => dir.clone(),
-        None => {
-            let tree_dir = work.join("rootfs");
-            let kernel = KernelFiles {
-                package: &kernel_pkg,
-                version: &kver,
-                vmlinuz: &vmlinuz,
-                dom0_modules: &dom0,
-                guest_modules: &guest,
-            };
-            let composed = compose_root(&tree_dir, &profile, &set, opts, &kernel, &info)?;
-            fs::write(
-                staging.join(crate::sbom::FILES_TSV),
-                crate::sbom::files_tsv(&composed.files),
-            )?;
-            fs::write(staging.join(crate::sbom::SBOM_FILE), &composed.sbom)?;
-            uncompressed = Some(composed.files.iter().map(|f| f.size).sum::<u64>());
-            tree_dir
-        }
+/// Stage 3: the root tree, composed from the profile or taken as given
+/// (benchmarks against a stock Debian root).
+struct Root {
+    dir: PathBuf,
+    /// The composed root's inventory and bill of materials (none for a
+    /// given tree).
+    composed: Option<Composed>,
+}
+
+impl Root {
+    fn uncompressed(&self) -> Option<u64> {
+        self.composed
+            .as_ref()
+            .map(|c| c.files.iter().map(|f| f.size).sum())
+    }
+}
+
+fn root_tree(
+    opts: &BuildOptions,
+    profile: &Profile,
+    packages: &Packages,
+    kernel: &Kernel,
+    info: &str,
+    work: &Path,
+) -> Result<Root> {
+    if let Some(dir) = &opts.root_tree {
+        return Ok(Root {
+            dir: dir.clone(),
+            composed: None,
+        });
+    }
+    let dir = work.join("rootfs");
+    let files = KernelFiles {
+        package: &kernel.package,
+        version: &kernel.version,
+        vmlinuz: &kernel.vmlinuz,
+        dom0_modules: &kernel.dom0,
+        guest_modules: &kernel.guest,
     };
+    let composed = compose_root(&dir, profile, &packages.set, opts, &files, info)?;
+    Ok(Root {
+        dir,
+        composed: Some(composed),
+    })
+}
 
-    // Root image with its verity tree.
-    let root_img = staging.join(ROOT_IMAGE);
-    fsimage::squashfs(&tree_dir, &root_img, opts.epoch)?;
-    let squashfs_size = fs::metadata(&root_img)?.len();
-    let ids = Ids::new(&profile);
+/// Stage 4: the root image with its verity tree, within the budget and
+/// the partition.
+struct VerityRoot {
+    image: PathBuf,
+    squashfs_size: u64,
+    info: verity::VerityInfo,
+}
+
+fn verity_root(
+    opts: &BuildOptions,
+    profile: &Profile,
+    ids: &Ids,
+    root: &Root,
+    staging: &Path,
+) -> Result<VerityRoot> {
+    let image = staging.join(ROOT_IMAGE);
+    fsimage::squashfs(&root.dir, &image, opts.epoch)?;
+    let squashfs_size = fs::metadata(&image)?.len();
     let params = verity::VerityParams::new(ids.verity_salt.to_vec(), ids.verity_uuid)?;
-    let vinfo = verity::append_tree(&root_img, &params)?;
-    check_budget(&profile, squashfs_size, uncompressed)?;
-    let root_size = fs::metadata(&root_img)?.len();
-    let root_cap = profile.disk.root_mib << 20;
-    if root_size > root_cap {
+    let info = verity::append_tree(&image, &params)?;
+    check_budget(profile, squashfs_size, root.uncompressed())?;
+    let size = fs::metadata(&image)?.len();
+    let cap = profile.disk.root_mib << 20;
+    if size > cap {
         return Err(fsimage::FsImageError::TooBig {
-            image: root_img,
-            used: root_size,
-            capacity: root_cap,
+            image,
+            used: size,
+            capacity: cap,
         })
         .context("profile field disk.root_mib is too small");
     }
+    Ok(VerityRoot {
+        image,
+        squashfs_size,
+        info,
+    })
+}
 
-    // Initramfs.
-    let initrd = work.join("initrd.gz");
+/// Stage 5: the initramfs (qinit, the early modules, the root's verity
+/// parameters in the same text as `root.verity`, the image info).
+fn initramfs(
+    opts: &BuildOptions,
+    kernel: &Kernel,
+    verity: &VerityRoot,
+    info: &str,
+    work: &Path,
+) -> Result<PathBuf> {
+    let initrd = work.join(output::INITRD);
     let qinit = opts.bin_dir.join("qinit");
     let qinit_bytes = fs::read(&qinit)
         .with_context(|| format!("reading {} (build qinit first)", qinit.display()))?;
-    // The same text as root.verity next to the slot images: one format,
-    // which stage 1 reads with the same parser.
-    let verity_text = vinfo.to_text();
     write_initramfs(
         &initrd,
         opts.epoch,
         &qinit_bytes,
-        &kver,
-        &early,
-        &verity_text,
-        &info,
+        &kernel.version,
+        &kernel.early,
+        &verity.info.to_text(),
+        info,
     )?;
+    Ok(initrd)
+}
 
+/// Stage 6: the partition images besides the root.
+struct Partitions {
+    /// The slot's boot partition (Xen, kernel, initramfs, its GRUB part),
+    /// in the staging directory: bundles carry it.
+    boot: PathBuf,
+    esp: PathBuf,
+    data: PathBuf,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn partitions(
+    opts: &BuildOptions,
+    profile: &Profile,
+    ids: &Ids,
+    packages: &Packages,
+    kernel: &Kernel,
+    initrd: &Path,
+    work: &Path,
+    staging: &Path,
+) -> Result<Partitions> {
     // Boot partition.
-    let xen = set.locate_in(
+    let xen = packages.set.locate_in(
         &profile.boot.xen.package,
         &profile.boot.xen.path,
         "boot.xen.path",
@@ -324,23 +461,24 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
             &profile.boot.kernel_cmdline,
         ),
     )?;
-    let boot_img = staging.join(BOOT_IMAGE);
+    let boot = staging.join(BOOT_IMAGE);
     fsimage::fat(
-        &boot_img,
+        &boot,
         profile.disk.boot_mib,
         "BOOT",
         ids.boot_volid,
         &[
             ("/xen.gz".into(), xen.host_path.clone()),
-            ("/vmlinuz".into(), vmlinuz),
-            ("/initrd.gz".into(), initrd.clone()),
+            ("/vmlinuz".into(), kernel.vmlinuz.clone()),
+            ("/initrd.gz".into(), initrd.to_owned()),
             ("/boot.cfg".into(), boot_cfg),
         ],
         opts.epoch,
     )?;
 
     // ESP.
-    let grub_root = set
+    let grub_root = packages
+        .set
         .packages()
         .iter()
         .find(|p| p.name == profile.boot.grub_package)
@@ -357,9 +495,9 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
         fs::remove_file(&grubenv_path)?;
     }
     env.store_new(&grubenv_path)?;
-    let esp_img = work.join("esp.img");
+    let esp = work.join("esp.img");
     fsimage::fat(
-        &esp_img,
+        &esp,
         profile.disk.esp_mib,
         "ESP",
         ids.esp_volid,
@@ -371,7 +509,7 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
         opts.epoch,
     )?;
 
-    // Data partition.
+    // Data partition: the directories the services expect on /var.
     let data_tree = work.join("data");
     if data_tree.exists() {
         fs::remove_dir_all(&data_tree)?;
@@ -386,28 +524,49 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
     ] {
         fs::create_dir_all(data_tree.join(d))?;
     }
-    let data_img = work.join("data.img");
+    let data = work.join("data.img");
     fsimage::ext4(
-        &data_img,
+        &data,
         profile.disk.data_mib,
         "data",
         &ids.data_uuid,
         &data_tree,
         opts.epoch,
     )?;
+    Ok(Partitions { boot, esp, data })
+}
 
-    // Disk.
-    let disk = staging.join(DISK_IMAGE);
-    assemble_disk(
-        &disk, &profile, &ids, &esp_img, &boot_img, &root_img, &data_img,
-    )?;
-
-    fs::copy(&initrd, staging.join("initrd.gz"))?;
+/// Stage 8: the rest of the output files, the signed bundle, the summary;
+/// then the staging directory replaces the output directory, and the
+/// cache's lock is updated.
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    opts: &BuildOptions,
+    profile: Profile,
+    stage: Staging,
+    packages: Packages,
+    kernel: Kernel,
+    root: Root,
+    verity: VerityRoot,
+    initrd: &Path,
+    parts: &Partitions,
+    info: &str,
+) -> Result<BuildOutput> {
+    let staging = stage.dir.clone();
+    fs::write(staging.join(output::PACKAGES_LOCK), packages.lock.render())?;
+    if let Some(c) = &root.composed {
+        fs::write(
+            staging.join(output::ROOT_FILES),
+            crate::sbom::files_tsv(&c.files),
+        )?;
+        fs::write(staging.join(output::SBOM), &c.sbom)?;
+    }
+    fs::copy(initrd, staging.join(output::INITRD))?;
     // What `qimage bundle` needs to sign this slot later.
-    fs::write(staging.join(output::ROOT_VERITY), &verity_text)?;
-    fs::write(staging.join(output::IMAGE_INFO), &info)?;
+    fs::write(staging.join(output::ROOT_VERITY), verity.info.to_text())?;
+    fs::write(staging.join(output::IMAGE_INFO), info)?;
     if !profile.update.signing_keys.is_empty() {
-        let name = format!("{}-{}.bundle", profile.image.name, profile.image.version);
+        let name = output::bundle_file(&profile.image.name, &profile.image.version);
         let keys: Vec<PathBuf> = profile
             .update
             .signing_keys
@@ -422,20 +581,20 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
                 security_epoch: profile.update.security_epoch,
                 build_id: opts.epoch.to_string(),
             },
-            &boot_img,
-            &root_img,
-            &vinfo,
+            &parts.boot,
+            &verity.image,
+            &verity.info,
             &keys,
         )?;
     }
     let mut artifacts = Vec::new();
-    let mut names: Vec<String> = [DISK_IMAGE, BOOT_IMAGE, ROOT_IMAGE, "initrd.gz"]
+    let mut names: Vec<String> = [DISK_IMAGE, BOOT_IMAGE, ROOT_IMAGE, output::INITRD]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
     for e in fs::read_dir(&staging)?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.ends_with(".bundle") {
+        if n.ends_with(output::BUNDLE_SUFFIX) {
             names.push(n);
         }
     }
@@ -443,29 +602,33 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
         let len = fs::metadata(staging.join(&f))?.len();
         artifacts.push((f, len));
     }
-    artifacts.push(("root.squashfs (in root.img)".into(), squashfs_size));
+    artifacts.push(("root.squashfs (in root.img)".into(), verity.squashfs_size));
     let summary: String = artifacts
         .iter()
         .map(|(n, s)| format!("{n}\t{s}\n"))
         .collect::<String>()
-        + &format!("root_hash\t{}\nkernel\t{kver}\n", vinfo.root_hash_hex());
-    fs::write(staging.join("summary.txt"), summary)?;
+        + &format!(
+            "root_hash\t{}\nkernel\t{}\n",
+            verity.info.root_hash_hex(),
+            kernel.version
+        );
+    fs::write(staging.join(output::SUMMARY), summary)?;
 
     stage.commit(&opts.out_dir)?;
     if opts.update_cache_lock {
-        let path = lock::cache_lock_path(&opts.cache_dir, &name);
-        if let Some(old) = pin.as_ref().filter(|p| p.path == path) {
-            for change in lock::changes(&old.lock, &new_lock) {
+        let path = lock::cache_lock_path(&opts.cache_dir, &profile.image.name);
+        if let Some(old) = packages.pin.as_ref().filter(|p| p.path == path) {
+            for change in lock::changes(&old.lock, &packages.lock) {
                 log::info!("lock: {change}");
             }
         }
-        new_lock.write(&path)?;
+        packages.lock.write(&path)?;
     }
     Ok(BuildOutput {
         profile,
         artifacts,
-        root_hash: vinfo.root_hash_hex(),
-        kernel_version: kver,
+        root_hash: verity.info.root_hash_hex(),
+        kernel_version: kernel.version,
     })
 }
 
@@ -915,6 +1078,7 @@ fn cpio_modules<W: Write>(
     Ok(())
 }
 
+/// Stage 7: the disk: GPT, ESP, slot A, an empty slot B, /var.
 fn assemble_disk(
     disk: &Path,
     p: &Profile,
@@ -993,7 +1157,11 @@ mod tests {
 
         let stage = Staging::new(&out, "qemu").unwrap();
         fs::write(stage.dir.join(DISK_IMAGE), b"new").unwrap();
-        fs::write(stage.dir.join(crate::lock::LOCK_FILE), b"lock").unwrap();
+        fs::write(
+            stage.dir.join(qcontract::paths::output::PACKAGES_LOCK),
+            b"lock",
+        )
+        .unwrap();
         stage.commit(&out).unwrap();
         assert_eq!(fs::read(out.join(DISK_IMAGE)).unwrap(), b"new");
         assert!(!staged.exists());

@@ -14,9 +14,6 @@ use crate::packages::Unpacked;
 
 /// Where the image carries its bill of materials.
 pub const SBOM_PATH: &str = "/usr/share/qubes-dom0/sbom.cdx.json";
-/// The inventory next to the build's images: path, size, sha256, origin.
-pub const FILES_TSV: &str = "root.files.tsv";
-pub const SBOM_FILE: &str = "sbom.cdx.json";
 
 /// One regular file of the root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,12 +245,12 @@ fn mib(b: u64) -> f64 {
 /// `qimage size`: the root by package and by file, largest first, with the
 /// partition sizes of the build.
 pub fn size_report(dir: &Path, top: usize) -> Result<String> {
-    let tsv = dir.join(FILES_TSV);
+    let tsv = dir.join(qcontract::paths::output::ROOT_FILES);
     let text = fs::read_to_string(&tsv)
         .with_context(|| format!("{}: not a qimage build output", tsv.display()))?;
     let files = parse_tsv(&text, &tsv)?;
     let mut out = String::new();
-    if let Ok(summary) = fs::read_to_string(dir.join("summary.txt")) {
+    if let Ok(summary) = fs::read_to_string(dir.join(qcontract::paths::output::SUMMARY)) {
         out.push_str("images (bytes as built; slot images are what a bundle carries):\n");
         for l in summary.lines() {
             if let Some((name, size)) = l.split_once('\t') {
@@ -366,12 +363,16 @@ mod tests {
 
         let out = d.path().join("out");
         fs::create_dir_all(&out).unwrap();
-        fs::write(out.join(FILES_TSV), files_tsv(&files)).unwrap();
+        fs::write(
+            out.join(qcontract::paths::output::ROOT_FILES),
+            files_tsv(&files),
+        )
+        .unwrap();
         let r = size_report(&out, 5).unwrap();
         let xl = r.find("package xen-utils-4.20").unwrap();
         let ws = r.find("workspace").unwrap();
         assert!(xl < ws, "largest origin first: {r}");
-        fs::write(out.join(FILES_TSV), "bad line\n").unwrap();
+        fs::write(out.join(qcontract::paths::output::ROOT_FILES), "bad line\n").unwrap();
         let e = size_report(&out, 5).unwrap_err().to_string();
         assert!(e.contains("root.files.tsv line 1"), "{e}");
     }

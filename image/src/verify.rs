@@ -14,7 +14,6 @@ use anyhow::{Context, Result};
 use qcontract::paths::output::{BOOT_IMAGE, DISK_IMAGE, IMAGE_INFO, ROOT_IMAGE, ROOT_VERITY};
 use qcontract::ImageInfo;
 
-use crate::lock::LOCK_FILE;
 use crate::pipeline::{self, BuildOptions};
 
 /// The build outputs compared file by file, when the published build has
@@ -23,12 +22,12 @@ pub const COMPARED: &[&str] = &[
     DISK_IMAGE,
     BOOT_IMAGE,
     ROOT_IMAGE,
-    "initrd.gz",
+    qcontract::paths::output::INITRD,
     ROOT_VERITY,
     IMAGE_INFO,
-    LOCK_FILE,
-    crate::sbom::SBOM_FILE,
-    crate::sbom::FILES_TSV,
+    qcontract::paths::output::PACKAGES_LOCK,
+    qcontract::paths::output::SBOM,
+    qcontract::paths::output::ROOT_FILES,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +50,7 @@ pub enum VerifyError {
     #[error(transparent)]
     Info(#[from] qcontract::InfoError),
     #[error(transparent)]
-    Hash(#[from] crate::apt::AptError),
+    Hash(#[from] crate::archive::ArchiveError),
 }
 
 /// What a rebuild is compared against.
@@ -96,7 +95,7 @@ impl Published {
             None
         };
         let files = hashes(dir)?;
-        let lock = dir.join(LOCK_FILE);
+        let lock = dir.join(qcontract::paths::output::PACKAGES_LOCK);
         Ok(Self {
             root_hash: vinfo.root_hash_hex(),
             files,
@@ -124,7 +123,7 @@ fn hashes(dir: &Path) -> Result<Vec<(String, String)>, VerifyError> {
     })?;
     for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        if n.ends_with(".bundle") {
+        if n.ends_with(qcontract::paths::output::BUNDLE_SUFFIX) {
             names.push(n);
         }
     }
@@ -133,7 +132,7 @@ fn hashes(dir: &Path) -> Result<Vec<(String, String)>, VerifyError> {
     for n in names {
         let path = dir.join(&n);
         if path.exists() {
-            let h = crate::apt::sha256_file(&path)?;
+            let h = crate::archive::sha256_file(&path)?;
             out.push((n, h));
         }
     }

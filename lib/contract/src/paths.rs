@@ -37,4 +37,21 @@ pub mod output {
     pub const ROOT_VERITY: &str = "root.verity";
     /// A copy of the image's [`super::IMAGE_INFO`].
     pub const IMAGE_INFO: &str = "image.info";
+    /// A copy of the slot's initramfs (also inside `boot.img`).
+    pub const INITRD: &str = "initrd.gz";
+    /// The exact packages of the build (qimage's lock format).
+    pub const PACKAGES_LOCK: &str = "packages.lock";
+    /// The root's software bill of materials (CycloneDX JSON).
+    pub const SBOM: &str = "sbom.cdx.json";
+    /// Every file of the root with its size, mode and origin.
+    pub const ROOT_FILES: &str = "root.files.tsv";
+    /// The sizes of the artifacts, the root hash and the kernel version.
+    pub const SUMMARY: &str = "summary.txt";
+    /// How a signed update bundle's file name ends.
+    pub const BUNDLE_SUFFIX: &str = ".bundle";
+
+    /// The update bundle of image `name` at `version`.
+    pub fn bundle_file(name: &str, version: &str) -> String {
+        format!("{name}-{version}{BUNDLE_SUFFIX}")
+    }
 }
