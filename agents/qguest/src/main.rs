@@ -139,7 +139,7 @@ fn power_off() -> ! {
 /// The qrexec agent runs as a process of its own (`/init --qrexec-agent
 /// <domid>`), as Qubes' does: it waits for the commands it starts itself,
 /// which PID 1's reaping of orphans would otherwise take from it.
-static AGENT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static AGENT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 const AGENT_FLAG: &str = "--qrexec-agent";
 
 fn spawn_agent(domid: u16) {
@@ -148,10 +148,7 @@ fn spawn_agent(domid: u16) {
         .arg(domid.to_string())
         .spawn()
     {
-        Ok(child) => AGENT.store(
-            i32::try_from(child.id()).unwrap_or(0),
-            std::sync::atomic::Ordering::SeqCst,
-        ),
+        Ok(child) => AGENT.store(child.id(), std::sync::atomic::Ordering::SeqCst),
         Err(e) => log(&format!("starting the qrexec agent: {e}")),
     }
 }
@@ -163,7 +160,8 @@ fn reap() {
             WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _) => pid,
             _ => continue,
         };
-        if pid.as_raw() == AGENT.load(std::sync::atomic::Ordering::SeqCst) {
+        let agent = AGENT.load(std::sync::atomic::Ordering::SeqCst);
+        if u32::try_from(pid.as_raw()).is_ok_and(|p| p == agent) {
             log(&format!(
                 "the qrexec agent ended ({st:?}); starting it again"
             ));

@@ -298,7 +298,7 @@ fn wait(
     }
     // A VM with bytes still queued is looked at every tick regardless.
     let ts = rustix::fs::Timespec {
-        tv_sec: i64::try_from(TICK.as_secs()).unwrap_or(1),
+        tv_sec: i64::try_from(TICK.as_secs()).expect("TICK is a few seconds"),
         tv_nsec: 0,
     };
     match poll(&mut fds, Some(&ts)) {

@@ -148,6 +148,8 @@ impl Shared {
     fn pump(&self, mut reader: Box<dyn Read + Send>, generation: u64, after: LinkState) {
         let mut buf = [0u8; 4096];
         loop {
+            // A read error ends the connection as its end of file does:
+            // the transcript keeps what came, the link state says the rest.
             let n = reader.read(&mut buf).unwrap_or(0);
             let Ok(mut s) = self.state.lock() else { return };
             if n == 0 {
