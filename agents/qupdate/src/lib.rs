@@ -51,6 +51,8 @@ pub enum UpdateError {
     State(#[from] StateError),
     #[error("bundle is for `{found}`, this system is `{expected}`")]
     Incompatible { expected: String, found: String },
+    #[error("tries {0}: must be 1 to {max}", max = grubenv::MAX_TRIES)]
+    Tries(u8),
     #[error("bundle security epoch {epoch} is below the installed floor {floor} (a downgrade)")]
     BelowFloor { epoch: u64, floor: u64 },
     #[error("{kind:?} payload of {size} bytes does not fit partition of {partition} bytes")]
@@ -356,9 +358,19 @@ impl Updater {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, UpdateError> {
         let result = self.apply_inner(bundle, progress);
-        let mut state = State::load(&self.cfg.state)?;
-        state.last_error = result.as_ref().err().map(|e| qcontract::error_chain(e));
-        state.store(&self.cfg.state)?;
+        let recorded = State::load(&self.cfg.state).and_then(|mut state| {
+            state.last_error = result.as_ref().err().map(|e| qcontract::error_chain(e));
+            state.store(&self.cfg.state)
+        });
+        if let Err(e) = recorded {
+            // The slot is written (or not) either way: the caller hears
+            // the apply's own outcome, and this is logged beside it.
+            log::error!(
+                "recording the apply's outcome in {}: {}",
+                self.cfg.state.display(),
+                qcontract::error_chain(&e)
+            );
+        }
         result
     }
 
@@ -367,6 +379,9 @@ impl Updater {
         bundle: &mut R,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, UpdateError> {
+        if !(1..=grubenv::MAX_TRIES).contains(&self.cfg.tries) {
+            return Err(UpdateError::Tries(self.cfg.tries));
+        }
         let trust = TrustStore::load(&self.cfg.trust)?;
         let verified = qbundle::read_verified(bundle, &trust)?;
         let m = &verified.manifest;

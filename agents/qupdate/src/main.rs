@@ -27,8 +27,12 @@ enum Cmd {
     Apply {
         /// Bundle file, or `-` for standard input.
         bundle: String,
-        /// Tries the boot loader gives the new slot.
-        #[arg(long, default_value_t = qupdate::DEFAULT_TRIES)]
+        /// Tries the boot loader gives the new slot (1 to 9).
+        #[arg(
+            long,
+            default_value_t = qupdate::DEFAULT_TRIES,
+            value_parser = clap::value_parser!(u8).range(1..=i64::from(grubenv::MAX_TRIES))
+        )]
         tries: u8,
         #[arg(long)]
         json: bool,

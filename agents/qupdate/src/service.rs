@@ -13,8 +13,8 @@ use zbus::Connection;
 use crate::dbus::{ServiceError, OBJECT_PATH};
 use crate::{Config, Progress, Status, UpdateError, Updater};
 
-/// Tries are a GRUB counter spent one per boot; more than this is a typo.
-pub const MAX_TRIES: u8 = 9;
+// Tries are a GRUB counter spent one per boot: grubenv::MAX_TRIES at most.
+use grubenv::MAX_TRIES;
 
 /// How long a `Status` read waits for the lock before it answers with the
 /// last status it saw (an apply holds the lock for minutes).
