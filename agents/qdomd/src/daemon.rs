@@ -173,8 +173,10 @@ impl Daemon {
         ready: impl FnOnce(),
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
+        // A refused file: its domain is skipped, or, for a refused
+        // override, runs as the image defines it (said beside it).
         for e in &set.errors {
-            log::error!("skipping a domain: {e}");
+            log::error!("definition refused: {e}");
         }
         let conn = qxenstore::Xs::open().context("connecting to xenstore")?;
         let (news_tx, mut news) = mpsc::unbounded_channel();

@@ -12,57 +12,12 @@ use std::time::Duration;
 use qbackoff::Backoff;
 use serde::Deserialize;
 
+use crate::trust::{Over, Trust};
+
 /// Shipped definitions (read-only root).
 pub const SHIPPED_DIR: &str = "/etc/qdomd/domains";
 /// Machine-local overrides and additions (data partition).
 pub const LOCAL_DIR: &str = "/var/lib/qdomd/domains";
-
-/// Where a VM's kernel and ramdisk may come from: the files dom0 hands a
-/// PV or PVH guest to boot. The image's own files (`/usr/`, read-only and
-/// verified) always; `/var/lib/qdomd/` (the data partition: a VM built
-/// elsewhere, such as a real Qubes VM's kernel and initramfs) only on test
-/// profiles, never on a production image. (An HVM guest boots whatever
-/// its own disks hold; that is the VM's code, not a file dom0 chose.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootFiles {
-    ImageOnly,
-    ImageAndVar,
-}
-
-impl BootFiles {
-    /// The image's rule: production unless its image info says otherwise
-    /// (an unreadable one counts as production: fail closed).
-    pub fn for_image(info: &Path) -> BootFiles {
-        match qcontract::ImageInfo::load(info) {
-            Ok(i) if !i.production => BootFiles::ImageAndVar,
-            Ok(_) => BootFiles::ImageOnly,
-            Err(e) => {
-                log::error!(
-                    "{}: VM boot files only from the image",
-                    qcontract::error_chain(&e)
-                );
-                BootFiles::ImageOnly
-            }
-        }
-    }
-
-    fn allows(self, path: &str) -> bool {
-        let clean = !path.split('/').any(|c| c == ".." || c == ".");
-        let image = path.starts_with("/usr/");
-        let var = path.starts_with(VAR_BOOT_DIR);
-        clean && (image || (var && self == BootFiles::ImageAndVar))
-    }
-
-    fn rule(self) -> &'static str {
-        match self {
-            BootFiles::ImageOnly => "must be a file of the image (under /usr/)",
-            BootFiles::ImageAndVar => "must be under /usr/ or /var/lib/qdomd/",
-        }
-    }
-}
-
-/// Where test profiles may keep VM kernels and ramdisks.
-pub const VAR_BOOT_DIR: &str = "/var/lib/qdomd/";
 
 /// Definition files larger than this are refused unread.
 const MAX_FILE_LEN: u64 = 64 * 1024;
@@ -563,16 +518,31 @@ pub fn parse(
     Ok(d)
 }
 
+/// A definition file's text: a regular file (not a link, FIFO or
+/// device, opened without blocking and without following a link), of at
+/// most [`MAX_FILE_LEN`] bytes however it grows while read.
 fn read_limited(path: &Path) -> Result<String, DefinitionError> {
+    use rustix::fs::{Mode, OFlags};
+    use std::io::Read;
     let err = |reason: String| DefinitionError::File {
         path: path.to_owned(),
         reason,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if meta.len() > MAX_FILE_LEN {
-        return Err(err(format!("{} bytes; at most {MAX_FILE_LEN}", meta.len())));
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(path, flags, Mode::empty()).map_err(|e| err(e.to_string()))?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(err("not a regular file".into()));
     }
-    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_LEN {
+        return Err(err(format!("over {MAX_FILE_LEN} bytes")));
+    }
+    String::from_utf8(bytes).map_err(|_| err("not UTF-8".into()))
 }
 
 fn toml_files(dir: &Path) -> Vec<PathBuf> {
@@ -595,24 +565,10 @@ pub struct DomainSet {
     pub errors: Vec<DefinitionError>,
 }
 
-/// A loaded domain whose boot files the image's rule does not allow is
-/// refused like a malformed one.
-fn check_boot_files(d: Domain, path: &Path, boot: BootFiles) -> Result<Domain, DefinitionError> {
-    for (f, value) in [("kernel", &d.kernel), ("ramdisk", &d.ramdisk)] {
-        if let Some(v) = value {
-            if !boot.allows(v) {
-                return Err(DefinitionError::Field {
-                    path: path.to_owned(),
-                    field: f.into(),
-                    reason: format!("`{v}` {}", boot.rule()),
-                });
-            }
-        }
-    }
-    Ok(d)
-}
-
-pub fn load(shipped: &Path, local: &Path, boot: BootFiles) -> DomainSet {
+/// Loads every definition; what comes from /var is held to `trust`'s
+/// rules ([`crate::trust`]), and one that breaks them is refused like a
+/// malformed one.
+pub fn load(shipped: &Path, local: &Path, trust: &Trust) -> DomainSet {
     let mut set = DomainSet::default();
     let locals = toml_files(local);
     let local_of = |name: &std::ffi::OsStr| locals.iter().find(|p| p.file_name() == Some(name));
@@ -623,12 +579,38 @@ pub fn load(shipped: &Path, local: &Path, boot: BootFiles) -> DomainSet {
             continue;
         };
         seen.push(fname.to_owned());
+        let shipped_only = |text: &str| {
+            parse(path, text, None).and_then(|d| {
+                trust.check_boot_files(&d, path)?;
+                Ok(d)
+            })
+        };
         let result = read_limited(path).and_then(|text| match local_of(fname) {
             Some(lp) => {
-                let ltext = read_limited(lp)?;
-                parse(path, &text, Some((lp, &ltext))).and_then(|d| check_boot_files(d, lp, boot))
+                let with_override = read_limited(lp).and_then(|ltext| {
+                    let over = trust.check_override(lp, &ltext)?;
+                    let d = parse(path, &text, Some((lp, &ltext)))?;
+                    trust.check_boot_files(&d, lp)?;
+                    trust.check_local(&d, lp, over)?;
+                    Ok(d)
+                });
+                match with_override {
+                    Ok(d) => Ok(d),
+                    // A refused override leaves the image's definition
+                    // standing: /var can take a change away, not the VM.
+                    Err(e) => {
+                        set.errors.push(e);
+                        let d = shipped_only(&text)?;
+                        log::warn!(
+                            "{}: refused; {} runs as the image defines it",
+                            lp.display(),
+                            d.name
+                        );
+                        Ok(d)
+                    }
+                }
             }
-            None => parse(path, &text, None).and_then(|d| check_boot_files(d, path, boot)),
+            None => shipped_only(&text),
         });
         match result {
             Ok(d) => {
@@ -643,8 +625,11 @@ pub fn load(shipped: &Path, local: &Path, boot: BootFiles) -> DomainSet {
         }
         match read_limited(lp)
             .and_then(|t| parse(lp, &t, None))
-            .and_then(|d| check_boot_files(d, lp, boot))
-        {
+            .and_then(|d| {
+                trust.check_boot_files(&d, lp)?;
+                trust.check_local(&d, lp, Over::ALL)?;
+                Ok(d)
+            }) {
             Ok(d) => {
                 set.domains.insert(d.name.clone(), d);
             }
@@ -657,6 +642,17 @@ pub fn load(shipped: &Path, local: &Path, boot: BootFiles) -> DomainSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trust::Allow;
+
+    fn trust(production: bool) -> Trust {
+        Trust {
+            production,
+            allow: Allow {
+                disk_dirs: vec!["/var/lib/qdomd/vms/".into()],
+                pci: vec!["0000:00:02.0".into()],
+            },
+        }
+    }
 
     const GOOD: &str = r#"
 type = "pv"
@@ -783,7 +779,7 @@ policy = "always"
         )
         .unwrap();
         std::fs::write(etc.join("huge.toml"), "#".repeat(70_000)).unwrap();
-        let set = load(&etc, &var, BootFiles::ImageOnly);
+        let set = load(&etc, &var, &trust(true));
         let names: Vec<&String> = set.domains.keys().collect();
         assert_eq!(names, ["gui", "local"]);
         assert_eq!(set.domains["gui"].vcpus, 2);
@@ -822,11 +818,11 @@ policy = "always"
         .unwrap();
         std::fs::write(var.join("tmp.toml"), def("/tmp/vmlinuz")).unwrap();
         std::fs::write(var.join("dots.toml"), def("/usr/../var/lib/x")).unwrap();
-        let test = load(&etc, &var, BootFiles::ImageAndVar);
+        let test = load(&etc, &var, &trust(false));
         assert_eq!(test.domains.keys().collect::<Vec<_>>(), ["qubes"]);
         assert_eq!(test.errors.len(), 2, "{:?}", test.errors);
-        let prod = load(&etc, &var, BootFiles::ImageOnly);
-        assert!(prod.domains.is_empty());
+        let prod = load(&etc, &var, &trust(true));
+        assert!(!prod.domains.contains_key("qubes"));
         let e = prod
             .errors
             .iter()
@@ -837,10 +833,91 @@ policy = "always"
             e.contains("field `kernel`") && e.contains("must be a file of the image"),
             "{e}"
         );
-        // An unreadable image info means production.
+        // An unreadable image info means production, and a missing
+        // allow-list allows nothing.
         assert_eq!(
-            BootFiles::for_image(&dir.path().join("missing")),
-            BootFiles::ImageOnly
+            Trust::for_image(&dir.path().join("missing"), &dir.path().join("none")),
+            Trust {
+                production: true,
+                allow: Default::default()
+            }
         );
+    }
+
+    /// On a production image an override changes only the safe subset;
+    /// disks and devices from /var must be on the image's allow-list;
+    /// files that are not regular are refused unread.
+    #[test]
+    fn var_cannot_widen_what_dom0_trusts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (etc, var) = (dir.path().join("etc"), dir.path().join("var"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&var).unwrap();
+        std::fs::write(etc.join("gui.toml"), GOOD).unwrap();
+        std::fs::write(
+            var.join("gui.toml"),
+            "memory_mib = 512\nvcpus = 2\n[qubes.qubesdb]\n\"/x\" = \"1\"\n",
+        )
+        .unwrap();
+        let ok = load(&etc, &var, &trust(true));
+        assert_eq!(ok.domains["gui"].memory_mib, 512, "{:?}", ok.errors);
+        for (over, field) in [
+            ("kernel = \"/usr/lib/other\"\n", "kernel"),
+            ("[qubes]\nlabel = \"black\"\n", "qubes.label"),
+            ("pci = [\"0000:00:02.0\"]\n", "pci"),
+        ] {
+            std::fs::write(var.join("gui.toml"), over).unwrap();
+            let prod = load(&etc, &var, &trust(true));
+            // The override is refused; the image's definition stands.
+            assert_eq!(prod.domains["gui"].memory_mib, 256, "{over}");
+            let e = prod.errors[0].to_string();
+            assert!(
+                e.contains(&format!("field `{field}`")) && e.contains("production"),
+                "{e}"
+            );
+            // A test image takes the same override.
+            assert!(load(&etc, &var, &trust(false)).errors.is_empty(), "{over}");
+        }
+        std::fs::remove_file(var.join("gui.toml")).unwrap();
+        let local = |disk: &str, pci: &str| {
+            format!(
+                "type = \"hvm\"\nmemory_mib = 64\npci = [{pci}]\n\
+                 [[disks]]\ntarget = \"{disk}\"\nvdev = \"xvda\"\n"
+            )
+        };
+        std::fs::write(var.join("vm.toml"), local("/var/lib/qdomd/vms/vm.img", "")).unwrap();
+        assert!(load(&etc, &var, &trust(true)).errors.is_empty());
+        for (text, field) in [
+            (local("/dev/vda", ""), "disks[0].target"),
+            (local("/var/lib/qdomd/vms/../../x", ""), "disks[0].target"),
+            (
+                local("/var/lib/qdomd/vms/vm.img", "\"0000:01:00.0\""),
+                "pci[0]",
+            ),
+        ] {
+            std::fs::write(var.join("vm.toml"), &text).unwrap();
+            let set = load(&etc, &var, &trust(false));
+            assert!(
+                set.errors[0]
+                    .to_string()
+                    .contains(&format!("field `{field}`")),
+                "{:?}",
+                set.errors
+            );
+        }
+        std::fs::remove_file(var.join("vm.toml")).unwrap();
+        // A link to a device, and a FIFO: refused, and nothing hangs.
+        std::os::unix::fs::symlink("/dev/zero", var.join("zero.toml")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            var.join("fifo.toml"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let set = load(&etc, &var, &trust(false));
+        assert_eq!(set.errors.len(), 2, "{:?}", set.errors);
+        assert!(set.domains.contains_key("gui"));
     }
 }

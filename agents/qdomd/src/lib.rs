@@ -19,5 +19,6 @@ pub mod policy;
 pub mod qdb;
 pub mod rootsock;
 pub mod service;
+pub mod trust;
 pub mod xl;
 pub mod xs;

@@ -133,8 +133,11 @@ async fn serve(
     programs: qdomd::daemon::Programs,
 ) -> anyhow::Result<()> {
     qagent::logger::init();
-    let boot = definition::BootFiles::for_image(std::path::Path::new(qcontract::paths::IMAGE_INFO));
-    let set = definition::load(&definitions, &local, boot);
+    let trust = qdomd::trust::Trust::for_image(
+        std::path::Path::new(qcontract::paths::IMAGE_INFO),
+        std::path::Path::new(qdomd::trust::ALLOW_FILE),
+    );
+    let set = definition::load(&definitions, &local, &trust);
     let shared = Arc::new(Mutex::new(Shared::default()));
     let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
     let (chg_tx, mut chg_rx) = tokio::sync::mpsc::unbounded_channel::<qdomd::daemon::DomainInfo>();

@@ -371,9 +371,22 @@ fn elsewhere(ctx: &mut Ctx<'_>) -> Result<()> {
            'memory_mib = 192' 'vcpus = 1' '[restart]' 'policy = \"never\"' \
            >/var/lib/qdomd/domains/elsewhere.toml"
     ))?;
+    // A hostile override beside it: the GUI VM given dom0's own disk.
+    // It is refused by name, and the GUI VM runs as the image defines it.
+    ctx.sh(
+        "printf '%s\\n' '[[disks]]' 'target = \"/dev/vda\"' 'vdev = \"xvdb\"' \
+         >/var/lib/qdomd/domains/guivm.toml",
+    )?;
     // Definitions are read when qdomd starts.
     ctx.sh("qinit ctl restart qdomd")?;
+    let refused = ctx.wait_for("guivm.toml: field `disks[0].target`", Duration::from_secs(60))?;
     ctx.wait_for(READY, ctx.timeouts.guivm)?;
+    let (state, _) = guivm_row(ctx)?;
+    ensure!(state == "ready", "the GUI VM after a refused override: {state}");
+    let xl = ctx.sh("xl block-list guivm 2>&1; true")?;
+    ensure!(!xl.contains("xvdb"), "the refused disk is attached: {xl}");
+    ctx.sh("rm /var/lib/qdomd/domains/guivm.toml")?;
+    ctx.note(format!("a hostile override: {}", refused.trim()));
     ctx.sh("qdom start elsewhere")?;
     let line = guest_synced(ctx, "elsewhere", Duration::from_secs(120))?;
     ensure!(field(&line, "name=") == Some("elsewhere"), "{line}");
