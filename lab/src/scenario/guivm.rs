@@ -379,10 +379,16 @@ fn elsewhere(ctx: &mut Ctx<'_>) -> Result<()> {
     )?;
     // Definitions are read when qdomd starts.
     ctx.sh("qinit ctl restart qdomd")?;
-    let refused = ctx.wait_for("guivm.toml: field `disks[0].target`", Duration::from_secs(60))?;
+    let refused = ctx.wait_for(
+        "guivm.toml: field `disks[0].target`",
+        Duration::from_secs(60),
+    )?;
     ctx.wait_for(READY, ctx.timeouts.guivm)?;
     let (state, _) = guivm_row(ctx)?;
-    ensure!(state == "ready", "the GUI VM after a refused override: {state}");
+    ensure!(
+        state == "ready",
+        "the GUI VM after a refused override: {state}"
+    );
     let xl = ctx.sh("xl block-list guivm 2>&1; true")?;
     ensure!(!xl.contains("xvdb"), "the refused disk is attached: {xl}");
     ctx.sh("rm /var/lib/qdomd/domains/guivm.toml")?;
