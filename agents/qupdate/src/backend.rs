@@ -69,7 +69,8 @@ impl Backend for Updater {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, BackendError> {
         self.set_tries(tries);
-        Ok(Updater::apply(self, &mut bundle, progress)?)
+        let mut guarded = crate::stall::StallGuard::new(&mut bundle, crate::stall::STALL_TIMEOUT);
+        Ok(Updater::apply(self, &mut guarded, progress)?)
     }
 
     fn mark_good(&mut self) -> Result<Slot, BackendError> {

@@ -15,6 +15,7 @@ pub mod client;
 pub mod dbus;
 pub mod disk;
 pub mod service;
+pub mod stall;
 pub mod state;
 pub mod status;
 

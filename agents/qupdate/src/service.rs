@@ -240,7 +240,10 @@ async fn run_apply(
     announce(&conn, &[Prop::Operation]).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
     let job = tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::from(std::os::fd::OwnedFd::from(bundle));
+        let mut file = crate::stall::StallGuard::new(
+            std::fs::File::from(std::os::fd::OwnedFd::from(bundle)),
+            crate::stall::STALL_TIMEOUT,
+        );
         let mut updater = Updater::open(cfg)?;
         // A message per percent and phase, not per chunk.
         let mut last = None;
