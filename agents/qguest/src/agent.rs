@@ -367,7 +367,10 @@ fn exec(own: u16, kind: MsgType, p: ExecParams, ctrl: &Inbox) -> Result<(), Stri
             match service::find(&dirs, &name, &arg) {
                 None => return not_found(&mut chan),
                 Some(Found::Socket(path)) => {
-                    return socket_service(&mut chan, &path, &descriptor, &source)
+                    let header = service::socket_header(&descriptor, &source, None);
+                    return data::serve_socket(&mut chan, &path, &header)
+                        .map(drop)
+                        .map_err(|e| chain(&e));
                 }
                 Some(Found::Executable(path)) => {
                     let mut c = Command::new(path);
@@ -403,30 +406,6 @@ fn exec(own: u16, kind: MsgType, p: ExecParams, ctrl: &Inbox) -> Result<(), Stri
     };
     let mut status = || data::exit_status(child.wait());
     data::pump(&mut chan, Side::Service, local, &mut status)
-        .map(drop)
-        .map_err(|e| chain(&e))
-}
-
-/// A socket service: the descriptor line, then the caller's data, on one
-/// stream; its exit code is 0.
-fn socket_service(
-    chan: &mut Vchan,
-    path: &Path,
-    descriptor: &str,
-    source: &str,
-) -> Result<(), String> {
-    let at = |e: std::io::Error| format!("{}: {e}", path.display());
-    let mut s = UnixStream::connect(path).map_err(at)?;
-    s.write_all(&service::socket_header(descriptor, source, None))
-        .map_err(at)?;
-    let input = s.try_clone().map_err(at)?;
-    let local = Local {
-        input: Some(OwnedFd::from(input)),
-        input_err: None,
-        output: Some(OwnedFd::from(s)),
-        output_err: None,
-    };
-    data::pump(chan, Side::Service, local, &mut || 0)
         .map(drop)
         .map_err(|e| chain(&e))
 }

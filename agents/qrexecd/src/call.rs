@@ -214,24 +214,8 @@ pub fn serve_dom0(call: &Call, port: u32, requested: &RequestedTarget) -> Result
             ))
         }
         Some(Found::Socket(path)) => {
-            let mut s =
-                UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            s.write_all(&service::socket_header(
-                &call.descriptor(),
-                &call.source,
-                Some(requested),
-            ))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-            let input = s
-                .try_clone()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            let local = Local {
-                input: Some(OwnedFd::from(input)),
-                input_err: None,
-                output: Some(OwnedFd::from(s)),
-                output_err: None,
-            };
-            data::pump(&mut chan, Side::Service, local, &mut || 0)
+            let header = service::socket_header(&call.descriptor(), &call.source, Some(requested));
+            data::serve_socket(&mut chan, &path, &header)
                 .map(drop)
                 .map_err(|e| chain(&e))
         }

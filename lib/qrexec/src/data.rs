@@ -35,6 +35,12 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
+    #[error("socket service {path}")]
+    Socket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Which end this is.
@@ -100,6 +106,32 @@ pub fn send_not_found(chan: &mut Vchan, timeout: Duration) -> Result<(), DataErr
 
 /// A service's exit code: not found (or could not start).
 pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// Serves a data connection with a socket service
+/// ([`crate::service::Found::Socket`]): connect, write `header` (the
+/// descriptor line, [`crate::service::socket_header`]), then pass the
+/// data both ways on the one stream; the call's exit code is 0.
+pub fn serve_socket(
+    chan: &mut Vchan,
+    path: &std::path::Path,
+    header: &[u8],
+) -> Result<Outcome, DataError> {
+    use std::io::Write;
+    let at = |source| DataError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(at)?;
+    s.write_all(header).map_err(at)?;
+    let input = s.try_clone().map_err(at)?;
+    let local = Local {
+        input: Some(OwnedFd::from(input)),
+        input_err: None,
+        output: Some(OwnedFd::from(s)),
+        output_err: None,
+    };
+    pump(chan, Side::Service, local, &mut || 0)
+}
 
 /// A reaped process as an exit code: its status, or 128 + the signal
 /// that ended it (`process_io.c`); 255 when it could not be waited for.
