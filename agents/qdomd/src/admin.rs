@@ -204,7 +204,6 @@ pub fn plan(call: &Call, vms: &[VmView]) -> Plan {
             format!("Domain is powered off: {}", repr(&vm.name)),
         ))
     };
-    let halted = |vm: &VmView| matches!(vm.phase, Phase::Stopped | Phase::Backoff);
     match call.method.as_str() {
         "admin.vm.List" => Plan::Reply(Reply::Ok(list(vms, dest))),
         "admin.vm.Start" => match dest {
@@ -222,7 +221,7 @@ pub fn plan(call: &Call, vms: &[VmView]) -> Plan {
             }
             match dest {
                 None => fake_dom0("shutdown"),
-                Some(vm) if halted(vm) => not_started(vm),
+                Some(vm) if vm.halted() => not_started(vm),
                 Some(vm) => Plan::Shutdown {
                     vm: vm.name.clone(),
                     force: args.contains(&"force"),
@@ -232,7 +231,7 @@ pub fn plan(call: &Call, vms: &[VmView]) -> Plan {
         }
         "admin.vm.Kill" => match dest {
             None => fake_dom0("kill"),
-            Some(vm) if halted(vm) => not_started(vm),
+            Some(vm) if vm.halted() => not_started(vm),
             Some(vm) => Plan::Kill(vm.name.clone()),
         },
         "admin.vm.property.Get" => Plan::Reply(property(&call.dest, dest, &call.arg)),
@@ -306,23 +305,21 @@ pub fn events_for(
     prev: Option<Phase>,
     now: Phase,
 ) -> Vec<(&'static str, Vec<(&'static str, String)>)> {
-    let up = |p: Phase| matches!(p, Phase::Running | Phase::Ready);
-    let down = |p: Phase| matches!(p, Phase::Stopped | Phase::Backoff);
     let was = prev.unwrap_or(Phase::Stopped);
     let mut out = Vec::new();
     match now {
-        Phase::Starting if !matches!(was, Phase::Starting) => {
+        Phase::Starting if was != Phase::Starting => {
             out.push(("domain-pre-start", vec![("start_guid", "True".to_owned())]));
         }
-        p if up(p) && !up(was) => {
+        p if p.is_up() && !was.is_up() => {
             out.push(("domain-start", vec![("start_guid", "True".to_owned())]));
         }
-        Phase::Stopping if up(was) => out.push(("domain-pre-shutdown", Vec::new())),
-        p if down(p) && (up(was) || was == Phase::Stopping) => {
+        Phase::Stopping if was.is_up() => out.push(("domain-pre-shutdown", Vec::new())),
+        p if p.is_halted() && (was.is_up() || was == Phase::Stopping) => {
             out.push(("domain-shutdown", Vec::new()));
             out.push(("domain-stopped", Vec::new()));
         }
-        p if down(p) && was == Phase::Starting => {
+        p if p.is_halted() && was == Phase::Starting => {
             out.push((
                 "domain-start-failed",
                 vec![("reason", "the domain did not start".to_owned())],
@@ -443,9 +440,9 @@ async fn client(
             // timeout, so `force` asks for nothing more.
             let _ = force;
             send(&requests, Request::Shutdown(vm.clone()))?;
-            let halted = |v: &VmView| matches!(v.phase, Phase::Stopped | Phase::Backoff);
             if wait {
-                match crate::daemon::wait_for_vm(&shared, &vm, halted, SHUTDOWN_WAIT).await {
+                match crate::daemon::wait_for_vm(&shared, &vm, VmView::halted, SHUTDOWN_WAIT).await
+                {
                     Ok(()) => Reply::Ok(String::new()),
                     Err(_) => Reply::exception(
                         "QubesVMShutdownTimeoutError",
@@ -459,8 +456,7 @@ async fn client(
         Plan::Kill(vm) => {
             send(&requests, Request::Kill(vm.clone()))?;
             // qubesd answers once the domain is gone.
-            let halted = |v: &VmView| matches!(v.phase, Phase::Stopped | Phase::Backoff);
-            match crate::daemon::wait_for_vm(&shared, &vm, halted, KILL_WAIT).await {
+            match crate::daemon::wait_for_vm(&shared, &vm, VmView::halted, KILL_WAIT).await {
                 Ok(()) => Reply::Ok(String::new()),
                 Err(e) => Reply::exception("QubesException", format!("Kill failed: {e}")),
             }

@@ -69,7 +69,12 @@ pub struct VmView {
 impl VmView {
     /// Whether the domain exists and runs (Qubes' `Running`).
     pub fn running(&self) -> bool {
-        matches!(self.phase, Phase::Running | Phase::Ready)
+        self.phase.is_up()
+    }
+
+    /// Whether it is down (Qubes' `Halted`).
+    pub fn halted(&self) -> bool {
+        self.phase.is_halted()
     }
 }
 

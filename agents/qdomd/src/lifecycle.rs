@@ -40,6 +40,16 @@ impl Phase {
             Self::Backoff => "backoff",
         }
     }
+
+    /// The domain exists and runs (Qubes' `Running`).
+    pub fn is_up(self) -> bool {
+        matches!(self, Self::Running | Self::Ready)
+    }
+
+    /// No domain, and none on its way (Qubes' `Halted`).
+    pub fn is_halted(self) -> bool {
+        matches!(self, Self::Stopped | Self::Backoff)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +250,7 @@ impl Supervisor {
             Event::Start(name) => {
                 if let Some(d) = self.domains.get_mut(&name) {
                     d.wanted = true;
-                    if matches!(d.phase, Phase::Stopped | Phase::Backoff) {
+                    if d.phase.is_halted() {
                         d.timer_generation += 1;
                         set(d, Phase::Starting, &mut out);
                         out.push(Action::Create { name });
@@ -451,7 +461,7 @@ enum VmDaemon {
 /// Whether a per-VM daemon that exited is started again: only while its
 /// VM runs, and at most [`MAX_DAEMON_RESTARTS`] times per run of the VM.
 fn may_restart(d: &mut DomainState, which: VmDaemon) -> bool {
-    if !matches!(d.phase, Phase::Running | Phase::Ready) {
+    if !d.phase.is_up() {
         return false;
     }
     let (count, what) = match which {
