@@ -408,11 +408,7 @@ async fn client(
         .await
         .map_err(|_| "a client sent no request in time".to_string())??;
     let call = parse(&raw).map_err(|e| format!("framing error: {e}"))?;
-    let vms = shared
-        .lock()
-        .map_err(|_| "state lock poisoned".to_string())?
-        .vms
-        .clone();
+    let vms = crate::daemon::vms_now(&shared)?;
     // The names are the caller's text: only their harmless characters go
     // into the log.
     let what = format!(
@@ -543,10 +539,7 @@ async fn stream_events(
                     // Changes were dropped for this slow caller: catch up
                     // from the state as it is now.
                     log::warn!("admin: events: {n} changes missed by a slow caller; catching up");
-                    shared
-                        .lock()
-                        .map_err(|_| "state lock poisoned".to_string())?
-                        .vms
+                    crate::daemon::vms_now(shared)?
                         .iter()
                         .map(|v| (v.name.clone(), v.phase))
                         .collect()

@@ -86,6 +86,16 @@ pub struct Shared {
     pub vms: Vec<VmView>,
 }
 
+/// The domain list as last published (the policy's and the Admin API's
+/// view of the moment).
+pub fn vms_now(shared: &Mutex<Shared>) -> std::result::Result<Vec<VmView>, String> {
+    Ok(shared
+        .lock()
+        .map_err(|_| "state lock poisoned".to_string())?
+        .vms
+        .clone())
+}
+
 /// Waits until `vm`'s view satisfies `done` (the policy's autostart, the
 /// Admin API's start and shutdown with `wait`). A VM that is not defined
 /// fails at once; one that never gets there fails at the timeout.

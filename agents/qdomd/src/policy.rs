@@ -132,15 +132,7 @@ pub fn after_ask(
     q: &Query,
     response: Result<&str, String>,
 ) -> Decision {
-    let denied = |reason: String| Decision {
-        answer: Answer::Deny,
-        log: format!(
-            "qrexec: {}: {} -> {}: denied: {reason}",
-            q.service_and_arg, q.source, q.intended_target
-        ),
-        autostart: None,
-        ask: None,
-    };
+    let denied = |reason: String| denied(q, &reason);
     let response = match response {
         Ok(r) => r,
         Err(e) => return denied(format!("ask at {}: nobody answered ({e})", spec.rule)),
@@ -169,6 +161,19 @@ pub fn after_ask(
             spec.rule,
             printable(response)
         )),
+    }
+}
+
+/// A denial and R4.2's log line for it.
+fn denied(q: &Query, reason: &str) -> Decision {
+    Decision {
+        answer: Answer::Deny,
+        log: format!(
+            "qrexec: {}: {} -> {}: denied: {reason}",
+            q.service_and_arg, q.source, q.intended_target
+        ),
+        autostart: None,
+        ask: None,
     }
 }
 
@@ -212,15 +217,7 @@ pub fn decide(rules: &[qpolicy::Rule], sys: &System, q: &Query) -> Decision {
         Some((s, a)) => (s.to_owned(), format!("+{a}")),
         None => (q.service_and_arg.clone(), "+".to_owned()),
     };
-    let denied = |reason: &str| Decision {
-        answer: Answer::Deny,
-        log: format!(
-            "qrexec: {}: {} -> {}: denied: {reason}",
-            q.service_and_arg, q.source, q.intended_target
-        ),
-        autostart: None,
-        ask: None,
-    };
+    let denied = |reason: &str| denied(q, reason);
     if !sys.domains.contains_key(&q.source) {
         return denied("the source is not a known domain");
     }
@@ -358,11 +355,7 @@ async fn client(
     let query = tokio::time::timeout(QUERY_TIMEOUT, read_query(&mut stream))
         .await
         .map_err(|_| "a client sent no query in time".to_string())??;
-    let vms = shared
-        .lock()
-        .map_err(|_| "state lock poisoned".to_string())?
-        .vms
-        .clone();
+    let vms = crate::daemon::vms_now(&shared)?;
     let policy = tokio::task::spawn_blocking(move || {
         let paths: Vec<&std::path::Path> = dirs.0.iter().map(PathBuf::as_path).collect();
         qpolicy::load(&paths)
@@ -390,11 +383,7 @@ async fn client(
                 };
                 // The user may have taken a while: decide against the
                 // domains as they are now (a target may have stopped).
-                let now = shared
-                    .lock()
-                    .map_err(|_| "state lock poisoned".to_string())?
-                    .vms
-                    .clone();
+                let now = crate::daemon::vms_now(&shared)?;
                 after_ask(
                     &spec,
                     &system(&now),
@@ -406,11 +395,7 @@ async fn client(
     }
     if let Some(vm) = d.autostart.take() {
         if let Err(e) = autostart(&vm, &shared, &requests).await {
-            d.answer = Answer::Deny;
-            d.log = format!(
-                "qrexec: {}: {} -> {}: denied: target {vm} did not start: {e}",
-                query.service_and_arg, query.source, query.intended_target
-            );
+            d = denied(&query, &format!("target {vm} did not start: {e}"));
         }
     }
     log::info!("{}", d.log);
