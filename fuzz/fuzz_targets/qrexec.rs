@@ -7,7 +7,9 @@
 use libfuzzer_sys::fuzz_target;
 use qrexec::cmdline;
 use qrexec::framer::Framer;
-use qrexec::wire::{ExecParams, Header, MsgType, PeerInfo, TriggerService3, HEADER_LEN};
+use qrexec::wire::{
+    ExecParams, Header, MsgType, PeerInfo, ServiceConnect, TriggerService3, HEADER_LEN,
+};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(raw) = <[u8; HEADER_LEN]>::try_from(&data[..data.len().min(HEADER_LEN)]) {
@@ -30,6 +32,12 @@ fuzz_target!(|data: &[u8]| {
                         if let Ok(text) = std::str::from_utf8(&p.cmdline) {
                             let _ = cmdline::parse(text);
                         }
+                    }
+                    if let Ok(c) = ServiceConnect::parse(&payload) {
+                        // What is after the request id's NUL is not kept:
+                        // what renders parses back the same.
+                        let again = ServiceConnect::parse(&c.message()[HEADER_LEN..]);
+                        assert_eq!(again.ok(), Some(c));
                     }
                     if let Ok(t) = TriggerService3::parse(&payload) {
                         let _ = cmdline::valid_service(&t.service_name);

@@ -38,7 +38,7 @@ use qrexec::data::{self, Local, Side};
 use qrexec::framer::Framer;
 use qrexec::service::{self, Found};
 use qrexec::wire::{
-    message, ExecParams, MsgType, ServiceParams, EXEC_PARAMS_LEN, MAX_QREXEC_CMD_LEN,
+    message, ExecParams, MsgType, ServiceConnect, ServiceParams, MAX_QREXEC_CMD_LEN,
     SERVICE_IDENT_LEN, VCHAN_BASE_PORT,
 };
 use qvchan::{Vchan, VchanError};
@@ -249,25 +249,21 @@ fn session(
                         ));
                     }
                 }
-                MsgType::ServiceConnect if body.len() == EXEC_PARAMS_LEN + SERVICE_IDENT_LEN => {
-                    let id = ServiceParams::parse(h.kind, &body[EXEC_PARAMS_LEN..])
-                        .map_err(|e| e.to_string())?;
-                    let Some(client) = pending.take(&id.ident) else {
+                MsgType::ServiceConnect => {
+                    let c = ServiceConnect::parse(&body).map_err(|e| e.to_string())?;
+                    let Some(client) = pending.take(&c.request_id.ident) else {
                         log(&format!(
                             "qrexec: a connection for unknown call {:?}",
-                            id.ident
+                            c.request_id.ident
                         ));
                         continue;
                     };
-                    let word = |i: usize| {
-                        u32::from_le_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]])
-                    };
-                    let (domain, port) = (word(0), word(4));
+                    let (domain, port) = (c.connect_domain, c.connect_port);
                     let done = inbox.clone();
                     // Callers are bounded by the pending table; a failed
                     // spawn drops the caller, who reads end of file.
                     if !spawn_counted(move || {
-                        caller(client, &body[..EXEC_PARAMS_LEN]);
+                        caller(client, &c.params());
                         done.send(ToControl::Terminated(domain, port));
                     }) {
                         log("qrexec: no thread for a connected caller");

@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use qrexec::data::{self, Local, Side};
-use qrexec::wire::{ServiceParams, TriggerService3, TRIGGER3_TARGET_LEN};
+use qrexec::wire::{ServiceConnect, ServiceParams, TriggerService3, TRIGGER3_TARGET_LEN};
 use qvchan::Vchan;
 
 /// How long the service's side may take to connect (it may have to be
@@ -81,8 +81,7 @@ fn call(target: &str, service: &str) -> Result<i32, String> {
             Err(e) => return Err(format!("{path}: {e}")),
         }
     }
-    let domain = u32::from_le_bytes([params[0], params[1], params[2], params[3]]);
-    let port = u32::from_le_bytes([params[4], params[5], params[6], params[7]]);
+    let (domain, port) = ServiceConnect::parse_params(params);
     let peer = u16::try_from(domain).map_err(|_| format!("peer domain {domain} out of range"))?;
     let chain = |e: &dyn std::error::Error| qcontract::error_chain(e);
     let mut xs = qxenstore::Xs::open().map_err(|e| chain(&e))?;

@@ -41,7 +41,7 @@ use qrexec::cmdline::substitute_default_user;
 use qrexec::data;
 use qrexec::framer::Framer;
 use qrexec::wire::{
-    message, ExecParams, Header, MsgType, PeerInfo, ServiceParams, TriggerService3,
+    message, ExecParams, Header, MsgType, PeerInfo, ServiceConnect, ServiceParams, TriggerService3,
     MAX_QREXEC_CMD_LEN, PROTOCOL_VERSION, SERVICE_IDENT_LEN, VCHAN_BASE_PORT,
 };
 use qrexec::{DATA_PORTS, FIRST_DATA_PORT};
@@ -479,18 +479,16 @@ impl Daemon {
 
     /// Tells the agent where the call's data connection is.
     fn service_connect(&mut self, ident: &str, domain: u32, port: u32) -> Result<(), Fatal> {
-        let mut p = ExecParams {
+        let m = ServiceConnect {
             connect_domain: domain,
             connect_port: port,
-            cmdline: Vec::new(),
+            request_id: ServiceParams {
+                ident: ident.to_owned(),
+            },
         }
-        .render(false);
-        ServiceParams {
-            ident: ident.to_owned(),
-        }
-        .render(&mut p);
+        .message();
         self.ctrl
-            .write_all(&message(MsgType::ServiceConnect, &p), HELLO_TIMEOUT)
+            .write_all(&m, HELLO_TIMEOUT)
             .map_err(Fatal::Channel)
     }
 

@@ -321,6 +321,57 @@ impl TriggerService3 {
     }
 }
 
+/// `MSG_SERVICE_CONNECT` to an agent: where a call's data vchan is
+/// (`struct exec_params` without a command line) and the call's request
+/// id. The agent hands the first 8 bytes, [`ServiceConnect::params`], to
+/// the caller (`qrexec-client-vm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConnect {
+    pub connect_domain: u32,
+    pub connect_port: u32,
+    pub request_id: ServiceParams,
+}
+
+impl ServiceConnect {
+    pub fn parse(payload: &[u8]) -> Result<ServiceConnect, WireError> {
+        let kind = MsgType::ServiceConnect;
+        if payload.len() != EXEC_PARAMS_LEN + SERVICE_IDENT_LEN {
+            return Err(bad(kind, "not exec_params and a request id"));
+        }
+        let (params, ident) = payload.split_at(EXEC_PARAMS_LEN);
+        let mut p = [0u8; EXEC_PARAMS_LEN];
+        p.copy_from_slice(params);
+        let (connect_domain, connect_port) = ServiceConnect::parse_params(p);
+        Ok(ServiceConnect {
+            connect_domain,
+            connect_port,
+            request_id: ServiceParams::parse(kind, ident)?,
+        })
+    }
+
+    /// The caller's 8 bytes: domain and port.
+    pub fn params(&self) -> [u8; EXEC_PARAMS_LEN] {
+        let mut p = [0u8; EXEC_PARAMS_LEN];
+        p[..4].copy_from_slice(&self.connect_domain.to_le_bytes());
+        p[4..].copy_from_slice(&self.connect_port.to_le_bytes());
+        p
+    }
+
+    /// Domain and port from the caller's 8 bytes.
+    pub fn parse_params(p: [u8; EXEC_PARAMS_LEN]) -> (u32, u32) {
+        (
+            u32::from_le_bytes([p[0], p[1], p[2], p[3]]),
+            u32::from_le_bytes([p[4], p[5], p[6], p[7]]),
+        )
+    }
+
+    pub fn message(&self) -> Vec<u8> {
+        let mut p = self.params().to_vec();
+        self.request_id.render(&mut p);
+        message(MsgType::ServiceConnect, &p)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +438,22 @@ mod tests {
         target_unterminated[..64].fill(b'a');
         assert!(TriggerService3::parse(&target_unterminated).is_err());
         assert!(TriggerService3::parse(&m[8..8 + 96]).is_err());
+    }
+
+    #[test]
+    fn service_connect_round_trips() {
+        let c = ServiceConnect {
+            connect_domain: 3,
+            connect_port: 514,
+            request_id: ServiceParams {
+                ident: "SOCKET7".into(),
+            },
+        };
+        let m = c.message();
+        assert_eq!(&m[..8], &[0x02, 0x02, 0, 0, 40, 0, 0, 0]);
+        assert_eq!(&m[8..16], &[3, 0, 0, 0, 2, 2, 0, 0]);
+        assert_eq!(ServiceConnect::parse(&m[8..]).unwrap(), c);
+        assert_eq!(ServiceConnect::parse_params(c.params()), (3, 514));
+        assert!(ServiceConnect::parse(&m[8..47]).is_err());
     }
 }
