@@ -43,6 +43,8 @@ use qrexec::wire::{
 };
 use qvchan::{Vchan, VchanError};
 
+use crate::threads::Bounded;
+
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent waits for a data connection's server (the C agent's
 /// 120 s).
@@ -85,27 +87,10 @@ impl Inbox {
 const ANY_SESSION: u64 = u64::MAX;
 
 /// Threads the agent runs for dom0's connections and its callers at once;
-/// past this a request is answered as if its command did not exist.
+/// past this a connection is refused (its port freed at once).
 const MAX_THREADS: usize = 512;
-static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Runs `f` on a thread of its own, counted against [`MAX_THREADS`];
-/// false if there is no room (or no thread could be made).
-fn spawn_counted(f: impl FnOnce() + Send + 'static) -> bool {
-    use std::sync::atomic::Ordering;
-    if THREADS.fetch_add(1, Ordering::SeqCst) >= MAX_THREADS {
-        THREADS.fetch_sub(1, Ordering::SeqCst);
-        return false;
-    }
-    let spawned = std::thread::Builder::new().spawn(move || {
-        f();
-        THREADS.fetch_sub(1, Ordering::SeqCst);
-    });
-    if spawned.is_err() {
-        THREADS.fetch_sub(1, Ordering::SeqCst);
-    }
-    spawned.is_ok()
-}
+static THREADS: std::sync::LazyLock<Bounded> =
+    std::sync::LazyLock::new(|| Bounded::new(MAX_THREADS));
 
 /// Runs forever: offer the control vchan, serve it, offer it again. The
 /// trigger socket stays across control sessions.
@@ -222,7 +207,7 @@ fn session(
                         kind, p.connect_domain, p.connect_port
                     ));
                     let (domain, port) = (p.connect_domain, p.connect_port);
-                    let started = spawn_counted(move || {
+                    let started = THREADS.spawn(move || {
                         if let Err(e) = exec(own, kind, p, &done) {
                             log(&format!(
                                 "qrexec: connection to domain {domain} port {port}: {e}"
@@ -262,7 +247,7 @@ fn session(
                     let done = inbox.clone();
                     // Callers are bounded by the pending table; a failed
                     // spawn drops the caller, who reads end of file.
-                    if !spawn_counted(move || {
+                    if !THREADS.spawn(move || {
                         caller(client, &c.params());
                         done.send(ToControl::Terminated(domain, port));
                     }) {

@@ -28,6 +28,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
 mod agent;
 mod client_vm;
+mod threads;
 mod trigger;
 mod vmdb;
 

@@ -129,7 +129,7 @@ pub fn serve(
     send: impl Fn(Vec<u8>) + Clone + Send + 'static,
     log: fn(&str),
 ) {
-    let reading = Arc::new(AtomicU32::new(0));
+    let reading = crate::threads::Bounded::new(MAX_READING);
     for stream in listener.incoming() {
         let mut stream = match stream {
             Ok(s) => s,
@@ -139,14 +139,8 @@ pub fn serve(
                 continue;
             }
         };
-        if reading.fetch_add(1, Ordering::SeqCst) as usize >= MAX_READING {
-            reading.fetch_sub(1, Ordering::SeqCst);
-            log("qrexec: a local call dropped: too many clients sending at once");
-            continue;
-        }
-        let (pending, send, count) = (pending.clone(), send.clone(), reading.clone());
-        let spawned = std::thread::Builder::new().spawn(move || {
-            let _count = Decrement(count);
+        let (pending, send) = (pending.clone(), send.clone());
+        let started = reading.spawn(move || {
             let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
             let req = match read_request(&mut stream) {
                 Ok(r) => r,
@@ -159,19 +153,9 @@ pub fn serve(
                 Err(e) => log(&format!("qrexec: a local call dropped: {e}")),
             }
         });
-        if let Err(e) = spawned {
-            reading.fetch_sub(1, Ordering::SeqCst);
-            log(&format!("qrexec: a local call dropped: no thread ({e})"));
+        if !started {
+            log("qrexec: a local call dropped: too many clients sending at once, or no thread");
         }
-    }
-}
-
-/// Counts a reader out when its thread ends, however it ends.
-struct Decrement(Arc<AtomicU32>);
-
-impl Drop for Decrement {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -53,12 +53,11 @@ pub fn run(own: u16, log: fn(&str)) {
 }
 
 /// Local clients connected at once; more are closed at once.
-const MAX_LOCAL_CLIENTS: u32 = 32;
+const MAX_LOCAL_CLIENTS: usize = 32;
 
 /// Accepts the VM's programs, each on a thread of its own (bounded).
 fn serve_local(listener: std::os::unix::net::UnixListener, db: &Arc<Mutex<Db>>, log: fn(&str)) {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    let clients = Arc::new(AtomicU32::new(0));
+    let clients = crate::threads::Bounded::new(MAX_LOCAL_CLIENTS);
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -69,18 +68,9 @@ fn serve_local(listener: std::os::unix::net::UnixListener, db: &Arc<Mutex<Db>>, 
                 continue;
             }
         };
-        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_LOCAL_CLIENTS {
-            clients.fetch_sub(1, Ordering::SeqCst);
-            continue;
-        }
-        let (db, count) = (db.clone(), clients.clone());
-        let spawned = std::thread::Builder::new().spawn(move || {
-            local_client(stream, &db, log);
-            count.fetch_sub(1, Ordering::SeqCst);
-        });
-        if spawned.is_err() {
-            clients.fetch_sub(1, Ordering::SeqCst);
-        }
+        let db = db.clone();
+        // Past the limit the client is closed at once.
+        clients.spawn(move || local_client(stream, &db, log));
     }
 }
 
