@@ -47,7 +47,6 @@ impl SystemArgs {
                     .map_err(|e| UpdateError::Usage(format!("--booted: {e}")))?,
                 image_version: "unknown".into(),
                 image_epoch: 0,
-                tries: crate::DEFAULT_TRIES,
                 lock_wait: crate::LOCK_WAIT,
             },
         };

@@ -10,7 +10,7 @@ use qcontract::Slot;
 
 use crate::args::SystemArgs;
 use crate::client::{Client, ClientError};
-use crate::{Applied, Progress, Status, UpdateError, Updater};
+use crate::{Applied, ApplyOptions, Progress, Status, UpdateError, Updater};
 
 /// A bundle as either side reads it: the updater reads it here, the
 /// service is handed its descriptor (a file or a pipe).
@@ -40,11 +40,11 @@ pub trait Backend {
     fn route(&self) -> Route;
 
     /// Installs the bundle into the inactive slot, which then boots next
-    /// with `tries` tries; `progress` sees the write and the read-back.
+    /// with `opts.tries` tries; `progress` sees the write and the read-back.
     fn apply(
         &mut self,
         bundle: &mut dyn BundleSource,
-        tries: u8,
+        opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, BackendError>;
 
@@ -64,13 +64,11 @@ impl Backend for Updater {
 
     fn apply(
         &mut self,
-        mut bundle: &mut dyn BundleSource,
-        tries: u8,
+        bundle: &mut dyn BundleSource,
+        opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, BackendError> {
-        self.set_tries(tries);
-        let mut guarded = crate::stall::StallGuard::new(&mut bundle, crate::stall::STALL_TIMEOUT);
-        Ok(Updater::apply(self, &mut guarded, progress)?)
+        Ok(Updater::apply(self, bundle, opts, progress)?)
     }
 
     fn mark_good(&mut self) -> Result<Slot, BackendError> {
@@ -95,10 +93,10 @@ impl Backend for Client {
     fn apply(
         &mut self,
         bundle: &mut dyn BundleSource,
-        tries: u8,
+        opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, BackendError> {
-        Ok(Client::apply(self, bundle.as_fd(), tries, progress)?)
+        Ok(Client::apply(self, bundle.as_fd(), opts, progress)?)
     }
 
     fn mark_good(&mut self) -> Result<Slot, BackendError> {
@@ -157,7 +155,7 @@ mod tests {
         fn apply(
             &mut self,
             _: &mut dyn BundleSource,
-            _: u8,
+            _: &ApplyOptions,
             _: &mut dyn FnMut(Progress),
         ) -> Result<Applied, BackendError> {
             unreachable!("selection never runs a command")

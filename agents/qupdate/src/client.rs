@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use qcontract::{Slot, SlotError};
 
 use crate::dbus::{ServiceError, Update1Proxy, BUS_NAME, INTERFACE, OBJECT_PATH};
-use crate::{Applied, Phase, Progress, Status};
+use crate::{Applied, ApplyOptions, Phase, Progress, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -76,7 +76,7 @@ impl Client {
     pub fn apply(
         &self,
         bundle: impl AsFd,
-        tries: u8,
+        opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, ClientError> {
         let p = &self.proxy;
@@ -92,7 +92,17 @@ impl Client {
                 .await?;
             let mut changes = props.receive_properties_changed().await?;
             let mut owner = p.inner().receive_owner_changed().await?;
-            let id = p.apply(zbus::Fd::from(bundle.as_fd()), tries).await?;
+            // Saturating: a timeout past u32 seconds is past the limit too,
+            // and the service's check refuses it by name.
+            let stall_secs = u32::try_from(opts.stall_timeout.as_secs()).unwrap_or(u32::MAX);
+            let id = p
+                .apply(
+                    zbus::Fd::from(bundle.as_fd()),
+                    opts.tries,
+                    opts.force,
+                    stall_secs,
+                )
+                .await?;
             loop {
                 // Progress first: the changes queued before the signal are
                 // shown before the result.

@@ -2,12 +2,14 @@
 //! service returns, and the client proxy.
 //!
 //! Interface (object `/org/qubesos/Update1`):
-//! - `Apply(h bundle, y tries) -> t id`: starts installing the bundle read
-//!   from the passed file descriptor (a file or a pipe) and returns at once;
-//!   the end is the `Completed` signal with the same id. A second `Apply`
-//!   while one runs fails with `Busy` at once.
+//! - `Apply(h bundle, y tries, b force, u stall_timeout_s) -> t id`: starts
+//!   installing the bundle read from the passed file descriptor (a file or
+//!   a pipe) and returns at once; the end is the `Completed` signal with
+//!   the same id. The arguments are `qupdate apply`'s `--tries`, `--force`
+//!   and `--stall-timeout` (checked by `ApplyOptions::check`). A second
+//!   `Apply` while one runs fails with `Busy` at once.
 //! - `MarkGood() -> s slot`, `Rollback() -> s slot`: as the CLI's commands;
-//!   they wait (as long as the updater lock would) for an apply under way.
+//!   they run while an apply is under way (they take only the state lock).
 //! - Properties: `Operation` (s: idle, apply, mark-good, rollback),
 //!   `Progress` ((stt): phase, bytes done, bytes total), `LastError` (s,
 //!   empty if none), `Status` (s: the JSON of `qupdate status --json`).
@@ -42,7 +44,13 @@ pub enum ServiceError {
     default_path = "/org/qubesos/Update1"
 )]
 pub trait Update1 {
-    fn apply(&self, bundle: zbus::Fd<'_>, tries: u8) -> Result<u64, ServiceError>;
+    fn apply(
+        &self,
+        bundle: zbus::Fd<'_>,
+        tries: u8,
+        force: bool,
+        stall_timeout_s: u32,
+    ) -> Result<u64, ServiceError>;
     fn mark_good(&self) -> Result<String, ServiceError>;
     fn rollback(&self) -> Result<String, ServiceError>;
 

@@ -7,6 +7,13 @@
 //! makes the slot bootable with a number of tries and first in the order.
 //! `mark_good` (qinit's boot-complete hook) marks the booted slot good and
 //! only then raises the anti-rollback floor.
+//!
+//! Two locks beside the state file keep the operations apart without
+//! starving anyone: the apply lock (one apply at a time, held for its
+//! whole run) and the state lock (every read-modify-write of the boot
+//! state and the state file, held for milliseconds). Mark-good, rollback
+//! and status take only the state lock, so an apply that runs for minutes,
+//! or a stalled one, never keeps the boot-complete hook waiting.
 
 pub mod args;
 pub mod backend;
@@ -37,6 +44,46 @@ pub const STATE_FILE: &str = "/var/lib/qupdate/state.json";
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Tries a freshly installed slot gets before the boot loader gives up.
 pub const DEFAULT_TRIES: u8 = 3;
+/// The longest stall timeout an apply accepts, in seconds.
+pub const MAX_STALL_SECS: u32 = 3600;
+
+/// How one apply runs: what the caller chose, checked by [`ApplyOptions::check`]
+/// before anything is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Tries the boot loader gives the new slot (1 to [`grubenv::MAX_TRIES`]).
+    pub tries: u8,
+    /// Install even though the booted slot is not marked good, which may
+    /// overwrite the only slot proven to boot.
+    pub force: bool,
+    /// How long the bundle stream may go without a byte (1 s to
+    /// [`MAX_STALL_SECS`]) before the apply ends.
+    pub stall_timeout: std::time::Duration,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        Self {
+            tries: DEFAULT_TRIES,
+            force: false,
+            stall_timeout: stall::STALL_TIMEOUT,
+        }
+    }
+}
+
+impl ApplyOptions {
+    /// Refuses what the boot loader or the stream guard cannot honour.
+    pub fn check(&self) -> Result<(), UpdateError> {
+        if !(1..=grubenv::MAX_TRIES).contains(&self.tries) {
+            return Err(UpdateError::Tries(self.tries));
+        }
+        let t = self.stall_timeout;
+        if t < std::time::Duration::from_secs(1) || t.as_secs() > u64::from(MAX_STALL_SECS) {
+            return Err(UpdateError::StallTimeout(t));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
@@ -54,6 +101,13 @@ pub enum UpdateError {
     Incompatible { expected: String, found: String },
     #[error("tries {0}: must be 1 to {max}", max = grubenv::MAX_TRIES)]
     Tries(u8),
+    #[error("stall timeout {0:?}: must be 1 s to {MAX_STALL_SECS} s")]
+    StallTimeout(std::time::Duration),
+    #[error(
+        "the booted slot {booted} is not marked good yet, so slot {target} may be the only \
+         slot proven to boot and installing would overwrite it; wait for mark-good, or pass --force"
+    )]
+    BootedNotGood { booted: Slot, target: Slot },
     #[error("bundle security epoch {epoch} is below the installed floor {floor} (a downgrade)")]
     BelowFloor { epoch: u64, floor: u64 },
     #[error("{kind:?} payload of {size} bytes does not fit partition of {partition} bytes")]
@@ -125,7 +179,6 @@ pub struct Config {
     pub booted: Slot,
     pub image_version: String,
     pub image_epoch: u64,
-    pub tries: u8,
     /// How long to wait for another updater ([`LOCK_WAIT`] by default).
     pub lock_wait: std::time::Duration,
 }
@@ -147,7 +200,6 @@ impl Config {
             booted,
             image_version: info.version,
             image_epoch: info.security_epoch,
-            tries: DEFAULT_TRIES,
             lock_wait: LOCK_WAIT,
         })
     }
@@ -215,9 +267,22 @@ pub struct Applied {
 pub struct Updater {
     cfg: Config,
     disk: Disk,
-    /// Held for the updater's lifetime: one apply, mark-good or rollback at
-    /// a time (the boot-complete hook may run while a user applies).
-    _lock: std::fs::File,
+}
+
+/// Which of the updater's two locks (see the crate's documentation).
+#[derive(Debug, Clone, Copy)]
+enum Lock {
+    Apply,
+    State,
+}
+
+impl Lock {
+    fn path(self, state: &Path) -> PathBuf {
+        match self {
+            Self::Apply => state.with_file_name("apply.lock"),
+            Self::State => state.with_extension("lock"),
+        }
+    }
 }
 
 impl std::fmt::Debug for Updater {
@@ -300,50 +365,43 @@ impl Read for PartReader<'_> {
 
 impl Updater {
     pub fn open(cfg: Config) -> Result<Self, UpdateError> {
-        let lock_path = cfg.state.with_extension("lock");
+        let disk = Disk::open(&cfg.disk)?;
+        Ok(Self { cfg, disk })
+    }
+
+    /// Takes one of the locks, waiting a while for its holder, but never
+    /// forever: a stuck holder must be an error someone sees. Released
+    /// when the returned file is dropped.
+    fn lock(&self, which: Lock) -> Result<std::fs::File, UpdateError> {
+        let path = which.path(&self.cfg.state);
         let lock_err = |source| UpdateError::Lock {
-            path: lock_path.clone(),
+            path: path.clone(),
             source,
         };
-        if let Some(dir) = lock_path.parent() {
+        if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(lock_err)?;
         }
-        let lock = std::fs::File::options()
+        let file = std::fs::File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
+            .open(&path)
             .map_err(lock_err)?;
-        // Waits a while for another updater (mark-good is quick), but never
-        // forever: a stuck holder must be an error someone sees.
-        let deadline = std::time::Instant::now() + cfg.lock_wait;
+        let deadline = std::time::Instant::now() + self.cfg.lock_wait;
         loop {
-            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => break,
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(file),
                 Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(rustix::io::Errno::WOULDBLOCK) => {
-                    return Err(UpdateError::Busy(lock_path.clone()));
-                }
+                Err(rustix::io::Errno::WOULDBLOCK) => return Err(UpdateError::Busy(path)),
                 Err(e) => return Err(lock_err(e.into())),
             }
         }
-        let disk = Disk::open(&cfg.disk)?;
-        Ok(Self {
-            cfg,
-            disk,
-            _lock: lock,
-        })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
-    }
-
-    /// The tries the next [`Updater::apply`] gives the slot it installs.
-    pub fn set_tries(&mut self, tries: u8) {
-        self.cfg.tries = tries;
     }
 
     fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> UpdateError {
@@ -353,15 +411,20 @@ impl Updater {
 
     /// Installs a bundle into the inactive slot. On any error the running
     /// slot stays the boot default and the target slot stays unbootable.
-    pub fn apply<R: Read>(
+    /// The bundle is a file or a pipe: each read waits at most
+    /// `opts.stall_timeout` for data.
+    pub fn apply<R: Read + std::os::fd::AsFd>(
         &mut self,
-        bundle: &mut R,
+        bundle: R,
+        opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, UpdateError> {
-        let result = self.apply_inner(bundle, progress);
-        let recorded = State::load(&self.cfg.state).and_then(|mut state| {
+        let mut bundle = stall::StallGuard::new(bundle, opts.stall_timeout);
+        let result = self.apply_inner(&mut bundle, opts, progress);
+        let recorded = self.lock(Lock::State).and_then(|_held| {
+            let mut state = State::load(&self.cfg.state)?;
             state.last_error = result.as_ref().err().map(|e| qcontract::error_chain(e));
-            state.store(&self.cfg.state)
+            Ok(state.store(&self.cfg.state)?)
         });
         if let Err(e) = recorded {
             // The slot is written (or not) either way: the caller hears
@@ -378,10 +441,23 @@ impl Updater {
     fn apply_inner<R: Read>(
         &mut self,
         bundle: &mut R,
+        opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, UpdateError> {
-        if !(1..=grubenv::MAX_TRIES).contains(&self.cfg.tries) {
-            return Err(UpdateError::Tries(self.cfg.tries));
+        opts.check()?;
+        let _apply = self.lock(Lock::Apply)?;
+        let target = self.cfg.booted.other();
+        // Before a byte of the bundle is read: an install from a slot on
+        // trial would write over the one slot known to boot.
+        if !opts.force {
+            let _held = self.lock(Lock::State)?;
+            let (_, boot) = bootenv::load(&mut self.disk)?;
+            if !boot.slot(self.cfg.booted).ok {
+                return Err(UpdateError::BootedNotGood {
+                    booted: self.cfg.booted,
+                    target,
+                });
+            }
         }
         let trust = TrustStore::load(&self.cfg.trust)?;
         let verified = qbundle::read_verified(bundle, &trust)?;
@@ -392,14 +468,6 @@ impl Updater {
                 found: m.compatible.clone(),
             });
         }
-        let mut state = State::load(&self.cfg.state)?;
-        if m.security_epoch < state.floor {
-            return Err(UpdateError::BelowFloor {
-                epoch: m.security_epoch,
-                floor: state.floor,
-            });
-        }
-        let target = self.cfg.booted.other();
         for p in &m.payloads {
             let part = self.disk.payload_part(target, p.kind);
             if p.size > part.size {
@@ -413,12 +481,22 @@ impl Updater {
 
         // From here on the target slot is touched: make it unbootable first,
         // so a power cut at any later point leaves the running slot the one
-        // the boot loader picks.
-        let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
-        boot.invalidate(target);
-        bootenv::store(&mut self.disk, &mut env, &boot)?;
-        state.slots.remove(&target);
-        state.store(&self.cfg.state)?;
+        // the boot loader picks. The floor is read under the same lock.
+        {
+            let _held = self.lock(Lock::State)?;
+            let mut state = State::load(&self.cfg.state)?;
+            if m.security_epoch < state.floor {
+                return Err(UpdateError::BelowFloor {
+                    epoch: m.security_epoch,
+                    floor: state.floor,
+                });
+            }
+            let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
+            boot.invalidate(target);
+            bootenv::store(&mut self.disk, &mut env, &boot)?;
+            state.slots.remove(&target);
+            state.store(&self.cfg.state)?;
+        }
 
         let total: u64 = m.payloads.iter().map(|p| p.size).sum();
         let mut base = 0u64;
@@ -516,14 +594,17 @@ impl Updater {
             });
         }
 
-        // Verified: bootable, with tries, first in the order.
+        // Verified: bootable, with tries, first in the order. Both records
+        // are read afresh: a mark-good may have changed them meanwhile.
+        let _held = self.lock(Lock::State)?;
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
-        boot.activate(target, self.cfg.tries)
+        boot.activate(target, opts.tries)
             .map_err(|source| UpdateError::Activate {
                 slot: target,
                 source,
             })?;
         bootenv::store(&mut self.disk, &mut env, &boot)?;
+        let mut state = State::load(&self.cfg.state)?;
         state.slots.insert(
             target,
             SlotInfo {
@@ -558,6 +639,7 @@ impl Updater {
     /// The boot-complete hook: the booted slot is good; only now does the
     /// anti-rollback floor rise to its epoch.
     pub fn mark_good(&mut self) -> Result<(), UpdateError> {
+        let _held = self.lock(Lock::State)?;
         let booted = self.cfg.booted;
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
         boot.mark_good(booted);
@@ -572,6 +654,7 @@ impl Updater {
 
     /// Makes the other slot the default, if it is good.
     pub fn rollback(&mut self) -> Result<Slot, UpdateError> {
+        let _held = self.lock(Lock::State)?;
         let other = self.cfg.booted.other();
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
         if !boot.slot(other).ok {
@@ -583,6 +666,7 @@ impl Updater {
     }
 
     pub fn status(&mut self) -> Result<Status, UpdateError> {
+        let _held = self.lock(Lock::State)?;
         let (_, boot) = bootenv::load(&mut self.disk)?;
         let state = State::load(&self.cfg.state)?;
         let slots = Slot::ALL.map(|s| {

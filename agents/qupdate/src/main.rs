@@ -9,7 +9,7 @@ mod serve;
 use clap::{Parser, Subcommand};
 use qupdate::args::SystemArgs;
 use qupdate::backend::{self, BundleSource, Route};
-use qupdate::{Progress, SlotState, Status};
+use qupdate::{ApplyOptions, Progress, SlotState, Status};
 
 /// Signed A/B updates of the dom0 appliance.
 #[derive(Debug, Parser)]
@@ -34,6 +34,19 @@ enum Cmd {
             value_parser = clap::value_parser!(u8).range(1..=i64::from(grubenv::MAX_TRIES))
         )]
         tries: u8,
+        /// Install although the booted slot is not marked good yet, which
+        /// may overwrite the only slot proven to boot.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the bundle stream may send nothing before the apply
+        /// ends (1 to 3600).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = qupdate::stall::STALL_TIMEOUT.as_secs(),
+            value_parser = clap::value_parser!(u64).range(1..=u64::from(qupdate::MAX_STALL_SECS))
+        )]
+        stall_timeout: u64,
         #[arg(long)]
         json: bool,
     },
@@ -102,7 +115,7 @@ fn progress_printer() -> impl FnMut(Progress) {
 enum SlotCmd {
     Apply {
         bundle: Bundle,
-        tries: u8,
+        opts: ApplyOptions,
         json: bool,
     },
     MarkGood,
@@ -143,12 +156,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Apply {
             bundle,
             tries,
+            force,
+            stall_timeout,
             json,
         } => SlotCmd::Apply {
             // Before the backend: a bundle that cannot be opened is the
             // error, whichever side would have installed it.
             bundle: Bundle::open(&bundle)?,
-            tries,
+            opts: ApplyOptions {
+                tries,
+                force,
+                stall_timeout: std::time::Duration::from_secs(stall_timeout),
+            },
             json,
         },
         Cmd::MarkGood => SlotCmd::MarkGood,
@@ -162,19 +181,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cmd {
         SlotCmd::Apply {
             mut bundle,
-            tries,
+            opts,
             json,
         } => {
-            let applied = backend.apply(bundle.source(), tries, &mut progress_printer())?;
+            let applied = backend.apply(bundle.source(), &opts, &mut progress_printer())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&applied)?);
             } else {
                 println!(
-                    "installed {} (epoch {}) into slot {}, signed by {}; it boots next, with {tries} tries",
+                    "installed {} (epoch {}) into slot {}, signed by {}; it boots next, with {} tries",
                     applied.version,
                     applied.security_epoch,
                     applied.slot,
                     applied.signers.join(", "),
+                    opts.tries,
                 );
             }
         }

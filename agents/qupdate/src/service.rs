@@ -1,6 +1,8 @@
 //! The server side of `org.qubesos.Update1` (see [`crate::dbus`]), run by
 //! `qupdated`. Every operation opens its own [`Updater`], so the service and
-//! a direct `qupdate` share one lock and never work on the slots at once.
+//! a direct `qupdate` share the updater's locks. One apply and one short
+//! operation (mark-good, rollback) may run at once: the short one takes
+//! only the state lock, so an apply never starves the boot-complete hook.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,13 +13,10 @@ use zbus::object_server::{InterfaceRef, SignalEmitter};
 use zbus::Connection;
 
 use crate::dbus::{ServiceError, OBJECT_PATH};
-use crate::{Config, Progress, Status, UpdateError, Updater};
+use crate::{ApplyOptions, Config, Progress, Status, UpdateError, Updater};
 
-// Tries are a GRUB counter spent one per boot: grubenv::MAX_TRIES at most.
-use grubenv::MAX_TRIES;
-
-/// How long a `Status` read waits for the lock before it answers with the
-/// last status it saw (an apply holds the lock for minutes).
+/// How long a `Status` read waits for the state lock before it answers
+/// with the last status it saw (another short operation holds it).
 const STATUS_LOCK_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +40,10 @@ impl Operation {
 
 #[derive(Debug)]
 struct Shared {
-    operation: Operation,
+    /// An apply under way.
+    applying: bool,
+    /// A short operation under way (never `Apply` or `Idle`).
+    short: Option<Operation>,
     /// Numbers each apply, so a client matches `Completed` to its call.
     next_id: u64,
     progress: (String, u64, u64),
@@ -87,7 +89,8 @@ impl UpdateService {
             cfg,
             uid: qagent::peer::own_uid(),
             shared: Arc::new(Mutex::new(Shared {
-                operation: Operation::Idle,
+                applying: false,
+                short: None,
                 next_id: 1,
                 progress: (String::new(), 0, 0),
                 last_error: String::new(),
@@ -103,58 +106,42 @@ impl UpdateService {
     }
 
     /// Claims the service for a short operation (mark-good, rollback),
-    /// waiting for the one under way as a direct `qupdate` waits for the
-    /// lock: the boot-complete hook may well come during a user's apply.
-    async fn begin_after_current(&self, op: Operation) -> Result<u64, ServiceError> {
+    /// waiting for another short one under way; an apply under way is no
+    /// reason to wait (see the module's documentation).
+    async fn begin_short(&self, op: Operation) -> Result<(), ServiceError> {
         let deadline = tokio::time::Instant::now() + self.cfg.lock_wait;
         loop {
-            match self.begin(op) {
-                Err(ServiceError::Busy(_)) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            {
+                let mut s = lock(&self.shared);
+                match s.short {
+                    None => {
+                        s.short = Some(op);
+                        return Ok(());
+                    }
+                    Some(other) if tokio::time::Instant::now() >= deadline => {
+                        return Err(ServiceError::Busy(format!(
+                            "qupdated is busy with {}",
+                            other.as_str()
+                        )));
+                    }
+                    Some(_) => {}
                 }
-                r => return r,
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Claims the service for an apply. A short operation under way is
-    /// waited for, as a direct `qupdate` waits for the lock: the
-    /// boot-complete hook's mark-good runs right after boot, just when a
-    /// user or a script may start an update (the suite's update scenario
-    /// hit it once its commands began at once over the dedicated channel).
-    /// Another apply is not waited for: that is `Busy`.
-    async fn begin_apply(&self) -> Result<u64, ServiceError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.lock_wait;
-        loop {
-            match self.begin(Operation::Apply) {
-                Err(ServiceError::Busy(_))
-                    if lock(&self.shared).operation != Operation::Apply
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                r => return r,
-            }
-        }
-    }
-
-    /// Claims the service for one operation, or says who has it.
-    fn begin(&self, op: Operation) -> Result<u64, ServiceError> {
+    /// Claims the service for an apply; another apply under way is `Busy`
+    /// at once.
+    fn begin_apply(&self) -> Result<u64, ServiceError> {
         let mut s = lock(&self.shared);
-        if s.operation != Operation::Idle {
-            return Err(ServiceError::Busy(format!(
-                "qupdated is busy with {}",
-                s.operation.as_str()
-            )));
+        if s.applying {
+            return Err(ServiceError::Busy("qupdated is busy with apply".into()));
         }
-        s.operation = op;
+        s.applying = true;
         let id = s.next_id;
         s.next_id += 1;
         Ok(id)
-    }
-
-    fn end(&self) {
-        lock(&self.shared).operation = Operation::Idle;
     }
 
     /// Mark-good and rollback: checked, in turn, on a fresh [`Updater`],
@@ -167,10 +154,10 @@ impl UpdateService {
         f: impl FnOnce(&mut Updater) -> Result<T, UpdateError> + Send + 'static,
     ) -> Result<T, ServiceError> {
         self.authorize(conn, hdr).await?;
-        self.begin_after_current(op).await?;
+        self.begin_short(op).await?;
         let cfg = self.cfg.clone();
         let r = blocking(move || f(&mut Updater::open(cfg)?)).await;
-        self.end();
+        lock(&self.shared).short = None;
         announce(conn, &[Prop::Status]).await;
         r
     }
@@ -234,16 +221,14 @@ async fn run_apply(
     conn: Connection,
     shared: Arc<Mutex<Shared>>,
     cfg: Config,
+    opts: ApplyOptions,
     id: u64,
     bundle: zbus::OwnedFd,
 ) {
     announce(&conn, &[Prop::Operation]).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
     let job = tokio::task::spawn_blocking(move || {
-        let mut file = crate::stall::StallGuard::new(
-            std::fs::File::from(std::os::fd::OwnedFd::from(bundle)),
-            crate::stall::STALL_TIMEOUT,
-        );
+        let file = std::fs::File::from(std::os::fd::OwnedFd::from(bundle));
         let mut updater = Updater::open(cfg)?;
         // A message per percent and phase, not per chunk.
         let mut last = None;
@@ -256,7 +241,7 @@ async fn run_apply(
                 let _ = tx.send(p);
             }
         };
-        updater.apply(&mut file, &mut progress)
+        updater.apply(file, &opts, &mut progress)
     });
     while let Some(p) = rx.recv().await {
         lock(&shared).progress = (p.phase.as_str().to_owned(), p.done, p.total);
@@ -289,7 +274,7 @@ async fn run_apply(
         } else {
             detail.clone()
         };
-        s.operation = Operation::Idle;
+        s.applying = false;
     }
     announce(&conn, &[Prop::Operation, Prop::LastError, Prop::Status]).await;
     let r = async {
@@ -310,25 +295,28 @@ impl UpdateService {
         #[zbus(connection)] conn: &Connection,
         bundle: zbus::OwnedFd,
         tries: u8,
+        force: bool,
+        stall_timeout_s: u32,
     ) -> Result<u64, ServiceError> {
         self.authorize(conn, &hdr).await?;
-        if tries == 0 || tries > MAX_TRIES {
-            return Err(ServiceError::InvalidArgs(format!(
-                "tries {tries}: must be 1 to {MAX_TRIES}"
-            )));
-        }
-        let id = self.begin_apply().await?;
+        let opts = ApplyOptions {
+            tries,
+            force,
+            stall_timeout: Duration::from_secs(u64::from(stall_timeout_s)),
+        };
+        opts.check()
+            .map_err(|e| ServiceError::InvalidArgs(error_chain(&e)))?;
+        let id = self.begin_apply()?;
         log::info!(
             "apply #{id} for {}",
             hdr.sender().map_or("?".into(), ToString::to_string)
         );
         lock(&self.shared).progress = (String::new(), 0, 0);
-        let mut cfg = self.cfg.clone();
-        cfg.tries = tries;
         tokio::spawn(run_apply(
             conn.clone(),
             self.shared.clone(),
-            cfg,
+            self.cfg.clone(),
+            opts,
             id,
             bundle,
         ));
@@ -357,9 +345,17 @@ impl UpdateService {
             .map(|slot| slot.to_string())
     }
 
+    /// The short operation under way if there is one, else `apply` while
+    /// one runs, else `idle`.
     #[zbus(property)]
     fn operation(&self) -> String {
-        lock(&self.shared).operation.as_str().to_owned()
+        let s = lock(&self.shared);
+        let op = match (s.short, s.applying) {
+            (Some(op), _) => op,
+            (None, true) => Operation::Apply,
+            (None, false) => Operation::Idle,
+        };
+        op.as_str().to_owned()
     }
 
     #[zbus(property)]
@@ -372,8 +368,8 @@ impl UpdateService {
         lock(&self.shared).last_error.clone()
     }
 
-    /// The JSON of `qupdate status --json`. While an operation holds the
-    /// slots, the last status read.
+    /// The JSON of `qupdate status --json`. While a short operation holds
+    /// the state lock, the last status read.
     #[zbus(property(emits_changed_signal = "invalidates"))]
     async fn status(
         &self,

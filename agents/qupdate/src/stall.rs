@@ -1,15 +1,16 @@
 //! A bundle stream that stops sending ends the apply. A bundle comes from
 //! a file, or from a pipe out of an UpdateVM; a pipe that stalls would
-//! otherwise hold the updater's lock (and keep mark-good and rollback
-//! waiting) for as long as its writer likes. [`StallGuard`] waits for
-//! each read at most [`STALL_TIMEOUT`]; a read that would wait longer is
-//! an error, the apply fails on it, and the lock is released.
+//! otherwise hold the apply lock (and keep every other apply out) for as
+//! long as its writer likes. [`StallGuard`] waits for each read at most
+//! the apply's stall timeout ([`STALL_TIMEOUT`] unless `--stall-timeout`
+//! says otherwise); a read that would wait longer is an error, the apply
+//! fails on it, and the lock is released.
 
 use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-/// How long a bundle stream may go without a byte.
+/// How long a bundle stream may go without a byte, by default.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `inner`, each read bounded by a wait of `timeout` for data.

@@ -10,14 +10,34 @@
 
 mod common;
 
+use std::io::{Seek, SeekFrom, Write};
+use std::time::Duration;
+
 use common::{world, World};
 use qbundle::TrustStore;
 use qcontract::Slot;
-use qupdate::{SlotState, UpdateError, Updater};
+use qupdate::{ApplyOptions, SlotState, UpdateError, Updater};
+
+/// The bundle as a file, as `qupdate apply FILE` reads it.
+fn bundle_file(bytes: &[u8]) -> std::fs::File {
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(bytes).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f
+}
+
+fn apply_with(
+    w: &World,
+    booted: Slot,
+    bytes: &[u8],
+    opts: &ApplyOptions,
+) -> Result<qupdate::Applied, UpdateError> {
+    let mut u = Updater::open(w.cfg(booted)).unwrap();
+    u.apply(bundle_file(bytes), opts, &mut |_| {})
+}
 
 fn apply(w: &World, booted: Slot, bytes: &[u8]) -> Result<qupdate::Applied, UpdateError> {
-    let mut u = Updater::open(w.cfg(booted)).unwrap();
-    u.apply(&mut std::io::Cursor::new(bytes), &mut |_| {})
+    apply_with(w, booted, bytes, &ApplyOptions::default())
 }
 
 #[test]
@@ -59,14 +79,86 @@ fn install_boot_mark_good_and_roll_back() {
     assert_eq!(w.boot_state().next_boot(), Some(Slot::A));
 }
 
+/// One apply at a time; mark-good and status go on beside it (they take
+/// only the state lock), and a stalled stream ends the apply and frees it.
 #[test]
-fn a_second_updater_waits_for_the_first_and_gives_up_with_busy() {
+fn a_second_apply_is_busy_but_mark_good_is_never_starved() {
     let w = world();
-    let _first = Updater::open(w.cfg(Slot::A)).unwrap();
-    let err = Updater::open(w.cfg(Slot::A)).unwrap_err();
+    let (reader, writer) = std::io::pipe().unwrap();
+    let cfg = w.cfg(Slot::A);
+    let first = std::thread::spawn(move || {
+        let opts = ApplyOptions {
+            stall_timeout: Duration::from_secs(2),
+            ..ApplyOptions::default()
+        };
+        Updater::open(cfg)
+            .unwrap()
+            .apply(reader, &opts, &mut |_| {})
+    });
+    // The first apply holds its lock and waits for bundle bytes.
+    std::thread::sleep(Duration::from_millis(300));
+    let bundle = w.bundle(&[&w.key], |_| {});
+    let err = apply(&w, Slot::A, &bundle).unwrap_err();
     assert!(matches!(err, UpdateError::Busy(_)), "{err:?}");
-    drop(_first);
-    Updater::open(w.cfg(Slot::A)).unwrap();
+    let mut u = Updater::open(w.cfg(Slot::A)).unwrap();
+    u.mark_good().unwrap();
+    assert_eq!(u.status().unwrap().slot(Slot::A).state, SlotState::Good);
+
+    // Nothing comes: the stalled apply ends by itself, names why, and
+    // leaves B unbootable and the lock free.
+    let err = first.join().unwrap().unwrap_err();
+    let chain = qcontract::error_chain(&err);
+    assert!(chain.contains("no bundle data for 2 s"), "{chain}");
+    drop(writer);
+    let s = w.boot_state();
+    assert_eq!(s.next_boot(), Some(Slot::A));
+    assert_eq!((s.b.ok, s.b.tries), (false, 0));
+    apply(&w, Slot::A, &bundle).unwrap();
+}
+
+/// An apply from a slot still on trial would overwrite the only slot
+/// proven to boot: refused, with the reason, unless forced.
+#[test]
+fn an_apply_from_an_unproven_slot_needs_force() {
+    let w = world();
+    let bundle = w.bundle(&[&w.key], |_| {});
+    apply(&w, Slot::A, &bundle).unwrap();
+    // GRUB boots B on trial; it has not been marked good.
+    let mut s = w.boot_state();
+    assert_eq!(s.spend_try(), Some(Slot::B));
+    w.store_boot_state(&s);
+    let a_before = (w.part("boot_a"), w.part("root_a"));
+    let err = apply(&w, Slot::B, &bundle).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::BootedNotGood {
+                booted: Slot::B,
+                target: Slot::A
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("--force") && text.contains("slot A"),
+        "{text}"
+    );
+    assert_eq!(w.boot_state(), s, "a refused apply changed the boot state");
+    assert_eq!((w.part("boot_a"), w.part("root_a")), a_before);
+    let st = Updater::open(w.cfg(Slot::B)).unwrap().status().unwrap();
+    assert_eq!(st.slot(Slot::A).state, SlotState::Good);
+    assert!(st.last_error.unwrap().contains("not marked good"));
+
+    let forced = ApplyOptions {
+        force: true,
+        ..ApplyOptions::default()
+    };
+    assert_eq!(
+        apply_with(&w, Slot::B, &bundle, &forced).unwrap().slot,
+        Slot::A
+    );
+    assert_eq!(w.boot_state().order, vec![Slot::A, Slot::B]);
 }
 
 #[test]
@@ -235,13 +327,24 @@ fn an_interrupted_install_leaves_the_running_slot_and_can_be_redone() {
 #[test]
 fn tries_grub_cannot_count_leave_the_new_slot_unbootable() {
     let w = world();
-    let mut u = Updater::open(w.cfg(Slot::A)).unwrap();
-    u.set_tries(0);
     let bundle = w.bundle(&[&w.key], |_| {});
-    let err = u
-        .apply(&mut std::io::Cursor::new(bundle), &mut |_| {})
-        .unwrap_err();
-    assert!(matches!(err, UpdateError::Tries(0)), "{err:?}");
+    for tries in [0, 10] {
+        let opts = ApplyOptions {
+            tries,
+            ..ApplyOptions::default()
+        };
+        let err = apply_with(&w, Slot::A, &bundle, &opts).unwrap_err();
+        assert!(
+            matches!(err, UpdateError::Tries(t) if t == tries),
+            "{err:?}"
+        );
+    }
+    let opts = ApplyOptions {
+        stall_timeout: Duration::from_millis(10),
+        ..ApplyOptions::default()
+    };
+    let err = apply_with(&w, Slot::A, &bundle, &opts).unwrap_err();
+    assert!(matches!(err, UpdateError::StallTimeout(_)), "{err:?}");
     let s = w.boot_state();
     assert_eq!(s.next_boot(), Some(Slot::A));
     assert_eq!((s.b.ok, s.b.tries), (false, 0));

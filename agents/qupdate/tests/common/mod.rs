@@ -98,7 +98,6 @@ impl World {
             booted,
             image_version: "0.1.0".into(),
             image_epoch: 1,
-            tries: 3,
             lock_wait: std::time::Duration::from_millis(300),
         }
     }
