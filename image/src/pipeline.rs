@@ -831,9 +831,11 @@ fn compose_root(
     for b in &profile.root.binaries {
         tree.add_binary(b, &opts.bin_dir)?;
     }
+    tree.allow_replace(&profile.root.replace);
     for ov in &profile.root.overlays {
         tree.add_overlay(&opts.source_dir.join(ov), &ov.display().to_string())?;
     }
+    tree.check_replaced()?;
     tree.add_modules(kver, dom0, DOM0_MODULES, kernel.package)?;
     tree.write(IMAGE_INFO, 0o644, info.as_bytes(), "generated")?;
     if let Some(g) = &profile.guivm {

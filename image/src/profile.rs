@@ -209,6 +209,12 @@ pub struct RootSection {
     /// Empty directories to create.
     #[serde(default)]
     pub dirs: Vec<String>,
+    /// Image paths that a later source (an overlay of this profile) may
+    /// replace, once each; every one must be replaced. Without it a second
+    /// source for a path fails the build. For test releases that break a
+    /// shipped service on purpose.
+    #[serde(default)]
+    pub replace: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

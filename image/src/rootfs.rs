@@ -28,6 +28,8 @@ pub enum RootfsError {
         what: String,
         first: String,
     },
+    #[error("root.replace: {path} was never replaced (nothing later provides it)")]
+    NotReplaced { path: String },
 }
 
 fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> RootfsError {
@@ -75,6 +77,9 @@ pub const BASE_DIRS: &[&str] = &[
 pub struct RootTree {
     dir: PathBuf,
     origin: BTreeMap<String, String>,
+    /// Paths a second source may replace once (the profile's
+    /// `root.replace`), canonical.
+    replaceable: std::collections::BTreeSet<String>,
 }
 
 impl RootTree {
@@ -87,6 +92,7 @@ impl RootTree {
         let mut tree = Self {
             dir: dir.to_owned(),
             origin: BTreeMap::new(),
+            replaceable: std::collections::BTreeSet::new(),
         };
         for d in BASE_DIRS {
             tree.mkdir(&format!("/{d}"))?;
@@ -111,22 +117,57 @@ impl RootTree {
         &self.origin
     }
 
-    fn claim(&mut self, image_path: &str, what: &str) -> Result<(), RootfsError> {
+    /// Lets a second source replace each of `paths` once (a test release
+    /// that breaks a shipped service); [`RootTree::check_replaced`] then
+    /// holds the profile to every one of them.
+    pub fn allow_replace(&mut self, paths: &[String]) {
+        self.replaceable.extend(paths.iter().map(|p| canonical(p)));
+    }
+
+    /// Every path [`RootTree::allow_replace`] named was replaced.
+    pub fn check_replaced(&self) -> Result<(), RootfsError> {
+        match self.replaceable.first() {
+            Some(path) => Err(RootfsError::NotReplaced { path: path.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records `what` as the source of `image_path`; true if it replaces
+    /// an earlier source the profile let it replace.
+    fn claim(&mut self, image_path: &str, what: &str) -> Result<bool, RootfsError> {
         let canonical = canonical(image_path);
         if let Some(first) = self.origin.get(&canonical) {
-            return Err(RootfsError::Conflict {
-                path: image_path.to_owned(),
-                what: what.to_owned(),
-                first: first.clone(),
-            });
+            if !self.replaceable.remove(&canonical) {
+                return Err(RootfsError::Conflict {
+                    path: image_path.to_owned(),
+                    what: what.to_owned(),
+                    first: first.clone(),
+                });
+            }
+            let origin = format!("{what} (replacing {first})");
+            self.origin.insert(canonical, origin);
+            return Ok(true);
         }
         self.origin.insert(canonical, what.to_owned());
-        Ok(())
+        Ok(false)
     }
 
     pub fn mkdir(&mut self, image_path: &str) -> Result<(), RootfsError> {
         let p = self.host(image_path);
         fs::create_dir_all(&p).map_err(io(&p, "create directory"))
+    }
+
+    /// Claims `image_path` for `what` and readies its host path: parents
+    /// made, and a replaced entry removed, so the new one is never written
+    /// through it (a symlink would be followed).
+    fn place(&mut self, image_path: &str, what: &str) -> Result<PathBuf, RootfsError> {
+        let replacing = self.claim(image_path, what)?;
+        let p = self.host(image_path);
+        self.parent_dirs(&p)?;
+        if replacing {
+            fs::remove_file(&p).map_err(io(&p, "remove the replaced entry"))?;
+        }
+        Ok(p)
     }
 
     fn parent_dirs(&self, host: &Path) -> Result<(), RootfsError> {
@@ -142,9 +183,7 @@ impl RootTree {
         target: &str,
         what: &str,
     ) -> Result<(), RootfsError> {
-        self.claim(image_path, what)?;
-        let p = self.host(image_path);
-        self.parent_dirs(&p)?;
+        let p = self.place(image_path, what)?;
         symlink(target, &p).map_err(io(&p, "create symlink"))
     }
 
@@ -155,9 +194,7 @@ impl RootTree {
         data: &[u8],
         what: &str,
     ) -> Result<(), RootfsError> {
-        self.claim(image_path, what)?;
-        let p = self.host(image_path);
-        self.parent_dirs(&p)?;
+        let p = self.place(image_path, what)?;
         fs::write(&p, data).map_err(io(&p, "write"))?;
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io(&p, "chmod"))
     }
@@ -188,9 +225,7 @@ impl RootTree {
         mode: u32,
         what: &str,
     ) -> Result<(), RootfsError> {
-        self.claim(image_path, what)?;
-        let p = self.host(image_path);
-        self.parent_dirs(&p)?;
+        let p = self.place(image_path, what)?;
         fs::copy(src, &p).map_err(io(src, "copy"))?;
         // Only permission bits: setuid/setgid have no place in dom0.
         fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o777)).map_err(io(&p, "chmod"))
@@ -296,6 +331,38 @@ fn canonical(image_path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listed path is replaced once, through nothing that was there; a
+    /// second replacement, or one never made, fails the build.
+    #[test]
+    fn root_replace_lets_one_later_source_win_once() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = RootTree::create(&d.path().join("root")).unwrap();
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, b"keep").unwrap();
+        t.symlink("/etc/s.toml", &outside.display().to_string(), "base")
+            .unwrap();
+        t.allow_replace(&["/etc/s.toml".into(), "/etc/never".into()]);
+        t.write("/etc/s.toml", 0o644, b"broken", "overlay broken")
+            .unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("root/etc/s.toml")).unwrap(),
+            b"broken"
+        );
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert_eq!(
+            t.origins()["/etc/s.toml"],
+            "overlay broken (replacing base)"
+        );
+        assert!(matches!(
+            t.write("/etc/s.toml", 0o644, b"again", "c").unwrap_err(),
+            RootfsError::Conflict { .. }
+        ));
+        match t.check_replaced().unwrap_err() {
+            RootfsError::NotReplaced { path } => assert_eq!(path, "/etc/never"),
+            e => panic!("{e:?}"),
+        }
+    }
 
     #[test]
     fn usrmerge_paths_land_in_usr() {

@@ -696,3 +696,47 @@ cgroup = true
         assert!(matches!(why("broken"), ServiceError::Parse { .. }));
     }
 }
+
+/// The units the images ship, checked by qinit's own parser and resolver:
+/// each overlay's units with the base overlay's, as a profile combines them
+/// (the broken test release replaces a base unit of the same name).
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    #[test]
+    fn every_shipped_unit_parses_and_resolves() {
+        let overlays = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/overlays");
+        let units = |overlay: &str| -> BTreeMap<String, PathBuf> {
+            let dir = overlays.join(overlay).join("etc/qinit/services");
+            std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.map(|e| e.unwrap().path())
+                        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                        .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), p))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let base = units("base");
+        assert!(base.contains_key("qupdated"), "{base:?}");
+        for overlay in ["base", "qemu-test", "broken", "health-guivm"] {
+            let mut all = base.clone();
+            all.extend(units(overlay));
+            let parsed = all
+                .iter()
+                .map(|(name, p)| {
+                    let text = std::fs::read_to_string(p).unwrap();
+                    (name.clone(), parse(p, &text))
+                })
+                .collect();
+            let set = resolve(parsed);
+            assert!(set.rejected.is_empty(), "{overlay}: {:?}", set.rejected);
+        }
+        // The health gate: the updater and the domain agent count.
+        for name in ["qupdated", "qdomd"] {
+            let text = std::fs::read_to_string(&base[name]).unwrap();
+            assert!(parse(&base[name], &text).unwrap().boot_critical, "{name}");
+        }
+    }
+}

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -30,6 +31,15 @@ enum Cmd {
     Shutdown { name: String },
     /// Destroy a domain now.
     Kill { name: String },
+    /// Wait until a domain is ready (its guest wrote the readiness key);
+    /// fails after the timeout. The health gate's `guivm-ready` unit runs
+    /// this for the GUI VM where the profile makes it count.
+    WaitReady {
+        name: String,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Run the agent (qinit's `qdomd` service).
     Service {
         /// Shipped definitions.
@@ -75,6 +85,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Polls the domain list until `name` is ready. A domain that is not
+/// defined is an error at once; one that fails and restarts is waited for.
+async fn wait_ready(
+    proxy: &Domains1Proxy<'_>,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let list = proxy.list().await.context("qdomd")?;
+        let Some((_, state, _)) = list.iter().find(|(n, _, _)| n == name) else {
+            anyhow::bail!("no domain named {name:?} is defined");
+        };
+        if state == qdomd::lifecycle::Phase::Ready.as_str() {
+            return Ok(());
+        }
+        last.clone_from(state);
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "{name} is not ready after {} s (it is {last})",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let name = match cli.command {
         Cmd::Service {
@@ -98,9 +136,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Cmd::List => None,
-        Cmd::Start { ref name } | Cmd::Shutdown { ref name } | Cmd::Kill { ref name } => {
-            Some(name.clone())
-        }
+        Cmd::Start { ref name }
+        | Cmd::Shutdown { ref name }
+        | Cmd::Kill { ref name }
+        | Cmd::WaitReady { ref name, .. } => Some(name.clone()),
     };
     let conn = zbus::connection::Builder::system()
         .build()
@@ -122,6 +161,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         (Cmd::Start { .. }, Some(n)) => proxy.start(&n).await.context("qdomd")?,
         (Cmd::Shutdown { .. }, Some(n)) => proxy.shutdown(&n).await.context("qdomd")?,
         (Cmd::Kill { .. }, Some(n)) => proxy.kill(&n).await.context("qdomd")?,
+        (Cmd::WaitReady { timeout, .. }, Some(n)) => {
+            wait_ready(&proxy, &n, Duration::from_secs(timeout)).await?;
+            println!("{n} is ready");
+        }
         _ => {}
     }
     Ok(())

@@ -51,7 +51,12 @@ enum Cmd {
         json: bool,
     },
     /// Mark the booted slot good (qinit's boot-complete hook).
-    MarkGood,
+    MarkGood {
+        /// Only through qupdated: a boot whose updater does not answer on
+        /// the bus is not healthy, and is not marked good (the hook's way).
+        #[arg(long)]
+        through_service: bool,
+    },
     /// Make the other slot the default, if it is good.
     Rollback,
     /// Show both slots, the boot order, the floor and the last error.
@@ -118,7 +123,9 @@ enum SlotCmd {
         opts: ApplyOptions,
         json: bool,
     },
-    MarkGood,
+    MarkGood {
+        through_service: bool,
+    },
     Rollback,
     Status {
         json: bool,
@@ -170,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             json,
         },
-        Cmd::MarkGood => SlotCmd::MarkGood,
+        Cmd::MarkGood { through_service } => SlotCmd::MarkGood { through_service },
         Cmd::Rollback => SlotCmd::Rollback,
         Cmd::Status { json } => SlotCmd::Status { json },
     };
@@ -198,7 +205,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        SlotCmd::MarkGood => {
+        SlotCmd::MarkGood { through_service } => {
+            if through_service && backend.route() != Route::Service {
+                anyhow::bail!(
+                    "mark-good --through-service: {} is not on the system bus, \
+                     so this boot is not healthy and stays on trial",
+                    qupdate::dbus::BUS_NAME
+                );
+            }
             let booted = backend.mark_good()?;
             println!("slot {booted} marked good");
         }

@@ -125,6 +125,10 @@ fn the_cli_installs_through_the_service_and_bad_input_changes_nothing() {
         "no progress: {stderr}"
     );
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+    // The health gate's hook, as qinit runs it: through the service.
+    let out = qupdate(&bus, &["mark-good", "--through-service"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "slot A marked good\n");
 
     // A bundle signed by a stranger, piped on stdin: refused, nothing moves.
     let before = w.part("root_b");
@@ -284,6 +288,10 @@ fn with_disk_the_cli_works_on_the_slots_itself_even_beside_the_service() {
     let (ok, _, stderr) = local(&["rollback"], None);
     assert!(!ok);
     assert!(stderr.contains("slot B is not good"), "{stderr}");
+    // The health gate's hook never marks a slot good around the service.
+    let (ok, _, stderr) = local(&["mark-good", "--through-service"], None);
+    assert!(!ok);
+    assert!(stderr.contains("not on the system bus"), "{stderr}");
     let (ok, stdout, stderr) = local(&["mark-good"], None);
     assert!(ok, "{stderr}");
     assert_eq!(stdout, "slot A marked good\n");

@@ -81,6 +81,11 @@ pub enum Failure {
     Required(String),
     #[error("not ready within {0} ms")]
     NotReady(u64),
+    /// A boot-critical unit still not ready this long after its first
+    /// start, through its restarts: the health gate is never held open
+    /// by a unit that keeps failing.
+    #[error("not ready within {0} ms of its first start (restarting)")]
+    NeverReady(u64),
     /// `error` is the spawn's error as text: events and actions are plain
     /// data that tests compare.
     #[error("cannot start {program}: {error}")]
@@ -346,6 +351,9 @@ struct Unit {
     process: Option<Process>,
     backoff: Backoff,
     ready_after: Option<Duration>,
+    /// When it was first spawned this boot: a boot-critical unit must be
+    /// ready within its timeout of this, however often it restarts.
+    first_started: Option<Instant>,
     /// The tick in which its readiness was last probed.
     probed_in: u64,
     /// The probe error last logged, so a probe failing every tick is
@@ -419,6 +427,7 @@ impl Units {
                     process: None,
                     backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
                     ready_after: None,
+                    first_started: None,
                     probed_in: 0,
                     probe_error: None,
                 }
@@ -601,11 +610,37 @@ impl Units {
         ControlFlow::Continue(())
     }
 
+    /// The instant by which a boot-critical unit that restarts must be
+    /// ready, while the health gate is still closed.
+    fn gate_deadline(&self, u: &Unit) -> Option<Instant> {
+        if !u.svc.boot_critical || self.critical_announced || self.critical_failed {
+            return None;
+        }
+        let first = u.first_started?;
+        Some(first + Duration::from_millis(u.svc.ready_timeout_ms))
+    }
+
     /// Breaks at a spawn or probe, which the executor answers first.
     fn walk(&mut self, now: Instant, out: &mut Vec<Action>) -> ControlFlow<()> {
         for i in 0..self.units.len() {
             let id = UnitId(i);
             let u = &self.units[i];
+            // A first process past its timeout is the plain `NotReady`
+            // below; this is for a unit that has restarted since.
+            let restarted = u.process.is_none_or(|p| Some(p.started) != u.first_started);
+            let waiting = matches!(u.state, State::Starting | State::Backoff { .. });
+            if waiting && restarted && self.gate_deadline(u).is_some_and(|d| now > d) {
+                if let Some(p) = u.process {
+                    out.push(Action::Signal {
+                        unit: id,
+                        pid: p.pid,
+                        signal: Signal::SIGKILL,
+                    });
+                }
+                let ms = u.svc.ready_timeout_ms;
+                self.fail(id, Failure::NeverReady(ms), out);
+                continue;
+            }
             match u.state {
                 State::Waiting => {
                     if u.svc.boot_complete && !self.critical_announced {
@@ -692,7 +727,12 @@ impl Units {
                         consider(p.started + Duration::from_millis(u.svc.ready_timeout_ms));
                     }
                 }
-                State::Backoff { until } => consider(until),
+                State::Backoff { until } => {
+                    consider(until);
+                    if let Some(d) = self.gate_deadline(u) {
+                        consider(d);
+                    }
+                }
                 State::Stopped {
                     kill_at: Some(at), ..
                 } => consider(at),
@@ -709,6 +749,7 @@ impl Units {
             pid,
         }));
         u.process = Some(Process { pid, started: now });
+        u.first_started.get_or_insert(now);
         u.state = State::Starting;
         // First probed on the next tick: a process spawned this instant
         // has had no time to get ready.
@@ -1399,6 +1440,44 @@ mod tests {
         });
         assert_eq!(lines(&actions), ["reaped orphan 4242 (signal SIGTERM)"]);
         assert_eq!(sim.state("a"), &State::Ready);
+    }
+
+    /// A boot-critical service that keeps failing and restarting fails the
+    /// boot once its readiness timeout has passed since its first start,
+    /// not after the whole restart sequence.
+    #[test]
+    fn a_critical_service_restarting_fails_the_boot_by_its_first_deadline() {
+        let mut sim = Sim::new(vec![svc(
+            "upd",
+            "ready = \"notify\"\nboot_critical = true\nrestart = \"on-failure\"\nready_timeout_ms = 1000",
+        )]);
+        sim.tick();
+        let mut failed = None;
+        for step in 0..40 {
+            let at = step * 100;
+            let actions = if sim.state("upd") == &State::Starting {
+                sim.at(at);
+                sim.exit("upd", Exit::Code(1))
+            } else {
+                sim.at(at).tick()
+            };
+            if let Some(a) = actions
+                .iter()
+                .find(|a| matches!(a, Action::BootFailed { .. }))
+            {
+                failed = Some((at, a.clone()));
+                break;
+            }
+        }
+        let (at, action) = failed.expect("the boot never failed");
+        assert!((1000..=1300).contains(&at), "failed at {at} ms");
+        assert_eq!(
+            action,
+            Action::BootFailed {
+                service: "upd".into(),
+                reason: Failure::NeverReady(1000)
+            }
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Updates: A → B with a real reboot, a failing new slot that falls back
-//! to A on its own, and a power cut mid-apply. The bundles come from the
+//! Updates: A → B with a real reboot, a new slot whose updater is broken
+//! that falls back to A on its own, and a power cut mid-apply. The bundles come from the
 //! flashed medium (see `flash.rs`), piped into `qupdate apply -` as they
 //! would come from an UpdateVM.
 
@@ -18,7 +18,7 @@ pub const UPDATE: Scenario = Scenario {
 
 pub const ROLLBACK: Scenario = Scenario {
     name: "rollback",
-    about: "a bundle whose slot fails to boot: three tries, then back to A on its own",
+    about: "a release whose updater never comes up: three failed boots, then back to A on its own",
     run: rollback,
 };
 
@@ -92,11 +92,16 @@ fn rollback(ctx: &mut Ctx<'_>) -> Result<()> {
     let t = ctx.timeouts.apply;
     ctx.sh_within(&apply, t)?;
     ctx.spawn("qinit ctl reboot")?;
-    // Slot B fails its boot-critical service and reboots, three times.
+    // Slot B's updater never comes up. It is part of the health gate, so
+    // the boot fails and reboots, three times.
     let boot = ctx.timeouts.boot;
     for i in 0..3 {
         let (which, line) = ctx.wait_any(&["QINIT-FAILED", "QINIT-READY"], boot)?;
         ensure!(which == 0, "try {i}: {line}");
+        ensure!(
+            line.contains("reason=service qupdated"),
+            "try {i} failed for another reason: {line}"
+        );
     }
     let line = ctx.wait_ready()?;
     ensure!(line.contains("slot=A"), "fell back to A: {line}");
