@@ -18,6 +18,7 @@ pub mod kmsg;
 pub mod modules;
 pub mod mounts;
 pub mod power;
+pub mod seed;
 pub mod services;
 pub mod stage1;
 pub mod stage2;

@@ -27,9 +27,14 @@ fn main() {
             qinit::stage2::run(offset)
         }
         Some("ctl") => std::process::exit(qinit::control::main(&args[2..])),
+        Some("save-seed") => {
+            KmsgLogger::install("random-seed", log::LevelFilter::Info);
+            std::process::exit(qinit::seed::save_when_ready())
+        }
         _ => {
             eprintln!(
                 "usage: qinit ctl status|start <svc>|stop <svc>|restart <svc>|reboot|poweroff\n       \
+                 qinit save-seed   (waits for the kernel's pool, then saves a creditable seed)\n       \
                  qinit stage2   (PID 1; as /init in an initramfs it runs stage 1)"
             );
             std::process::exit(2);

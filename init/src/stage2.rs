@@ -215,6 +215,9 @@ fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
     if var_run.symlink_metadata().is_err() {
         std::os::unix::fs::symlink("/run", var_run)?;
     }
+    // Before any service: the bus and the agents take random bytes at
+    // start, and must not wait for a slowly seeded pool.
+    load_random_seed();
     let t = Instant::now();
     match crate::modules::load_list(Path::new(paths::DOM0_MODULES)) {
         Ok(n) => log::info!("loaded {n} dom0 modules in {} ms", t.elapsed().as_millis()),
@@ -232,6 +235,25 @@ fn setup_system() -> Result<(), Box<dyn std::error::Error>> {
         log::warn!("not running under Xen: xenfs not mounted");
     }
     Ok(())
+}
+
+/// Loads and refreshes the random seed on /var (see [`crate::seed`]).
+fn load_random_seed() {
+    let mut pool = crate::seed::Kernel {
+        seed_file: Path::new(crate::seed::SEED_FILE),
+    };
+    match crate::seed::boot(&mut pool) {
+        crate::seed::Loaded::None => {
+            log::info!("random seed: none yet in {}", crate::seed::SEED_FILE);
+        }
+        crate::seed::Loaded::Mixed(why) => log::warn!("random seed: mixed in, not credited: {why}"),
+        crate::seed::Loaded::Credited(bits) => {
+            log::info!(
+                "random seed: credited {bits} bits from {}",
+                crate::seed::SEED_FILE
+            );
+        }
+    }
 }
 
 /// Final steps after every service stopped.
@@ -253,6 +275,14 @@ fn finish(kind: Shutdown, pid1: bool) -> ! {
     // reboot(2) can be lost with the console, and this one tells the lab
     // the shutdown was orderly.
     marker(&format!("qinit: shutdown: {kind:?}: services stopped"));
+    // While /var is still mounted: the next boot starts from this pool.
+    let mut pool = crate::seed::Kernel {
+        seed_file: Path::new(crate::seed::SEED_FILE),
+    };
+    match crate::seed::save(&mut pool) {
+        Ok(creditable) => log::info!("random seed: saved (creditable: {creditable})"),
+        Err(e) => log::warn!("random seed: saving at shutdown: {e}"),
+    }
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(-1),
         nix::sys::signal::Signal::SIGTERM,

@@ -22,6 +22,8 @@ pub use qconsole::{Console, ConsoleError};
 
 /// The CPU model measured to run Xen 4.20 with a PV dom0 under TCG.
 pub const CPU_MODEL: &str = "qemu64,+sse4.2,+popcnt,+ssse3,+sse4.1,+cx16,+rdrand";
+/// The same CPU without RDRAND (see [`VmConfig::rdrand`]).
+pub const CPU_MODEL_NO_RDRAND: &str = "qemu64,+sse4.2,+popcnt,+ssse3,+sse4.1,+cx16";
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
@@ -87,6 +89,12 @@ pub struct VmConfig {
     /// The serial port on a TCP server at this address (`host:port`), as a
     /// lab's ser2net would offer it, instead of a socket in the work dir.
     pub serial_tcp: Option<String>,
+    /// The CPU has RDRAND, as real x86 machines since about 2013 do. Off:
+    /// the kernel's pool must be seeded some other way (the entropy
+    /// scenario).
+    pub rdrand: bool,
+    /// A hardware RNG (virtio-rng), as a real machine has in its TPM.
+    pub hwrng: bool,
     /// Give dom0 the dedicated command channel (a virtio-serial port on
     /// `cmd.sock` in the work dir). Off for a VM that plays a lab machine,
     /// which has only its serial line.
@@ -104,6 +112,8 @@ impl VmConfig {
             echo: false,
             no_reboot: false,
             serial_tcp: None,
+            rdrand: true,
+            hwrng: true,
             command_channel: true,
         }
     }
@@ -115,7 +125,11 @@ impl VmConfig {
             "-machine",
             "q35",
             "-cpu",
-            CPU_MODEL,
+            if self.rdrand {
+                CPU_MODEL
+            } else {
+                CPU_MODEL_NO_RDRAND
+            },
             "-nodefaults",
             "-no-user-config",
             "-display",
@@ -190,6 +204,9 @@ impl VmConfig {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", w("qmp.sock")),
         ]);
+        if self.hwrng {
+            a.extend(["-device".into(), "virtio-rng-pci".into()]);
+        }
         if self.no_reboot {
             a.push("-no-reboot".into());
         }
@@ -588,7 +605,16 @@ mod tests {
     fn command_line_has_the_measured_cpu_and_firmware() {
         let cfg = VmConfig::new(Path::new("/d/disk.img"), Path::new("/w"));
         let a = cfg.args().join(" ");
-        assert!(a.contains(&format!("-cpu {CPU_MODEL}")));
+        assert!(a.contains(&format!("-cpu {CPU_MODEL} ")));
+        assert!(a.contains("-device virtio-rng-pci"));
+        let bare = VmConfig {
+            rdrand: false,
+            hwrng: false,
+            ..cfg.clone()
+        };
+        let b = bare.args().join(" ");
+        assert!(b.contains(&format!("-cpu {CPU_MODEL_NO_RDRAND} ")));
+        assert!(!b.contains("rdrand") && !b.contains("virtio-rng"), "{b}");
         assert!(a.contains("readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"));
         assert!(a.contains("unit=1,file=/w/OVMF_VARS.fd"));
         assert!(a.contains("file=/d/disk.img,format=raw"));

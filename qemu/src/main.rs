@@ -39,6 +39,12 @@ struct Cli {
     /// a lab machine does (commands then go through the serial shell).
     #[arg(long)]
     no_command_channel: bool,
+    /// A CPU without RDRAND: the kernel's pool must fill some other way.
+    #[arg(long)]
+    no_rdrand: bool,
+    /// No hardware RNG (virtio-rng) either.
+    #[arg(long)]
+    no_hwrng: bool,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +54,8 @@ fn main() -> ExitCode {
     cfg.memory_mib = cli.memory;
     cfg.serial_tcp = cli.serial_tcp;
     cfg.command_channel = !cli.no_command_channel;
+    cfg.rdrand = !cli.no_rdrand;
+    cfg.hwrng = !cli.no_hwrng;
     if let Some(pidfile) = &cli.detach {
         return match qemu::power_on_detached(&cfg, pidfile) {
             Ok(()) => ExitCode::SUCCESS,

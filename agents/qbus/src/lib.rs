@@ -15,6 +15,25 @@ use anyhow::{bail, Context, Result};
 /// Where clients find the system bus (the freedesktop default).
 pub const SYSTEM_BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
 
+/// The bus's GUID: 128 random bits in hex. It identifies the server and
+/// is no secret (dbus-daemon reads it from /dev/urandom without waiting),
+/// so it is taken from the pool whether or not the pool is initialised.
+/// busd would make its own with a getrandom that waits for the pool, which
+/// on a machine without RDRAND or a hardware RNG can take minutes, and the
+/// bus is on the boot path.
+fn server_guid() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    let mut done = 0;
+    while done < bytes.len() {
+        match rustix::rand::getrandom(&mut bytes[done..], rustix::rand::GetRandomFlags::INSECURE) {
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A bound, root-only bus ready to run.
 pub struct SystemBus {
     bus: busd::bus::Bus,
@@ -42,8 +61,11 @@ impl SystemBus {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
         }
+        let guid = server_guid().context("making the bus's GUID")?;
         let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-        let bus = busd::bus::Bus::for_address(Some(&format!("unix:path={}", path.display()))).await;
+        let bus =
+            busd::bus::Bus::for_address(Some(&format!("unix:path={},guid={guid}", path.display())))
+                .await;
         rustix::process::umask(old);
         let bus = bus.with_context(|| format!("binding the bus at {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -74,6 +96,17 @@ impl SystemBus {
     /// Removes the socket.
     pub async fn cleanup(self) -> Result<()> {
         self.bus.cleanup().await
+    }
+}
+
+#[cfg(test)]
+mod guid_tests {
+    #[test]
+    fn the_guid_is_128_bits_of_hex_and_new_each_time() {
+        let a = super::server_guid().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, super::server_guid().unwrap());
     }
 }
 

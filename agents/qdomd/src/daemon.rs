@@ -401,13 +401,16 @@ impl Daemon {
         let Some(state) = self.sup.get(&name) else {
             return;
         };
+        // The VM's `/qubes-random-seed` must be real entropy, but waiting
+        // for the pool here would stop the whole daemon: a pool not
+        // initialised yet fails this start, which backs off and retries.
         let mut seed = [0u8; 64];
-        let entries = match getrandom::fill(&mut seed) {
+        let entries = match ready_random(&mut seed) {
             Ok(()) => crate::qdb::entries(&state.def, gui_domid, &seed),
             Err(e) => {
                 let _ = self.events_tx.send(Event::QubesDbUp {
                     domid,
-                    result: Err(format!("no random seed: {e}")),
+                    result: Err(format!("no random seed for the VM: {e}")),
                 });
                 return;
             }
@@ -521,6 +524,23 @@ fn watch_daemon(
 }
 
 /// Waits for the daemon's socket, then writes every entry (blocking).
+/// Fills `buf` from the kernel's pool if it is initialised, without
+/// waiting for it.
+fn ready_random(buf: &mut [u8]) -> Result<(), String> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::rand::getrandom(&mut buf[done..], rustix::rand::GetRandomFlags::NONBLOCK) {
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err("the kernel's random pool is not initialised yet".into())
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
 fn fill_qubesdb(socket: &std::path::Path, entries: &[(String, String)]) -> Result<(), String> {
     let deadline = Instant::now() + QUBESDB_START_TIMEOUT;
     let mut client = loop {

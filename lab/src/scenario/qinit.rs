@@ -1,23 +1,44 @@
 //! qinit as the dom0's PID 1: supervision restarts a killed Xen daemon,
 //! `qinit ctl reboot` comes back up through the whole boot chain, and
-//! `qinit ctl poweroff` ends the machine.
+//! `qinit ctl poweroff` ends the machine. Where the target can choose its
+//! entropy sources (QEMU), all of it runs on a CPU without RDRAND, and a
+//! last boot without any hardware RNG either comes up on the random seed
+//! qinit saved.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 
 use super::{Ctx, Scenario};
+use crate::target::Entropy;
+
+/// The seed's log line once it was credited at boot.
+const SEED_CREDITED: &str = "random seed: credited 4096 bits";
 
 pub const SUPERVISION: Scenario = Scenario {
     name: "supervision",
-    about: "a killed xenconsoled is restarted; reboot and poweroff are orderly",
+    about: "a killed xenconsoled is restarted; reboot and poweroff are orderly; no RDRAND, then no hardware RNG either",
     run: supervision,
 };
 
 fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
     let image = ctx.image;
-    ctx.boot(image)?;
+    ctx.step("power off");
+    ctx.target.power_off()?;
+    ctx.step("flash");
+    ctx.target.flash(&image.path)?;
+    // The pool must fill without RDRAND: from the hardware RNG now, from
+    // qinit's saved seed on the last boot.
+    let chosen = ctx.target.set_entropy(Entropy {
+        rdrand: false,
+        hwrng: true,
+    });
+    ctx.power_on()?;
     ctx.wait_ready()?;
+    if chosen {
+        let seed = ctx.sh("dmesg | grep 'random seed'")?;
+        ensure!(seed.contains("random seed: none yet"), "first boot: {seed}");
+    }
 
     let status = ctx.sh("qinit ctl status")?;
     for svc in ["xenstored", "xen-init-dom0", "xenconsoled"] {
@@ -60,6 +81,10 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
     )?;
     let again = ctx.wait_ready()?;
     ensure!(again.contains("slot=A"), "{again}");
+    if chosen {
+        let seed = ctx.sh("dmesg | grep 'random seed'")?;
+        ensure!(seed.contains(SEED_CREDITED), "after a reboot: {seed}");
+    }
 
     // Power off: qinit says so, and the machine goes off by itself where
     // the target can tell.
@@ -73,6 +98,20 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
         ensure!(off, "still running after poweroff");
     }
     ctx.target.power_off()?;
+
+    // No RDRAND and no hardware RNG: only the seed saved at poweroff can
+    // fill the pool before the bus and the agents ask it for bytes.
+    if chosen {
+        ctx.target.set_entropy(Entropy {
+            rdrand: false,
+            hwrng: false,
+        });
+        ctx.power_on()?;
+        ctx.wait_ready()?;
+        let seed = ctx.sh("dmesg | grep 'random seed'")?;
+        ensure!(seed.contains(SEED_CREDITED), "without any RNG: {seed}");
+        ctx.target.power_off()?;
+    }
     Ok(())
 }
 

@@ -106,10 +106,31 @@ pub trait Target {
     /// Whether the machine has switched itself off, where the target can
     /// tell (QEMU can; most lab power switches cannot).
     fn powered_off_by_itself(&mut self, within: Duration) -> Option<bool>;
+    /// The entropy sources of the following power-ons, until the next
+    /// flash: the CPU's RDRAND and a hardware RNG. False where the target
+    /// cannot choose them (a real machine has what it has).
+    fn set_entropy(&mut self, _sources: Entropy) -> bool {
+        false
+    }
     /// The target's timeouts.
     fn timeouts(&self) -> Timeouts;
     /// A short description of how the target is driven (for the report).
     fn describe(&self) -> String;
+}
+
+/// Where a target's kernel gets its first random bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entropy {
+    pub rdrand: bool,
+    pub hwrng: bool,
+}
+
+impl Entropy {
+    /// What a real x86 machine has: RDRAND, and a TPM's RNG.
+    pub const ALL: Self = Self {
+        rdrand: true,
+        hwrng: true,
+    };
 }
 
 /// Opens the target named on the command line: `qemu` for the built-in

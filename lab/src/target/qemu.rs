@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use qconsole::Console;
 
-use super::{Target, TargetError, Timeouts};
+use super::{Entropy, Target, TargetError, Timeouts};
 
 const NAME: &str = "qemu";
 
@@ -21,6 +21,7 @@ pub struct QemuTarget {
     console: Console,
     /// The dedicated command channel, across power cycles like `console`.
     commands: Console,
+    entropy: Entropy,
 }
 
 impl QemuTarget {
@@ -38,6 +39,7 @@ impl QemuTarget {
             machine: None,
             console: Console::new(Some(&work.join("serial.log")), echo)?,
             commands: qemu::command_console(work)?,
+            entropy: Entropy::ALL,
         })
     }
 }
@@ -48,6 +50,8 @@ impl Target for QemuTarget {
     }
 
     fn flash(&mut self, image: &Path) -> Result<(), TargetError> {
+        // A fresh machine: what a scenario took away comes back.
+        self.entropy = Entropy::ALL;
         std::fs::copy(image, &self.disk).map_err(|source| TargetError::Io {
             target: NAME.into(),
             what: "copying the image to",
@@ -59,7 +63,11 @@ impl Target for QemuTarget {
 
     fn power_on(&mut self) -> Result<(), TargetError> {
         self.power_off()?;
-        let cfg = qemu::VmConfig::new(&self.disk, &self.work);
+        let cfg = qemu::VmConfig {
+            rdrand: self.entropy.rdrand,
+            hwrng: self.entropy.hwrng,
+            ..qemu::VmConfig::new(&self.disk, &self.work)
+        };
         let qemu_err = |source| TargetError::Qemu {
             target: NAME.into(),
             source,
@@ -95,13 +103,18 @@ impl Target for QemuTarget {
         )
     }
 
+    fn set_entropy(&mut self, sources: Entropy) -> bool {
+        self.entropy = sources;
+        true
+    }
+
     fn timeouts(&self) -> Timeouts {
         Timeouts::default()
     }
 
     fn describe(&self) -> String {
         format!(
-            "QEMU {} (TCG, OVMF, virtio disk), serial over a socket, commands over virtio-serial, power through the QEMU process",
+            "QEMU {} (TCG, OVMF, virtio disk, virtio-rng), serial over a socket, commands over virtio-serial, power through the QEMU process",
             qemu::CPU_MODEL
         )
     }
