@@ -295,7 +295,7 @@ impl std::fmt::Debug for Updater {
 
 /// Writes into one partition, never past its end.
 struct PartWriter<'a> {
-    file: &'a mut std::fs::File,
+    file: &'a mut disk::DiskFile,
     part: Part,
     pos: u64,
 }
@@ -341,7 +341,7 @@ impl<R: Read> Read for HashingReader<'_, R> {
 
 /// Reads `len` bytes of a partition from its start.
 struct PartReader<'a> {
-    file: &'a mut std::fs::File,
+    file: &'a mut disk::DiskFile,
     part: Part,
     pos: u64,
     len: u64,
@@ -365,8 +365,22 @@ impl Read for PartReader<'_> {
 
 impl Updater {
     pub fn open(cfg: Config) -> Result<Self, UpdateError> {
-        let disk = Disk::open(&cfg.disk)?;
+        Self::open_journaled(cfg, None)
+    }
+
+    /// Opens the updater with every write and fsync of its disk, and every
+    /// replacement of its state file, recorded in `journal` (the
+    /// crash-consistency suite replays them).
+    pub fn open_journaled(
+        cfg: Config,
+        journal: Option<disk::Journal>,
+    ) -> Result<Self, UpdateError> {
+        let disk = Disk::open_journaled(&cfg.disk, journal)?;
         Ok(Self { cfg, disk })
+    }
+
+    fn store_state(&self, state: &State) -> Result<(), StateError> {
+        state.store_journaled(&self.cfg.state, self.disk.file.journal())
     }
 
     /// Takes one of the locks, waiting a while for its holder, but never
@@ -424,7 +438,7 @@ impl Updater {
         let recorded = self.lock(Lock::State).and_then(|_held| {
             let mut state = State::load(&self.cfg.state)?;
             state.last_error = result.as_ref().err().map(|e| qcontract::error_chain(e));
-            Ok(state.store(&self.cfg.state)?)
+            Ok(self.store_state(&state)?)
         });
         if let Err(e) = recorded {
             // The slot is written (or not) either way: the caller hears
@@ -495,7 +509,7 @@ impl Updater {
             boot.invalidate(target);
             bootenv::store(&mut self.disk, &mut env, &boot)?;
             state.slots.remove(&target);
-            state.store(&self.cfg.state)?;
+            self.store_state(&state)?;
         }
 
         let total: u64 = m.payloads.iter().map(|p| p.size).sum();
@@ -614,7 +628,7 @@ impl Updater {
                 root_hash: hex::encode(v.root_hash),
             },
         );
-        state.store(&self.cfg.state)?;
+        self.store_state(&state)?;
         Ok(Applied {
             slot: target,
             version: m.version.clone(),
@@ -648,7 +662,7 @@ impl Updater {
         let info = self.booted_info(&state);
         state.floor = state.floor.max(info.security_epoch);
         state.slots.insert(booted, info);
-        state.store(&self.cfg.state)?;
+        self.store_state(&state)?;
         Ok(())
     }
 

@@ -68,6 +68,16 @@ impl State {
     }
 
     pub fn store(&self, path: &Path) -> Result<(), StateError> {
+        self.store_journaled(path, None)
+    }
+
+    /// [`State::store`], with the rename and the directory sync recorded
+    /// in `journal` (see [`crate::disk::DiskOp`]).
+    pub fn store_journaled(
+        &self,
+        path: &Path,
+        journal: Option<&crate::disk::Journal>,
+    ) -> Result<(), StateError> {
         let io = |op| {
             let path = path.to_owned();
             move |source| StateError::Io { path, op, source }
@@ -83,9 +93,14 @@ impl State {
             f.sync_all().map_err(io("fsync"))?;
         }
         std::fs::rename(&tmp, path).map_err(io("rename"))?;
+        crate::disk::record(
+            journal,
+            crate::disk::DiskOp::StateReplaced(text.clone().into_bytes()),
+        );
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io("fsync directory"))?;
+        crate::disk::record(journal, crate::disk::DiskOp::StateDurable);
         Ok(())
     }
 }

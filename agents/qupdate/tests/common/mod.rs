@@ -125,20 +125,31 @@ impl World {
 
     /// A bundle: a boot payload and a root payload with a real verity tree.
     pub fn bundle(&self, signers: &[&PrivateKey], edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+        self.bundle_parts(signers, 0, edit).bundle
+    }
+
+    /// A bundle whose payload bytes depend on `salt` (two releases differ),
+    /// with the payloads as they must land on the disk.
+    pub fn bundle_parts(
+        &self,
+        signers: &[&PrivateKey],
+        salt: u32,
+        edit: impl FnOnce(&mut Manifest),
+    ) -> Parts {
         let d = self.dir.path();
         let boot = d.join("b.img");
         let root = d.join("r.img");
         std::fs::write(
             &boot,
             (0..1_000_000u32)
-                .map(|i| (i % 251) as u8)
+                .map(|i| ((i + salt) % 251) as u8)
                 .collect::<Vec<_>>(),
         )
         .unwrap();
         std::fs::write(
             &root,
             (0..2 * 1024 * 1024u32)
-                .map(|i| (i % 253) as u8)
+                .map(|i| ((i + salt) % 253) as u8)
                 .collect::<Vec<_>>(),
         )
         .unwrap();
@@ -193,6 +204,17 @@ impl World {
             ],
         )
         .unwrap();
-        out
+        Parts {
+            boot: std::fs::read(d.join("b.img")).unwrap(),
+            root: std::fs::read(d.join("r.img")).unwrap(),
+            bundle: out,
+        }
     }
+}
+
+/// A bundle and the payloads it carries.
+pub struct Parts {
+    pub bundle: Vec<u8>,
+    pub boot: Vec<u8>,
+    pub root: Vec<u8>,
 }
