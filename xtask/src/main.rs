@@ -95,6 +95,8 @@ const HOST_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "ovmf",
     "grub-common",
+    // GRUB's script interpreter, to check the A/B model against (lib/grubenv).
+    "grub-emu",
     "mtools",
     "dosfstools",
     "e2fsprogs",

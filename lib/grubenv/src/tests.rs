@@ -805,3 +805,188 @@ fn script_passes_grub_script_check() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs GRUB itself (grub-emu) on `grub_script()` with `block` as the
+/// grubenv on a FAT image (where `save_env` can write it, as on the ESP).
+/// Returns the slot it boots, the grubenv it leaves and its error lines.
+fn grub_emu_boot(dir: &Path, template: &Path, block: &[u8]) -> (String, Vec<u8>, Vec<String>) {
+    let img = dir.join("esp.img");
+    std::fs::copy(template, &img).unwrap();
+    let env = dir.join("grubenv");
+    std::fs::write(&env, block).unwrap();
+    let mtools = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    let target = std::ffi::OsStr::new("::/EFI/BOOT/grubenv");
+    mtools(&[
+        "mcopy".as_ref(),
+        "-o".as_ref(),
+        "-i".as_ref(),
+        img.as_os_str(),
+        env.as_os_str(),
+        target,
+    ]);
+    let mut child = Command::new("/usr/bin/grub-emu")
+        .arg("-m")
+        .arg(dir.join("device.map"))
+        .args(["-r", "host", "-d"])
+        .arg(dir.join("cfg"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // grub-emu that never reaches `exit` sits at a prompt for ever.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("grub-emu did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    // Its console output is coloured: drop the escape sequences.
+    let mut clean = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            while let Some(d) = chars.next() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            clean.push(c);
+        }
+    }
+    let body: Vec<&str> = clean
+        .lines()
+        .skip_while(|l| *l != "@@BEGIN")
+        .take_while(|l| *l != "@@END")
+        .collect();
+    assert!(body.len() > 1, "grub-emu: {clean}");
+    let errors = body
+        .iter()
+        .filter(|l| l.starts_with("error:"))
+        .map(|l| (*l).to_owned())
+        .collect();
+    let slot = body
+        .iter()
+        .find_map(|l| l.strip_prefix("A/B: booting slot "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no slot in: {body:?}"))
+        .to_owned();
+    let back = dir.join("grubenv.after");
+    mtools(&[
+        "mcopy".as_ref(),
+        "-o".as_ref(),
+        "-i".as_ref(),
+        img.as_os_str(),
+        target,
+        back.as_os_str(),
+    ]);
+    (slot, std::fs::read(&back).unwrap(), errors)
+}
+
+/// The model the crash-consistency suite decides with
+/// ([`BootState::spend_try`], else [`BootState::fallback`]; an unreadable
+/// environment boots A) is what GRUB itself does: grub-emu runs the
+/// script over a sample of states, and the slot it boots and the
+/// grubenv it writes back must be the model's.
+#[test]
+fn grub_itself_boots_what_the_model_says() {
+    const EMU: &str = "/usr/bin/grub-emu";
+    assert!(
+        Path::new(EMU).exists(),
+        "{EMU} is missing: install it with `apt-get install -y grub-emu`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("fragment.cfg"), grub_script()).unwrap();
+    std::fs::create_dir(d.join("cfg")).unwrap();
+    std::fs::write(
+        d.join("cfg/grub.cfg"),
+        format!(
+            "set enable_progress_indicator=0\nset pager=0\nset root=hd0\n\
+             set prefix=(hd0)/EFI/BOOT\necho \"@@BEGIN\"\nsource (host){}\n\
+             echo \"@@END\"\nexit\n",
+            d.join("fragment.cfg").display()
+        ),
+    )
+    .unwrap();
+    let template = d.join("template.img");
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    let t = template.to_str().unwrap();
+    run(&["mkfs.vfat", "-C", t, "2048"]);
+    run(&["mmd", "-i", t, "::/EFI", "::/EFI/BOOT"]);
+    std::fs::write(
+        d.join("device.map"),
+        format!("(hd0) {}\n", d.join("esp.img").display()),
+    )
+    .unwrap();
+
+    let mut checked = 0;
+    for order in [vec![A, B], vec![B, A]] {
+        for a in [(false, 0), (false, 1), (false, 9), (true, 0), (true, 2)] {
+            for b in [(false, 0), (false, 1), (false, 3), (true, 0)] {
+                let state = BootState {
+                    order: order.clone(),
+                    a: SlotState {
+                        ok: a.0,
+                        tries: a.1,
+                    },
+                    b: SlotState {
+                        ok: b.0,
+                        tries: b.1,
+                    },
+                };
+                let mut env = Env::new();
+                state.apply_to(&mut env).unwrap();
+                let (slot, after, errors) = grub_emu_boot(d, &template, &env.to_block().unwrap());
+                assert!(errors.is_empty(), "{state:?}: {errors:?}");
+                let mut model = state.clone();
+                let expected = model.spend_try().unwrap_or_else(|| model.fallback());
+                assert_eq!(slot, expected.to_string(), "{state:?}");
+                let after = BootState::from_env(&Env::parse(&after).unwrap()).unwrap();
+                assert_eq!(after, model, "grubenv after booting {state:?}");
+                checked += 1;
+            }
+        }
+    }
+    // An environment GRUB cannot load, or whose values name nothing: A,
+    // and the block is left as it was.
+    let mut odd = Env::new();
+    odd.set(SLOT_ORDER, "C D").unwrap();
+    odd.set("A_OK", "yes").unwrap();
+    let mut garbage = [b'x'; BLOCK_SIZE];
+    garbage[..7].copy_from_slice(b"garbage");
+    for (block, error) in [
+        (odd.to_block().unwrap(), None),
+        (garbage, Some("invalid environment block")),
+    ] {
+        let (slot, after, errors) = grub_emu_boot(d, &template, &block);
+        match error {
+            None => assert!(errors.is_empty(), "{errors:?}"),
+            Some(e) => assert!(errors.iter().any(|l| l.contains(e)), "{errors:?}"),
+        }
+        assert_eq!(slot, "A");
+        assert_eq!(after, block.to_vec());
+        checked += 1;
+    }
+    assert_eq!(checked, 42);
+}
