@@ -858,7 +858,7 @@ fn grub_emu_boot(dir: &Path, template: &Path, block: &[u8]) -> (String, Vec<u8>,
     while let Some(c) = chars.next() {
         if c == '\x1b' && chars.peek() == Some(&'[') {
             chars.next();
-            while let Some(d) = chars.next() {
+            for d in chars.by_ref() {
                 if d.is_ascii_alphabetic() {
                     break;
                 }
