@@ -37,6 +37,7 @@ pub const ALL: &[Scenario] = &[
     update::UPDATE,
     update::ROLLBACK,
     update::POWER_CUT,
+    update::POWER_CUTS,
     hcl::HCL,
 ];
 

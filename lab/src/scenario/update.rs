@@ -22,6 +22,12 @@ pub const ROLLBACK: Scenario = Scenario {
     run: rollback,
 };
 
+pub const POWER_CUTS: Scenario = Scenario {
+    name: "power-cuts",
+    about: "eighteen power cuts at chosen points of an apply, after its activation and around the next boot's mark-good",
+    run: power_cuts,
+};
+
 pub const POWER_CUT: Scenario = Scenario {
     name: "power-cut",
     about: "power cut at 30% of an apply: A still boots, the same apply then succeeds",
@@ -152,6 +158,112 @@ fn power_cut(ctx: &mut Ctx<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The points of an apply the `power-cuts` scenario pulls the plug at: a
+/// phase and a percentage of it, reached or passed. The exhaustive host
+/// check (`agents/qupdate/tests/crash.rs`) covers every write; these are
+/// the same moments on real QEMU, page cache and virtio disk included.
+/// None is later than 70 % of the read-back: a cut there could land after
+/// the activation, and the boot would rightly be B's.
+const CUT_POINTS: &[(&str, u8)] = &[
+    ("write", 0),
+    ("write", 10),
+    ("write", 20),
+    ("write", 30),
+    ("write", 40),
+    ("write", 50),
+    ("write", 60),
+    ("write", 70),
+    ("write", 80),
+    ("write", 90),
+    ("verify", 0),
+    ("verify", 10),
+    ("verify", 30),
+    ("verify", 50),
+    ("verify", 70),
+];
+
+/// A shell test that the apply's log shows `phase` at `pct` % or past it
+/// (progress lines come every 10 %, and a line may be skipped).
+fn reached(phase: &str, pct: u8) -> String {
+    let later = if phase == "write" {
+        " || $2 == \"verify\""
+    } else {
+        ""
+    };
+    format!(
+        "awk '$1 == \"qupdate:\" {{ p = $3; sub(\"%\", \"\", p); \
+         if (($2 == \"{phase}\" && p + 0 >= {pct}){later}) f = 1 }} END {{ exit !f }}' {APPLY_LOG}"
+    )
+}
+
+/// Starts the apply in the background and cuts the power once its log
+/// shows `phase` at `pct` %; then A must boot, good, with B not bootable.
+fn cut_during_apply(ctx: &mut Ctx<'_>, phase: &str, pct: u8) -> Result<()> {
+    let apply = apply_command(&ctx.payload("next")?, &format!(" >{APPLY_LOG} 2>&1"));
+    ctx.sh(&format!("rm -f {APPLY_LOG}"))?;
+    ctx.spawn(&format!("{apply}; echo \"{APPLY_ENDED}$?\" >>{APPLY_LOG}"))?;
+    let t = ctx.timeouts.apply;
+    ctx.sh_within(
+        &format!(
+            "until {}; do \
+             if grep -q '{APPLY_ENDED}' {APPLY_LOG} 2>/dev/null; then cat {APPLY_LOG}; exit 1; fi; \
+             sleep 0.1; done",
+            reached(phase, pct)
+        ),
+        t,
+    )
+    .with_context(|| format!("the apply ended before {phase} {pct}%"))?;
+    ctx.power_cut()?;
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains("slot=A"), "cut at {phase} {pct}%: {line}");
+    let st = ctx.sh("qupdate status --json")?;
+    ensure!(
+        slot_state(&st, "B") != "bootable" && slot_state(&st, "B") != "good",
+        "cut at {phase} {pct}%: B must not boot: {st}"
+    );
+    ensure!(
+        slot_state(&st, "A") == "good",
+        "cut at {phase} {pct}%: {st}"
+    );
+    Ok(())
+}
+
+fn power_cuts(ctx: &mut Ctx<'_>) -> Result<()> {
+    let image = ctx.image;
+    ctx.boot(image)?;
+    ctx.wait_ready()?;
+    for &(phase, pct) in CUT_POINTS {
+        cut_during_apply(ctx, phase, pct)?;
+    }
+    let cuts = CUT_POINTS.len();
+    // Right after the activation: B is durable as the next boot's slot.
+    let apply = apply_command(&ctx.payload("next")?, "");
+    let t = ctx.timeouts.apply;
+    let out = ctx.sh_within(&apply, t)?;
+    ensure!(out.contains(APPLIED), "{out}");
+    ctx.power_cut()?;
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains(READY_B), "cut after the activation: {line}");
+    // At B's ready marker, while its mark-good may be under way: either
+    // way the next boot comes up, on B still on trial or B good.
+    ctx.power_cut()?;
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains(READY_B), "cut at B's mark-good: {line}");
+    let st = ctx.wait_status(Duration::from_secs(120), |s| slot_state(s, "B") == "good")?;
+    ensure!(compact(&st).contains("\"booted\":\"B\""), "{st}");
+    // And once B is good, a cut at the very next ready marker changes
+    // nothing.
+    ctx.power_cut()?;
+    let line = ctx.wait_ready()?;
+    ensure!(line.contains(READY_B), "cut after mark-good: {line}");
+    ctx.note(format!(
+        "power-cuts: {} cuts, every boot came up on a whole slot",
+        cuts + 3
+    ));
+    ctx.target.power_off()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +274,29 @@ mod tests {
             r#"{"slots": [{"slot": "A", "state": "good"}, {"slot": "B", "state": "bootable"}]}"#;
         assert_eq!(slot_state(st, "A"), "good");
         assert_eq!(slot_state(st, "B"), "bootable");
+    }
+
+    /// The cut test reads the progress lines as the CLI prints them.
+    #[test]
+    fn the_cut_points_are_read_from_progress_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("apply.log");
+        let check = |phase: &str, pct: u8| {
+            let cmd = reached(phase, pct).replace(APPLY_LOG, log.to_str().unwrap());
+            std::process::Command::new("sh")
+                .args(["-c", &cmd])
+                .status()
+                .unwrap()
+                .success()
+        };
+        std::fs::write(
+            &log,
+            "qupdate: through qupdated\nqupdate: write 0%\nqupdate: write 40%\n",
+        )
+        .unwrap();
+        assert!(check("write", 0) && check("write", 30) && check("write", 40));
+        assert!(!check("write", 50) && !check("verify", 0));
+        std::fs::write(&log, "qupdate: write 90%\nqupdate: verify 10%\n").unwrap();
+        assert!(check("write", 100) && check("verify", 10) && !check("verify", 20));
     }
 }
