@@ -851,13 +851,20 @@ fn compose_root(
         .as_bytes(),
         "generated",
     )?;
+    // The accounts the daemons switch to and the bus's policy names: one
+    // table (qcontract::accounts), so a uid here is the uid there.
     tree.write(
         "/etc/passwd",
         0o644,
-        b"root:x:0:0:root:/root:/bin/sh\n",
+        qcontract::accounts::render_passwd().as_bytes(),
         "generated",
     )?;
-    tree.write("/etc/group", 0o644, b"root:x:0:\n", "generated")?;
+    tree.write(
+        "/etc/group",
+        0o644,
+        qcontract::accounts::render_group().as_bytes(),
+        "generated",
+    )?;
     if !profile.update.trusted_keys.is_empty() {
         let mut keys = Vec::new();
         for k in &profile.update.trusted_keys {

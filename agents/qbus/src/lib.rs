@@ -1,19 +1,26 @@
-//! The dom0 system bus.
+//! The dom0 system bus: busd's broker, with the policy busd lacks.
 //!
-//! busd (zbus's broker) parses dbus-daemon policy files but does not
-//! enforce them yet, so access control is the socket itself: it is created
-//! mode 0600, owned by root, and only root can connect. Every agent API on
-//! it (`org.qubesos.Update1`, `org.qubesos.Domains1`) is therefore root
-//! only, which is what dom0 needs; a non-root client would need policy
-//! enforcement first (see docs/services.md).
+//! busd (zbus's broker) routes messages, keeps the name registry and
+//! delivers a reply only to the call it answers, but it does not enforce
+//! dbus-daemon `<policy>`. qbus puts a policy layer in front of it rather
+//! than write a broker of its own: it accepts each client itself, reads
+//! the client's uid from `SO_PEERCRED`, and hands busd a socket whose
+//! halves check [`policy`] on every message in and every signal out (see
+//! [`socket`]). Who may own and call what is `qcontract::bus`, the table
+//! the agents check their callers against too. busd's own listener is
+//! bound on a private path that is unlinked at once, so no client reaches
+//! busd but through the policy. The socket is mode 0666, as a system bus
+//! is: the policy, not the file mode, decides.
 
-use std::os::unix::fs::PermissionsExt;
+pub mod policy;
+pub mod socket;
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-/// Where clients find the system bus (the freedesktop default).
-pub const SYSTEM_BUS_SOCKET: &str = "/run/dbus/system_bus_socket";
+pub use qcontract::bus::SYSTEM_BUS_SOCKET;
 
 /// The bus's GUID: 128 random bits in hex. It identifies the server and
 /// is no secret (dbus-daemon reads it from /dev/urandom without waiting),
@@ -34,10 +41,12 @@ fn server_guid() -> std::io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A bound, root-only bus ready to run.
+/// A bound bus ready to run.
 pub struct SystemBus {
     bus: busd::bus::Bus,
+    listener: tokio::net::UnixListener,
     path: PathBuf,
+    next_id: usize,
 }
 
 impl std::fmt::Debug for SystemBus {
@@ -48,39 +57,60 @@ impl std::fmt::Debug for SystemBus {
     }
 }
 
+/// Removes `path` if it is there.
+fn remove_stale(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+}
+
 impl SystemBus {
-    /// Binds the bus at `path`. The umask keeps group and others out from
-    /// the moment the socket exists, so there is no window where they can
-    /// connect.
+    /// Binds the bus at `path` (in a directory the caller may write).
     pub async fn bind(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
-        }
+        let dir = path
+            .parent()
+            .with_context(|| format!("{}: a socket path needs a directory", path.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        remove_stale(path)?;
         let guid = server_guid().context("making the bus's GUID")?;
+
+        // busd must listen somewhere; it listens where only this process
+        // can reach, for as long as it takes to bind, and the name goes
+        // at once: from then on clients come only through `run`.
+        let private = dir.join(format!(".qbus-{}", &guid[..16]));
+        let _ = std::fs::remove_dir_all(&private);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .with_context(|| format!("creating {}", private.display()))?;
+        let inner = private.join("busd");
+        let bus = busd::bus::Bus::for_address(Some(&format!(
+            "unix:path={},guid={guid}",
+            inner.display()
+        )))
+        .await;
+        let removed = std::fs::remove_dir_all(&private);
+        let bus = bus.with_context(|| format!("starting busd at {}", inner.display()))?;
+        removed.with_context(|| format!("removing {}", private.display()))?;
+
+        // The umask keeps everyone else out until the socket is complete;
+        // then it opens to all, and the policy decides.
         let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-        let bus =
-            busd::bus::Bus::for_address(Some(&format!("unix:path={},guid={guid}", path.display())))
-                .await;
+        let listener = std::os::unix::net::UnixListener::bind(path);
         rustix::process::umask(old);
-        let bus = bus.with_context(|| format!("binding the bus at {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        let listener =
+            listener.with_context(|| format!("binding the bus at {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
             .with_context(|| format!("chmod {}", path.display()))?;
-        let mode = std::fs::metadata(path)
-            .with_context(|| format!("stat {}", path.display()))?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode != 0o600 {
-            bail!("{}: socket mode is {mode:o}, expected 600", path.display());
-        }
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
         Ok(Self {
             bus,
+            listener,
             path: path.to_owned(),
+            next_id: 0,
         })
     }
 
@@ -88,15 +118,50 @@ impl SystemBus {
         format!("unix:path={}", self.path.display())
     }
 
-    /// Serves clients until an error.
+    /// Serves clients until an error of the listener.
     pub async fn run(&mut self) -> Result<()> {
-        self.bus.run().await
+        loop {
+            let (stream, _) = self
+                .listener
+                .accept()
+                .await
+                .with_context(|| format!("accepting on {}", self.path.display()))?;
+            self.next_id += 1;
+            let id = self.next_id;
+            let peers = self.bus.peers().clone();
+            let guid = self.bus.guid().clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve(stream, id, peers, guid).await {
+                    eprintln!(":busd.{id}: {e:#}");
+                }
+            });
+        }
     }
 
     /// Removes the socket.
-    pub async fn cleanup(self) -> Result<()> {
-        self.bus.cleanup().await
+    pub fn cleanup(self) -> Result<()> {
+        remove_stale(&self.path)
     }
+}
+
+/// Hands one accepted client to busd through the policy's socket halves.
+async fn serve(
+    stream: tokio::net::UnixStream,
+    id: usize,
+    peers: std::sync::Arc<busd::peers::Peers>,
+    guid: zbus::OwnedGuid,
+) -> Result<()> {
+    let (peer, split) = socket::split(stream, id, peers.clone())?;
+    peers
+        .add(
+            &guid,
+            id,
+            zbus::connection::Builder::socket(split),
+            zbus::connection::AuthMechanism::External,
+            busd::peer::SEND_TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("uid {} pid {}: connection refused", peer.uid, peer.pid))
 }
 
 #[cfg(test)]
@@ -107,48 +172,5 @@ mod guid_tests {
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
         assert_ne!(a, super::server_guid().unwrap());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn root_only_socket_that_answers_dbus_calls() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("dbus/system_bus_socket");
-        let mut bus = SystemBus::bind(&path).await.unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let address = bus.address();
-        let server = tokio::spawn(async move {
-            let _ = bus.run().await;
-        });
-        let conn = zbus::connection::Builder::address(address.as_str())
-            .build()
-            .await
-            .unwrap();
-        let proxy = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
-        let names = proxy.list_names().await.unwrap();
-        assert!(names.iter().any(|n| n.as_str() == "org.freedesktop.DBus"));
-        conn.request_name("org.qubesos.Test1").await.unwrap();
-        let names = proxy.list_names().await.unwrap();
-        assert!(names.iter().any(|n| n.as_str() == "org.qubesos.Test1"));
-
-        // Anyone but root is refused at connect(2).
-        for d in [dir.path(), path.parent().unwrap()] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"])
-            .arg(format!(
-                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect({:?})\nexcept PermissionError:\n sys.exit(13)\n",
-                path.display().to_string()
-            ))
-            .status()
-            .expect("setpriv (util-linux) and /usr/bin/python3 (python3-minimal) are needed");
-        assert_eq!(out.code(), Some(13), "a non-root client could connect");
-        server.abort();
     }
 }

@@ -5,11 +5,15 @@
 //!   result shows in `StateChanged` and `List`;
 //! - signal `StateChanged(s name, s state, u domid)`.
 //!
-//! Root only: the bus socket is root-only and each call's uid is checked.
+//! Who may own and call it is `qcontract::bus::DOMAINS1` (root only): the
+//! bus enforces it (agents/qbus) and each call's uid is checked against it
+//! again.
 
-pub const BUS_NAME: &str = "org.qubesos.Domains1";
-pub const OBJECT_PATH: &str = "/org/qubesos/Domains1";
-pub const INTERFACE: &str = "org.qubesos.Domains1";
+use qcontract::bus::DOMAINS1;
+
+pub const BUS_NAME: &str = DOMAINS1.name;
+pub const OBJECT_PATH: &str = DOMAINS1.path;
+pub const INTERFACE: &str = DOMAINS1.name;
 
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.qubesos.Domains1.Error")]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use qdomd::daemon::{Daemon, Shared};
-use qdomd::dbus::{Domains1Proxy, BUS_NAME, OBJECT_PATH};
+use qdomd::dbus::{Domains1Proxy, DomainsError, BUS_NAME, OBJECT_PATH};
 use qdomd::definition;
 use qdomd::service::DomainsService;
 
@@ -85,6 +85,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// An error of the service as its user should read it. The derived text
+/// of a zbus error is its generic name alone; the bus's refusals
+/// (`AccessDenied: uid 65534 may not call ...`) are in zbus's own text.
+fn said(e: DomainsError) -> anyhow::Error {
+    match e {
+        // zbus's text of a standard error repeats its source's: once.
+        DomainsError::ZBus(zbus::Error::FDO(f)) => (*f).into(),
+        DomainsError::ZBus(z) => z.into(),
+        other => other.into(),
+    }
+}
+
 /// Polls the domain list until `name` is ready. A domain that is not
 /// defined is an error at once; one that fails and restarts is waited for.
 async fn wait_ready(
@@ -95,7 +107,7 @@ async fn wait_ready(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let list = proxy.list().await.context("qdomd")?;
+        let list = proxy.list().await.map_err(said).context("qdomd")?;
         let Some((_, state, _)) = list.iter().find(|(n, _, _)| n == name) else {
             anyhow::bail!("no domain named {name:?} is defined");
         };
@@ -148,8 +160,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let proxy = Domains1Proxy::new(&conn).await?;
     match (cli.command, name) {
         (Cmd::List, _) => {
+            let list = proxy.list().await.map_err(said).context("qdomd")?;
             println!("{:<20} {:<10} {:>5}", "NAME", "STATE", "DOMID");
-            for (name, state, domid) in proxy.list().await.context("qdomd")? {
+            for (name, state, domid) in list {
                 let id = if domid == 0 {
                     "-".into()
                 } else {
@@ -158,9 +171,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{name:<20} {state:<10} {id:>5}");
             }
         }
-        (Cmd::Start { .. }, Some(n)) => proxy.start(&n).await.context("qdomd")?,
-        (Cmd::Shutdown { .. }, Some(n)) => proxy.shutdown(&n).await.context("qdomd")?,
-        (Cmd::Kill { .. }, Some(n)) => proxy.kill(&n).await.context("qdomd")?,
+        (Cmd::Start { .. }, Some(n)) => proxy.start(&n).await.map_err(said).context("qdomd")?,
+        (Cmd::Shutdown { .. }, Some(n)) => {
+            proxy.shutdown(&n).await.map_err(said).context("qdomd")?
+        }
+        (Cmd::Kill { .. }, Some(n)) => proxy.kill(&n).await.map_err(said).context("qdomd")?,
         (Cmd::WaitReady { timeout, .. }, Some(n)) => {
             wait_ready(&proxy, &n, Duration::from_secs(timeout)).await?;
             println!("{n} is ready");

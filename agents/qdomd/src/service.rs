@@ -10,26 +10,23 @@ use zbus::object_server::SignalEmitter;
 use zbus::Connection;
 
 use crate::daemon::{Request, Shared};
-use crate::dbus::{DomainsError, INTERFACE};
+use qcontract::bus::DOMAINS1;
+
+use crate::dbus::DomainsError;
 
 #[derive(Debug)]
 pub struct DomainsService {
-    uid: u32,
     shared: Arc<Mutex<Shared>>,
     requests: mpsc::UnboundedSender<Request>,
 }
 
 impl DomainsService {
     pub fn new(shared: Arc<Mutex<Shared>>, requests: mpsc::UnboundedSender<Request>) -> Self {
-        Self {
-            uid: qagent::peer::own_uid(),
-            shared,
-            requests,
-        }
+        Self { shared, requests }
     }
 
     async fn authorize(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), DomainsError> {
-        qagent::peer::authorize(conn, hdr, self.uid, INTERFACE)
+        qagent::peer::authorize(conn, hdr, &DOMAINS1)
             .await
             .map_err(|e| DomainsError::AccessDenied(e.to_string()))
     }
@@ -115,4 +112,24 @@ impl DomainsService {
         state: &str,
         domid: u32,
     ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// zbus takes the interface's name as a literal; it must be the
+    /// contract's, which the bus enforces.
+    #[test]
+    fn the_interface_is_the_contracts() {
+        use zbus::object_server::Interface;
+        use zbus::proxy::Defaults;
+        assert_eq!(DomainsService::name().as_str(), DOMAINS1.name);
+        let proxy = crate::dbus::Domains1Proxy::INTERFACE.as_ref();
+        assert_eq!(proxy.map(|i| i.as_str()), Some(DOMAINS1.name));
+        let dest = crate::dbus::Domains1Proxy::DESTINATION.as_ref();
+        assert_eq!(dest.map(|d| d.as_str()), Some(DOMAINS1.name));
+        let path = crate::dbus::Domains1Proxy::PATH.as_ref();
+        assert_eq!(path.map(|p| p.as_str()), Some(DOMAINS1.path));
+    }
 }

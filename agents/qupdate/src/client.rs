@@ -14,9 +14,13 @@ pub enum ClientError {
     #[error("starting the D-Bus client")]
     Runtime(#[source] std::io::Error),
     #[error("system bus")]
-    Bus(#[from] zbus::Error),
+    Bus(#[source] zbus::Error),
+    /// An error reply with a standard name: the bus's refusals, or the
+    /// service's own `AccessDenied` of a property read.
+    #[error("system bus")]
+    Refused(#[source] zbus::fdo::Error),
     #[error("qupdated")]
-    Service(#[from] ServiceError),
+    Service(#[source] ServiceError),
     /// The service's `Completed` said no; `chain` is its whole cause chain.
     #[error("{chain}")]
     ApplyFailed { id: u64, chain: String },
@@ -34,6 +38,29 @@ pub enum ClientError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// A standard error reply is said once, with its reason (zbus's text of
+/// one repeats its source's).
+impl From<zbus::Error> for ClientError {
+    fn from(e: zbus::Error) -> Self {
+        match e {
+            zbus::Error::FDO(f) => Self::Refused(*f),
+            other => Self::Bus(other),
+        }
+    }
+}
+
+/// A zbus error the service's error type wraps is the bus's: it is said as
+/// zbus says it (the bus's refusals carry their reason there), not by the
+/// derived generic name.
+impl From<ServiceError> for ClientError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::ZBus(z) => z.into(),
+            other => Self::Service(other),
+        }
+    }
 }
 
 /// A connection to a running `qupdated`.

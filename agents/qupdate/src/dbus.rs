@@ -16,12 +16,15 @@
 //! - Signal `Completed(t id, b success, s result)`: the JSON of the install
 //!   on success, the error on failure.
 //!
-//! Only callers with the service's own uid (root) get an answer; the bus
-//! socket is root-only as well (agents/qbus).
+//! Who may own and call it is `qcontract::bus::UPDATE1` (root only): the
+//! bus enforces it (agents/qbus) and the service checks every call and
+//! property read against it again.
 
-pub const BUS_NAME: &str = "org.qubesos.Update1";
-pub const OBJECT_PATH: &str = "/org/qubesos/Update1";
-pub const INTERFACE: &str = "org.qubesos.Update1";
+use qcontract::bus::UPDATE1;
+
+pub const BUS_NAME: &str = UPDATE1.name;
+pub const OBJECT_PATH: &str = UPDATE1.path;
+pub const INTERFACE: &str = UPDATE1.name;
 
 /// Errors on the bus: `org.qubesos.Update1.Error.<Variant>`.
 #[derive(Debug, zbus::DBusError)]

@@ -129,6 +129,8 @@ pub enum UpdateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the bundle's file type (fstat)")]
+    StatBundle(#[source] std::io::Error),
     #[error("opening bundle {path}")]
     OpenBundle {
         path: PathBuf,
@@ -425,16 +427,19 @@ impl Updater {
 
     /// Installs a bundle into the inactive slot. On any error the running
     /// slot stays the boot default and the target slot stays unbootable.
-    /// The bundle is a file or a pipe: each read waits at most
-    /// `opts.stall_timeout` for data.
+    /// The bundle is a file, a pipe or a block device: each read waits at
+    /// most `opts.stall_timeout` for data. A file or a pipe must end where
+    /// the bundle ends; a block device (a USB stick written with `dd`)
+    /// holds whatever follows, and is read only up to the bundle's length.
     pub fn apply<R: Read + std::os::fd::AsFd>(
         &mut self,
         bundle: R,
         opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, UpdateError> {
+        let end = BundleEnd::of(bundle.as_fd()).map_err(UpdateError::StatBundle)?;
         let mut bundle = stall::StallGuard::new(bundle, opts.stall_timeout);
-        let result = self.apply_inner(&mut bundle, opts, progress);
+        let result = self.apply_inner(&mut bundle, end, opts, progress);
         let recorded = self.lock(Lock::State).and_then(|_held| {
             let mut state = State::load(&self.cfg.state)?;
             state.last_error = result.as_ref().err().map(|e| qcontract::error_chain(e));
@@ -455,6 +460,7 @@ impl Updater {
     fn apply_inner<R: Read>(
         &mut self,
         bundle: &mut R,
+        end: BundleEnd,
         opts: &ApplyOptions,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Applied, UpdateError> {
@@ -530,7 +536,9 @@ impl Updater {
             })?;
             base += p.size;
         }
-        qbundle::expect_end(bundle)?;
+        if end == BundleEnd::Stream {
+            qbundle::expect_end(bundle)?;
+        }
         self.disk.file.sync_all().map_err(self.io("fsync"))?;
 
         // Read back what the disk now holds; only that counts. The cached
@@ -715,6 +723,27 @@ impl Updater {
 }
 
 /// Convenience for callers that hold a path to a bundle file.
+/// Where a bundle source ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BundleEnd {
+    /// A file or a pipe: the bundle is all of it, and a byte after the last
+    /// payload is refused.
+    Stream,
+    /// A block device: the bundle is its start, and the rest of the device
+    /// (padding, or an older, longer bundle) is never read.
+    Device,
+}
+
+impl BundleEnd {
+    fn of(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Self> {
+        let st = rustix::fs::fstat(fd)?;
+        Ok(match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+            rustix::fs::FileType::BlockDevice => Self::Device,
+            _ => Self::Stream,
+        })
+    }
+}
+
 pub fn open_bundle(path: &Path) -> Result<std::fs::File, UpdateError> {
     std::fs::File::open(path).map_err(|source| UpdateError::OpenBundle {
         path: path.to_owned(),

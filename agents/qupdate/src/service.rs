@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use qcontract::bus::UPDATE1;
 use qcontract::error_chain;
 use zbus::message::Header;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
@@ -54,8 +55,6 @@ struct Shared {
 #[derive(Debug)]
 pub struct UpdateService {
     cfg: Config,
-    /// Only this uid may call (the service's own: root in dom0).
-    uid: u32,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -87,7 +86,6 @@ impl UpdateService {
     pub fn new(cfg: Config) -> Self {
         Self {
             cfg,
-            uid: qagent::peer::own_uid(),
             shared: Arc::new(Mutex::new(Shared {
                 applying: false,
                 short: None,
@@ -100,9 +98,16 @@ impl UpdateService {
     }
 
     async fn authorize(&self, conn: &Connection, hdr: &Header<'_>) -> Result<(), ServiceError> {
-        qagent::peer::authorize(conn, hdr, self.uid, crate::dbus::INTERFACE)
+        qagent::peer::authorize(conn, hdr, &UPDATE1)
             .await
             .map_err(|e| ServiceError::AccessDenied(e.to_string()))
+    }
+
+    /// A property read's caller check (see `qagent::peer::authorize_property`).
+    async fn authorize_read(conn: &Connection, hdr: Option<&Header<'_>>) -> zbus::fdo::Result<()> {
+        qagent::peer::authorize_property(conn, hdr, &UPDATE1)
+            .await
+            .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))
     }
 
     /// Claims the service for a short operation (mark-good, rollback),
@@ -348,24 +353,39 @@ impl UpdateService {
     /// The short operation under way if there is one, else `apply` while
     /// one runs, else `idle`.
     #[zbus(property)]
-    fn operation(&self) -> String {
+    async fn operation(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        Self::authorize_read(conn, hdr.as_ref()).await?;
         let s = lock(&self.shared);
         let op = match (s.short, s.applying) {
             (Some(op), _) => op,
             (None, true) => Operation::Apply,
             (None, false) => Operation::Idle,
         };
-        op.as_str().to_owned()
+        Ok(op.as_str().to_owned())
     }
 
     #[zbus(property)]
-    fn progress(&self) -> (String, u64, u64) {
-        lock(&self.shared).progress.clone()
+    async fn progress(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<(String, u64, u64)> {
+        Self::authorize_read(conn, hdr.as_ref()).await?;
+        Ok(lock(&self.shared).progress.clone())
     }
 
     #[zbus(property)]
-    fn last_error(&self) -> String {
-        lock(&self.shared).last_error.clone()
+    async fn last_error(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        Self::authorize_read(conn, hdr.as_ref()).await?;
+        Ok(lock(&self.shared).last_error.clone())
     }
 
     /// The JSON of `qupdate status --json`. While a short operation holds
@@ -376,11 +396,7 @@ impl UpdateService {
         #[zbus(header)] hdr: Option<Header<'_>>,
         #[zbus(connection)] conn: &Connection,
     ) -> zbus::fdo::Result<String> {
-        if let Some(hdr) = &hdr {
-            self.authorize(conn, hdr)
-                .await
-                .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))?;
-        }
+        Self::authorize_read(conn, hdr.as_ref()).await?;
         let mut cfg = self.cfg.clone();
         cfg.lock_wait = STATUS_LOCK_WAIT;
         let fresh = blocking(move || Updater::open(cfg)?.status()).await;
@@ -405,4 +421,24 @@ impl UpdateService {
         success: bool,
         result: &str,
     ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// zbus takes the interface's name as a literal; it must be the
+    /// contract's, which the bus enforces.
+    #[test]
+    fn the_interface_is_the_contracts() {
+        use zbus::object_server::Interface;
+        use zbus::proxy::Defaults;
+        assert_eq!(UpdateService::name().as_str(), UPDATE1.name);
+        let proxy = crate::dbus::Update1Proxy::INTERFACE.as_ref();
+        assert_eq!(proxy.map(|i| i.as_str()), Some(UPDATE1.name));
+        let dest = crate::dbus::Update1Proxy::DESTINATION.as_ref();
+        assert_eq!(dest.map(|d| d.as_str()), Some(UPDATE1.name));
+        let path = crate::dbus::Update1Proxy::PATH.as_ref();
+        assert_eq!(path.map(|p| p.as_str()), Some(UPDATE1.path));
+    }
 }

@@ -238,6 +238,16 @@ fn bad_bundles_leave_slot_a_the_default_and_untouched() {
             )
         }),
         (
+            "trailing bytes in a file",
+            [good.as_slice(), &[0u8; 512]].concat(),
+            |e| {
+                matches!(
+                    e,
+                    UpdateError::Bundle(qbundle::BundleError::TrailingData(_))
+                )
+            },
+        ),
+        (
             "wrong compatible",
             w.bundle(&[&w.key], |m| m.compatible = "other-product".into()),
             |e| matches!(e, UpdateError::Incompatible { .. }),
@@ -289,6 +299,64 @@ fn bad_bundles_leave_slot_a_the_default_and_untouched() {
         "{err:?}"
     );
     apply(&w, Slot::A, &w.bundle(&[&w.key, &second], |_| {})).unwrap();
+}
+
+/// A loop device over `file`, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Loop {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "a block device test attaches a loop device: run as root"
+        );
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(file)
+            .output()
+            .expect("util-linux losetup is needed");
+        assert!(out.status.success(), "losetup: {out:?}");
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["--detach", &self.0])
+            .status();
+    }
+}
+
+/// `qupdate apply /dev/sdX` of a USB stick written with `dd`: the device
+/// holds the bundle and then whatever was there (here bytes that are not
+/// zero), and the apply stops at the bundle's own length.
+#[test]
+fn a_bundle_on_a_block_device_ends_at_its_own_length() {
+    let w = world();
+    let good = w.bundle(&[&w.key], |_| {});
+    let stick = w.dir.path().join("stick.img");
+    let mut bytes = good.clone();
+    // Padding to a whole number of sectors and a MiB more, none of it zero.
+    bytes.resize(good.len().next_multiple_of(512) + (1 << 20), 0xa5);
+    std::fs::write(&stick, &bytes).unwrap();
+    let dev = Loop::attach(&stick);
+    let file = qupdate::open_bundle(std::path::Path::new(&dev.0)).unwrap();
+    let mut u = Updater::open(w.cfg(Slot::A)).unwrap();
+    let applied = u
+        .apply(file, &ApplyOptions::default(), &mut |_| {})
+        .unwrap();
+    assert_eq!(applied.slot, Slot::B);
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+    // The same bytes as a file are refused: a file ends with its bundle.
+    let err = apply(&w, Slot::A, &bytes).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpdateError::Bundle(qbundle::BundleError::TrailingData(_))
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

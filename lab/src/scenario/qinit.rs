@@ -3,7 +3,7 @@
 //! `qinit ctl poweroff` ends the machine. Where the target can choose its
 //! entropy sources (QEMU), all of it runs on a CPU without RDRAND, and a
 //! last boot without any hardware RNG either comes up on the random seed
-//! qinit saved.
+//! qinit saved. The bus refuses a process of another uid.
 
 use std::time::Duration;
 
@@ -47,11 +47,7 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
     ensure!(status.contains("xenstored state=ready"), "{status}");
     ensure!(status.contains("xen-init-dom0 state=done"), "{status}");
     ensure!(status.contains("dbus state=ready"), "{status}");
-    let sock = ctx.sh("stat -c '%a %U' /run/dbus/system_bus_socket")?;
-    ensure!(
-        sock.trim() == "600 root",
-        "system bus socket must be root only: {sock}"
-    );
+    bus_policy(ctx)?;
 
     // Kill xenconsoled behind qinit's back: it is restarted.
     let before = service_line(ctx, "xenconsoled")?;
@@ -112,6 +108,45 @@ fn supervision(ctx: &mut Ctx<'_>) -> Result<()> {
         ensure!(seed.contains(SEED_CREDITED), "without any RNG: {seed}");
         ctx.target.power_off()?;
     }
+    Ok(())
+}
+
+/// The bus runs as `messagebus` with no capability, and a process of
+/// another uid in dom0 can neither take the updater's name nor call the
+/// agents' APIs (docs/services.md, "The system bus").
+fn bus_policy(ctx: &mut Ctx<'_>) -> Result<()> {
+    let sock = ctx.sh("stat -c '%a %U' /run/dbus/system_bus_socket")?;
+    ensure!(sock.trim() == "666 messagebus", "the bus socket: {sock}");
+    let creds = ctx.sh("grep -E '^(Uid|CapEff):' /proc/$(pidof qbus)/status")?;
+    ensure!(
+        creds.contains("Uid:\t101\t101\t101\t101") && creds.contains("CapEff:\t0000000000000000"),
+        "the bus must be messagebus without capabilities: {creds}"
+    );
+    // `su` as root asks for no password; nobody's shell is nologin, so
+    // the command gets busybox's.
+    let as_nobody =
+        |cmd: &str| format!("busybox su -s /usr/bin/sh -c '{cmd}' nobody 2>&1; echo rc=$?");
+    let out = ctx.sh(&as_nobody("qdom list"))?;
+    ensure!(
+        out.contains("uid 65534 may not call org.qubesos.Domains1.List") && !out.contains("rc=0"),
+        "Domains1 as nobody: {out}"
+    );
+    let out = ctx.sh(&as_nobody("qupdate status"))?;
+    ensure!(
+        out.contains("uid 65534 may not call") && !out.contains("rc=0"),
+        "Update1 as nobody: {out}"
+    );
+    let out = ctx.sh(&as_nobody("qupdate service"))?;
+    ensure!(
+        out.contains("uid 65534 may not own org.qubesos.Update1") && !out.contains("rc=0"),
+        "owning Update1 as nobody: {out}"
+    );
+    // The real updater still holds its name and answers root.
+    let status = ctx.sh("qupdate status 2>&1")?;
+    ensure!(
+        status.contains("through qupdated"),
+        "root through the service: {status}"
+    );
     Ok(())
 }
 

@@ -19,10 +19,51 @@ pub enum NotifyError {
 
 /// Sends `READY=1` and a status line, if a supervisor asked for it.
 pub fn ready(status: &str) -> Result<(), NotifyError> {
-    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
-    send_to(&socket, &message(status))
+    Notifier::connect()?.ready(status)
+}
+
+/// The notify socket, connected now and written later: a daemon that
+/// drops its privileges connects first, while it may still reach the
+/// supervisor's socket (the kernel checks the path at connect(2), not at
+/// each send).
+#[derive(Debug)]
+pub struct Notifier {
+    socket: Option<(std::os::unix::net::UnixDatagram, OsString)>,
+}
+
+impl Notifier {
+    /// Connects to `$NOTIFY_SOCKET`; without the variable, a notifier that
+    /// sends nothing.
+    pub fn connect() -> Result<Self, NotifyError> {
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return Ok(Self { socket: None });
+        };
+        Ok(Self {
+            socket: Some((connect(&path)?, path)),
+        })
+    }
+
+    /// Sends `READY=1` and a status line.
+    pub fn ready(&self, status: &str) -> Result<(), NotifyError> {
+        let Some((s, path)) = &self.socket else {
+            return Ok(());
+        };
+        s.send(message(status).as_bytes())
+            .map_err(|source| NotifyError::Send {
+                socket: path.clone(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+fn connect(socket: &OsString) -> Result<std::os::unix::net::UnixDatagram, NotifyError> {
+    let s = std::os::unix::net::UnixDatagram::unbound().map_err(NotifyError::Socket)?;
+    s.connect(socket).map_err(|source| NotifyError::Send {
+        socket: socket.clone(),
+        source,
+    })?;
+    Ok(s)
 }
 
 fn message(status: &str) -> String {
@@ -34,13 +75,13 @@ fn message(status: &str) -> String {
     format!("READY=1\nSTATUS={status}")
 }
 
+#[cfg(test)]
 fn send_to(socket: &OsString, msg: &str) -> Result<(), NotifyError> {
-    let s = std::os::unix::net::UnixDatagram::unbound().map_err(NotifyError::Socket)?;
-    s.send_to(msg.as_bytes(), socket)
-        .map_err(|source| NotifyError::Send {
-            socket: socket.clone(),
-            source,
-        })?;
+    let s = connect(socket)?;
+    s.send(msg.as_bytes()).map_err(|source| NotifyError::Send {
+        socket: socket.clone(),
+        source,
+    })?;
     Ok(())
 }
 

@@ -10,6 +10,8 @@
 //! | the [`paths`] of qinit's files | qimage, qinit | qinit, qupdate, the test tools |
 //! | the kernel [`modules`] load lists | qimage | qinit, qguest |
 //! | Qubes [`vm`] names | domain definitions | qdomd, the Qubes daemons |
+//! | the system [`accounts`] | qimage (`/etc/passwd`) | qbus, the policy in [`bus`] |
+//! | the [`bus`] socket, names and who may use them | qbus, the agents | the agents' clients |
 //!
 //! The root's dm-verity parameters (`root.verity`) are `qverity`'s
 //! `VerityInfo` text form, and the GRUB environment is `grubenv`'s; they
@@ -18,6 +20,8 @@
 //! Nothing here does I/O except reading the files it names; parsing is
 //! strict, and a caller on a security path treats any error as "refuse".
 
+pub mod accounts;
+pub mod bus;
 pub mod cmdline;
 mod image_info;
 pub mod modules;
