@@ -13,8 +13,8 @@ use crate::fsimage::FsImageError;
 /// Partition numbers of the fixed layout (contract in docs/architecture.md).
 pub const PART_ESP: u32 = 1;
 
-/// Where the EFI image, grub.cfg and grubenv live on the ESP.
-pub const ESP_DIR: &str = "/EFI/BOOT";
+/// Where the EFI image, grub.cfg and grubenv's copies live on the ESP.
+pub const ESP_DIR: &str = grubenv::ESP_DIR;
 
 /// Builds `BOOTX64.EFI` with `modules` built in, from the module directory
 /// of the fetched GRUB package, with the prefix on the ESP so GRUB finds

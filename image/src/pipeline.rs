@@ -495,17 +495,21 @@ fn partitions(
         fs::remove_file(&grubenv_path)?;
     }
     env.store_new(&grubenv_path)?;
+    // Both copies of the environment start the same (lib/grubenv).
+    let mut esp_files = vec![
+        (format!("{}/BOOTX64.EFI", grub::ESP_DIR), efi),
+        (format!("{}/grub.cfg", grub::ESP_DIR), grub_cfg),
+    ];
+    for copy in 0..grubenv::COPIES.len() {
+        esp_files.push((grubenv::copy_path(copy), grubenv_path.clone()));
+    }
     let esp = work.join("esp.img");
     fsimage::fat(
         &esp,
         profile.disk.esp_mib,
         "ESP",
         ids.esp_volid,
-        &[
-            (format!("{}/BOOTX64.EFI", grub::ESP_DIR), efi),
-            (format!("{}/grub.cfg", grub::ESP_DIR), grub_cfg),
-            (format!("{}/grubenv", grub::ESP_DIR), grubenv_path),
-        ],
+        &esp_files,
         opts.epoch,
     )?;
 

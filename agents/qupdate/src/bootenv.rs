@@ -1,7 +1,10 @@
-//! The boot state in GRUB's environment block on the ESP, read and written
-//! in place through the file's extents on the raw partition (the way GRUB
-//! itself writes it), so no mount is needed and the file never moves or
-//! changes size. Every write is flushed and read back before it counts.
+//! The boot state in GRUB's environment on the ESP, read and written in
+//! place through the files' extents on the raw partition (the way GRUB
+//! itself writes them), so no mount is needed and no file ever moves or
+//! changes size. The environment is kept in two copies
+//! ([`grubenv::COPIES`]): the first whole one counts, as in GRUB's script,
+//! and every store writes both, the primary first, each flushed and read
+//! back before the next, so a cut anywhere leaves a whole copy.
 
 use std::io::{Seek, SeekFrom, Write};
 
@@ -9,61 +12,105 @@ use grubenv::{BootState, Env};
 
 use crate::disk::Disk;
 
-/// Where GRUB's environment block lives on the ESP (contract).
-pub const GRUBENV_PATH: &str = "/EFI/BOOT/grubenv";
-
 #[derive(Debug, thiserror::Error)]
 pub enum BootEnvError {
-    #[error("locating {GRUBENV_PATH} on the ESP")]
-    Locate(#[source] qfat::Error),
-    #[error("{GRUBENV_PATH} is {0} bytes, not 1024")]
-    Size(u64),
-    #[error("reading {GRUBENV_PATH}")]
-    Read(#[source] qfat::Error),
-    #[error("writing {GRUBENV_PATH}")]
-    Write(#[source] qfat::Error),
+    #[error("locating {path} on the ESP")]
+    Locate {
+        path: String,
+        #[source]
+        source: qfat::Error,
+    },
+    #[error("{path} is {size} bytes, not 1024")]
+    Size { path: String, size: u64 },
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: qfat::Error,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: qfat::Error,
+    },
     #[error("syncing the disk")]
     Sync(#[source] std::io::Error),
-    #[error("{GRUBENV_PATH} is malformed")]
-    Parse(#[source] grubenv::Error),
-    #[error("the new boot state does not make a valid {GRUBENV_PATH}")]
+    #[error("the GRUB environment on the ESP")]
+    NoWholeCopy(#[source] grubenv::NoWholeCopy),
+    #[error("the new boot state does not make a valid GRUB environment")]
     Render(#[source] grubenv::Error),
-    #[error("{GRUBENV_PATH} read back differs from what was written")]
-    Verify,
+    #[error("{path} read back differs from what was written")]
+    Verify { path: String },
 }
 
-/// Reads the environment and the A/B state in it.
-pub fn load(disk: &mut Disk) -> Result<(Env, BootState), BootEnvError> {
-    let ext = qfat::locate(&mut disk.file, disk.esp.offset, disk.esp.size, GRUBENV_PATH)
-        .map_err(BootEnvError::Locate)?;
+/// One copy's location on the ESP.
+fn locate(disk: &mut Disk, copy: usize) -> Result<qfat::FileExtents, BootEnvError> {
+    let path = grubenv::copy_path(copy);
+    let ext =
+        qfat::locate(&mut disk.file, disk.esp.offset, disk.esp.size, &path).map_err(|source| {
+            BootEnvError::Locate {
+                path: path.clone(),
+                source,
+            }
+        })?;
     if ext.size != grubenv::BLOCK_SIZE as u64 {
-        return Err(BootEnvError::Size(ext.size));
+        return Err(BootEnvError::Size {
+            path,
+            size: ext.size,
+        });
     }
-    let bytes =
-        qfat::read_file(&mut disk.file, disk.esp.offset, &ext).map_err(BootEnvError::Read)?;
-    let env = Env::parse(&bytes).map_err(BootEnvError::Parse)?;
-    let state = BootState::from_env(&env).map_err(BootEnvError::Parse)?;
-    Ok((env, state))
+    Ok(ext)
 }
 
-/// Writes `state` into the environment (other variables kept), syncs and
-/// verifies by reading it back.
+/// One copy's bytes, or why they cannot be had.
+fn read_copy(disk: &mut Disk, copy: usize) -> Result<Vec<u8>, BootEnvError> {
+    let ext = locate(disk, copy)?;
+    qfat::read_file(&mut disk.file, disk.esp.offset, &ext).map_err(|source| BootEnvError::Read {
+        path: grubenv::copy_path(copy),
+        source,
+    })
+}
+
+/// Reads the environment and the A/B state in it from the first whole
+/// copy. Neither whole is an error: the caller refuses to act on a boot
+/// state it cannot read.
+pub fn load(disk: &mut Disk) -> Result<(Env, BootState), BootEnvError> {
+    let reason = |r: Result<Vec<u8>, BootEnvError>| r.map_err(|e| qcontract::error_chain(&e));
+    let blocks = [reason(read_copy(disk, 0)), reason(read_copy(disk, 1))];
+    let [first, second] = &blocks;
+    let picked = grubenv::pick([
+        first.as_deref().map_err(Clone::clone),
+        second.as_deref().map_err(Clone::clone),
+    ])
+    .map_err(BootEnvError::NoWholeCopy)?;
+    Ok((picked.env, picked.state))
+}
+
+/// Writes `state` into the environment (other variables kept), into both
+/// copies in turn; each is synced and verified by reading it back before
+/// the next is touched.
 pub fn store(disk: &mut Disk, env: &mut Env, state: &BootState) -> Result<(), BootEnvError> {
     state.apply_to(env).map_err(BootEnvError::Render)?;
     let block = env.to_block().map_err(BootEnvError::Render)?;
-    let ext = qfat::locate(&mut disk.file, disk.esp.offset, disk.esp.size, GRUBENV_PATH)
-        .map_err(BootEnvError::Locate)?;
-    qfat::write_in_place(&mut disk.file, disk.esp.offset, &ext, &block)
-        .map_err(BootEnvError::Write)?;
-    disk.file.flush().map_err(BootEnvError::Sync)?;
-    disk.file.sync_all().map_err(BootEnvError::Sync)?;
-    disk.file
-        .seek(SeekFrom::Start(0))
-        .map_err(BootEnvError::Sync)?;
-    let back =
-        qfat::read_file(&mut disk.file, disk.esp.offset, &ext).map_err(BootEnvError::Read)?;
-    if back != block {
-        return Err(BootEnvError::Verify);
+    for copy in 0..grubenv::COPIES.len() {
+        let path = grubenv::copy_path(copy);
+        let ext = locate(disk, copy)?;
+        qfat::write_in_place(&mut disk.file, disk.esp.offset, &ext, &block).map_err(|source| {
+            BootEnvError::Write {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        disk.file.flush().map_err(BootEnvError::Sync)?;
+        disk.file.sync_all().map_err(BootEnvError::Sync)?;
+        disk.file
+            .seek(SeekFrom::Start(0))
+            .map_err(BootEnvError::Sync)?;
+        let back = read_copy(disk, copy)?;
+        if back != block {
+            return Err(BootEnvError::Verify { path });
+        }
     }
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! (`qupdate::disk::Journal`, beneath the updater, at the file it writes),
 //! together with GRUB's own try counting between the boots. The disk is
 //! then rebuilt at every prefix of that sequence, each write cut at every
-//! 512-byte sector boundary (a torn last write), and at each point:
+//! 512-byte sector boundary (a torn last write), and the boot state's
+//! writes to the ESP at every byte, and at each point:
 //!
 //! - the slot GRUB would boot, by the rules of `grubenv::grub_script()`
 //!   (the `BootState` model, which `lib/grubenv`'s tests check against
@@ -24,7 +25,7 @@ use std::io::{Cursor, Seek, SeekFrom, Write};
 use std::sync::{Arc, Mutex};
 
 use common::{world, World};
-use grubenv::{BootState, Env, Slot};
+use grubenv::{BootState, Slot};
 use qupdate::disk::{Disk, DiskOp, Journal};
 use qupdate::{ApplyOptions, Updater};
 
@@ -56,6 +57,7 @@ struct Replay {
     parts: Vec<(Slot, Range, Range)>,
     images: Vec<Image>,
     boot_state: Result<BootState, String>,
+    copies: Copies,
     /// The state file's content once durable (`None`: no file).
     state_durable: Option<Vec<u8>>,
     /// Renamed into place since, not yet durable: any of them may be there.
@@ -74,17 +76,39 @@ fn differing_sectors(disk: &[u8], r: Range, want: &[u8]) -> u64 {
         .count() as u64
 }
 
-fn read_boot_state(disk: &[u8], esp: Range) -> Result<BootState, String> {
-    let mut dev = Cursor::new(disk);
-    let path = qupdate::bootenv::GRUBENV_PATH;
-    let ext = qfat::locate(&mut dev, esp.offset, esp.size, path).map_err(|e| e.to_string())?;
-    let bytes = qfat::read_file(&mut dev, esp.offset, &ext).map_err(|e| e.to_string())?;
-    let env = Env::parse(&bytes).map_err(|e| e.to_string())?;
-    BootState::from_env(&env).map_err(|e| e.to_string())
+/// How many of the environment's copies the model reads: both, as GRUB's
+/// script does, or only the primary (to show what the second is for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copies {
+    Both,
+    PrimaryOnly,
+}
+
+/// The state GRUB goes by: that of the first whole copy (`grubenv::pick`,
+/// the script's rule).
+fn read_boot_state(disk: &[u8], esp: Range, copies: Copies) -> Result<BootState, String> {
+    let read = |copy: usize| {
+        let mut dev = Cursor::new(disk);
+        let path = grubenv::copy_path(copy);
+        let ext = qfat::locate(&mut dev, esp.offset, esp.size, &path).map_err(|e| e.to_string())?;
+        qfat::read_file(&mut dev, esp.offset, &ext).map_err(|e| e.to_string())
+    };
+    let second = match copies {
+        Copies::Both => read(1),
+        Copies::PrimaryOnly => Err("not read".into()),
+    };
+    let blocks = [read(0), second];
+    let [first, second] = &blocks;
+    grubenv::pick([
+        first.as_deref().map_err(Clone::clone),
+        second.as_deref().map_err(Clone::clone),
+    ])
+    .map(|p| p.state)
+    .map_err(|e| e.to_string())
 }
 
 impl Replay {
-    fn new(disk: Vec<u8>, w: &World, images: Vec<Image>) -> Self {
+    fn new(disk: Vec<u8>, w: &World, images: Vec<Image>, copies: Copies) -> Self {
         let d = Disk::open(&w.disk).unwrap();
         let range = |p: qupdate::disk::Part| Range {
             offset: p.offset,
@@ -96,7 +120,8 @@ impl Replay {
             .collect();
         let esp = range(d.esp);
         let mut r = Replay {
-            boot_state: read_boot_state(&disk, esp),
+            boot_state: read_boot_state(&disk, esp, copies),
+            copies,
             disk,
             esp,
             parts,
@@ -154,9 +179,32 @@ impl Replay {
         }
         let at = offset as usize;
         self.disk[at..at + data.len()].copy_from_slice(data);
-        if offset >= self.esp.offset && offset < self.esp.offset + self.esp.size {
-            self.boot_state = read_boot_state(&self.disk, self.esp);
+        if self.in_esp(offset) {
+            self.boot_state = read_boot_state(&self.disk, self.esp, self.copies);
         }
+    }
+
+    /// The boot state once `data` is written whole at `offset` in the ESP.
+    fn boot_state_after(&self, offset: u64, data: &[u8]) -> Result<BootState, String> {
+        let (lo, hi) = (
+            self.esp.offset as usize,
+            (self.esp.offset + self.esp.size) as usize,
+        );
+        let mut esp = self.disk[lo..hi].to_vec();
+        let at = (offset - self.esp.offset) as usize;
+        esp[at..at + data.len()].copy_from_slice(data);
+        read_boot_state(
+            &esp,
+            Range {
+                offset: 0,
+                size: self.esp.size,
+            },
+            self.copies,
+        )
+    }
+
+    fn in_esp(&self, offset: u64) -> bool {
+        offset >= self.esp.offset && offset < self.esp.offset + self.esp.size
     }
 
     /// The image whole in `slot` now, if any.
@@ -172,7 +220,7 @@ impl Replay {
     fn boots(&self) -> Result<(Slot, &'static str), String> {
         let mut st = match &self.boot_state {
             Ok(st) => st.clone(),
-            // load_env fails: the script sees no SLOT_ORDER and falls back
+            // No whole copy: the script sees no SLOT_ORDER and falls back
             // to A without writing anything.
             Err(e) => {
                 return self
@@ -218,6 +266,8 @@ impl Replay {
 struct Report {
     points: u64,
     writes: u64,
+    /// Of `writes`, those to the ESP (the boot state), cut at every byte.
+    esp_writes: u64,
     flushes: u64,
     state_replacements: u64,
     failures: Vec<String>,
@@ -226,8 +276,14 @@ struct Report {
 }
 
 /// Replays `journal` onto `base`, checking at every crash point.
-fn replay(base: Vec<u8>, w: &World, images: Vec<Image>, journal: &[DiskOp]) -> Report {
-    let mut r = Replay::new(base, w, images);
+fn replay(
+    base: Vec<u8>,
+    w: &World,
+    images: Vec<Image>,
+    journal: &[DiskOp],
+    copies: Copies,
+) -> Report {
+    let mut r = Replay::new(base, w, images, copies);
     let mut rep = Report::default();
     let check = |r: &Replay, rep: &mut Report, at: &str| {
         rep.points += 1;
@@ -247,12 +303,40 @@ fn replay(base: Vec<u8>, w: &World, images: Vec<Image>, journal: &[DiskOp]) -> R
                 rep.writes += 1;
                 let mut at = *offset;
                 let end = offset + data.len() as u64;
+                // The boot state's writes tear at every byte: a disk that
+                // does not write a sector whole must still leave a whole
+                // copy of it (the other, or this one's check says no).
+                let in_esp = r.in_esp(*offset);
+                let grain = if in_esp {
+                    rep.esp_writes += 1;
+                    1
+                } else {
+                    SECTOR
+                };
+                // A boot state write is atomic to GRUB: whatever the cut,
+                // it reads the state before the write or the one after.
+                let (before, after) = if in_esp {
+                    (r.boot_state.clone(), r.boot_state_after(*offset, data))
+                } else {
+                    (Err(String::new()), Err(String::new()))
+                };
                 while at < end {
-                    let next = ((at / SECTOR) + 1) * SECTOR;
+                    let next = ((at / grain) + 1) * grain;
                     let piece_end = next.min(end);
                     let piece = &data[(at - offset) as usize..(piece_end - offset) as usize];
                     r.write_piece(at, piece);
                     at = piece_end;
+                    if in_esp
+                        && !(r.boot_state.is_ok()
+                            && (r.boot_state == before || r.boot_state == after))
+                        && rep.failures.len() < 10
+                    {
+                        rep.failures.push(format!(
+                            "op {i} (write at {offset}), up to byte {at}: the boot state \
+                             is {:?}, neither {before:?} nor {after:?}",
+                            r.boot_state
+                        ));
+                    }
                     check(
                         &r,
                         &mut rep,
@@ -362,11 +446,17 @@ fn recorded_cycle() -> (World, Vec<u8>, Vec<Image>, Vec<DiskOp>) {
 #[test]
 fn every_crash_point_of_apply_mark_good_and_rollback_boots_a_whole_slot() {
     let (w, base, images, journal) = recorded_cycle();
-    let rep = replay(base, &w, images, &journal);
+    let rep = replay(base, &w, images, &journal, Copies::Both);
     println!(
-        "crash points checked: {} ({} writes cut at every 512-byte sector, {} fsyncs, \
-         {} state file replacements); the machine comes up as {:?}",
-        rep.points, rep.writes, rep.flushes, rep.state_replacements, rep.outcomes
+        "crash points checked: {} ({} writes cut at every 512-byte sector, {} boot state \
+         writes cut at every byte, {} fsyncs, {} state file replacements); the machine comes \
+         up as {:?}",
+        rep.points,
+        rep.writes - rep.esp_writes,
+        rep.esp_writes,
+        rep.flushes,
+        rep.state_replacements,
+        rep.outcomes
     );
     assert!(rep.failures.is_empty(), "{:#?}", rep.failures);
     // Not a vacuous pass: both releases were written, and the machine came
@@ -394,11 +484,27 @@ fn the_replay_catches_a_slot_marked_good_that_is_not_whole() {
         .unwrap();
     let mut broken = journal.clone();
     broken.remove(last_root_write);
-    let rep = replay(base, &w, images, &broken);
+    let rep = replay(base, &w, images, &broken, Copies::Both);
     assert!(
         rep.failures
             .iter()
             .any(|f| f.contains("slot B is marked good but not whole")),
+        "{:#?}",
+        rep.failures
+    );
+}
+
+/// The second copy is what keeps the boot state whole: read as if there
+/// were only the primary, a boot state write torn inside a sector leaves
+/// GRUB neither the old state nor the new one.
+#[test]
+fn without_the_second_copy_a_torn_boot_state_is_lost() {
+    let (w, base, images, journal) = recorded_cycle();
+    let rep = replay(base, &w, images, &journal, Copies::PrimaryOnly);
+    assert!(
+        rep.failures
+            .iter()
+            .any(|f| f.contains("the boot state is Err") && f.contains("neither")),
         "{:#?}",
         rep.failures
     );

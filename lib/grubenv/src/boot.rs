@@ -4,6 +4,13 @@ use crate::{Env, Error};
 pub const SLOT_ORDER: &str = "SLOT_ORDER";
 /// Largest try count the GRUB script can decrement.
 pub const MAX_TRIES: u8 = 9;
+/// The check variable: the state's five values joined as
+/// `<SLOT_ORDER>:<A_OK><A_TRIES>:<B_OK><B_TRIES>` (`B A:10:03`). GRUB's
+/// script has no arithmetic and no hash of a string, but it can join and
+/// compare strings, so this is the check it can recompute: a copy whose
+/// values were torn or altered apart from it is not whole. It guards
+/// against accidents, not an attacker, who can rewrite both.
+pub const CHECK: &str = "AB_CHECK";
 
 /// The slot type is the contract crate's: one definition for the
 /// partition table, this environment, the kernel command line and qinit.
@@ -70,14 +77,12 @@ impl BootState {
             value: order_text.to_owned(),
             expected: "\"A B\" or \"B A\"",
         };
-        let order = order_text
-            .split_whitespace()
-            .map(str::parse)
-            .collect::<Result<Vec<Slot>, _>>()
-            .map_err(|_| bad_order())?;
-        if !is_valid_order(&order) {
-            return Err(bad_order());
-        }
+        // Exactly as written: the script's check compares the raw text.
+        let order = match order_text {
+            "A B" => vec![Slot::A, Slot::B],
+            "B A" => vec![Slot::B, Slot::A],
+            _ => return Err(bad_order()),
+        };
         let mut state = BootState {
             order,
             a: SlotState::default(),
@@ -110,7 +115,24 @@ impl BootState {
             };
             *state.slot_mut(slot) = SlotState { ok, tries };
         }
-        Ok(state)
+        let expected = state.check_value();
+        match get(CHECK)? {
+            found if found == expected => Ok(state),
+            found => Err(Error::Check {
+                name: CHECK,
+                found: found.to_owned(),
+                expected,
+            }),
+        }
+    }
+
+    /// The value of [`CHECK`] for this state. Every value it joins has
+    /// one spelling ([`BootState::from_env`] accepts no other), so the
+    /// script's join of the raw values and this agree.
+    pub fn check_value(&self) -> String {
+        let order: Vec<String> = self.order.iter().map(Slot::to_string).collect();
+        let slot = |s: SlotState| format!("{}{}", u8::from(s.ok), s.tries);
+        format!("{}:{}:{}", order.join(" "), slot(self.a), slot(self.b))
     }
 
     /// Writes the state's variables into `env`, leaving others untouched.
@@ -140,6 +162,7 @@ impl BootState {
             updated.set(slot.ok_var(), if state.ok { "1" } else { "0" })?;
             updated.set(slot.tries_var(), &state.tries.to_string())?;
         }
+        updated.set(CHECK, &self.check_value())?;
         *env = updated;
         Ok(())
     }

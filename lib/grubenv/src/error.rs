@@ -79,6 +79,15 @@ pub enum Error {
         allowed: &'static str,
     },
 
+    #[error(
+        "{name} is {found:?} but the state it guards reads {expected:?}: a torn or altered copy"
+    )]
+    Check {
+        name: &'static str,
+        found: String,
+        expected: String,
+    },
+
     #[error("slot order {order:?} must name A and B once each")]
     BadOrder { order: Vec<Slot> },
 }

@@ -6,15 +6,19 @@
 //! updater moves the state through [`BootState`]'s transitions and rewrites
 //! the block in place with [`Env::store`].
 //!
-//! Variables: `SLOT_ORDER` (`A B` or `B A`, preferred first), and per slot
-//! `<X>_OK` (`0` or `1`) and `<X>_TRIES` (one digit, 0..9).
+//! Variables: `SLOT_ORDER` (`A B` or `B A`, preferred first), per slot
+//! `<X>_OK` (`0` or `1`) and `<X>_TRIES` (one digit, 0..9), and
+//! [`CHECK`], which they must agree with. The block is kept in two copies
+//! ([`COPIES`]); the first whole one counts.
 
 mod boot;
+mod copies;
 mod env;
 mod error;
 mod script;
 
-pub use boot::{BootState, Slot, SlotState, MAX_TRIES, SLOT_ORDER};
+pub use boot::{BootState, Slot, SlotState, CHECK, MAX_TRIES, SLOT_ORDER};
+pub use copies::{copy_path, pick, NoWholeCopy, Picked, COPIES, ESP_DIR};
 pub use env::{Env, BLOCK_SIZE, HEADER};
 pub use error::Error;
 pub use script::grub_script;

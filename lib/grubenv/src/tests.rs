@@ -383,8 +383,13 @@ fn we_read_and_rewrite_blocks_grub_editenv_creates() {
     let listed = grub_editenv(&[file, "list"]);
     assert_eq!(
         listed,
-        "SLOT_ORDER=A B\nA_OK=1\nA_TRIES=7\nB_OK=0\nB_TRIES=0\n"
+        "SLOT_ORDER=A B\nA_OK=1\nA_TRIES=7\nB_OK=0\nB_TRIES=0\nAB_CHECK=A B:10:00\n"
     );
+    // An edit that leaves the check behind makes the copy not whole.
+    assert!(matches!(
+        BootState::from_env(&back),
+        Err(Error::Check { .. })
+    ));
 }
 
 #[test]
@@ -412,12 +417,13 @@ fn env_with(vars: &[(&str, &str)]) -> Env {
     env
 }
 
-const GOOD: [(&str, &str); 5] = [
+const GOOD: [(&str, &str); 6] = [
     ("SLOT_ORDER", "B A"),
     ("A_OK", "1"),
     ("A_TRIES", "0"),
     ("B_OK", "0"),
     ("B_TRIES", "3"),
+    ("AB_CHECK", "B A:10:03"),
 ];
 
 #[test]
@@ -438,7 +444,14 @@ fn from_env_reads_the_contract() {
 
 #[test]
 fn from_env_names_missing_variables() {
-    for missing in ["SLOT_ORDER", "A_OK", "A_TRIES", "B_OK", "B_TRIES"] {
+    for missing in [
+        "SLOT_ORDER",
+        "A_OK",
+        "A_TRIES",
+        "B_OK",
+        "B_TRIES",
+        "AB_CHECK",
+    ] {
         let vars: Vec<_> = GOOD
             .iter()
             .copied()
@@ -460,6 +473,9 @@ fn from_env_rejects_out_of_range_values() {
         ("SLOT_ORDER", "A B A"),
         ("SLOT_ORDER", "A C"),
         ("SLOT_ORDER", "a b"),
+        // One spelling only: the script's check compares the raw text.
+        ("SLOT_ORDER", " A  B "),
+        ("SLOT_ORDER", "A  B"),
         ("A_OK", "2"),
         ("A_OK", "yes"),
         ("A_OK", ""),
@@ -480,10 +496,65 @@ fn from_env_rejects_out_of_range_values() {
             other => panic!("{var}={value:?}: {other:?}"),
         }
     }
-    // Extra whitespace is what GRUB's word splitting ignores too.
-    let mut env = env_with(&GOOD);
-    env.set("SLOT_ORDER", " A  B ").unwrap();
-    assert_eq!(BootState::from_env(&env).unwrap().order, [Slot::A, Slot::B]);
+}
+
+/// A copy whose values changed apart from its check (a torn write, a
+/// flipped bit) is not whole, whichever value changed.
+#[test]
+fn from_env_holds_the_values_to_their_check() {
+    for (var, value) in [
+        ("SLOT_ORDER", "A B"),
+        ("A_OK", "0"),
+        ("A_TRIES", "1"),
+        ("B_OK", "1"),
+        ("B_TRIES", "2"),
+        ("AB_CHECK", "B A:10:02"),
+        ("AB_CHECK", ""),
+        ("AB_CHECK", "B A:10:03 "),
+    ] {
+        let mut env = env_with(&GOOD);
+        env.set(var, value).unwrap();
+        match BootState::from_env(&env) {
+            Err(Error::Check {
+                name: "AB_CHECK", ..
+            }) => {}
+            other => panic!("{var}={value:?}: {other:?}"),
+        }
+    }
+    let state = BootState::from_env(&env_with(&GOOD)).unwrap();
+    assert_eq!(state.check_value(), "B A:10:03");
+}
+
+/// The first whole copy counts, as in the script; the reasons of both
+/// are kept when neither is.
+#[test]
+fn pick_takes_the_first_whole_copy() {
+    let good = env_with(&GOOD).to_block().unwrap();
+    let mut other_state = BootState::from_env(&env_with(&GOOD)).unwrap();
+    other_state.mark_good(Slot::B);
+    let mut other = Env::new();
+    other_state.apply_to(&mut other).unwrap();
+    let other = other.to_block().unwrap();
+    let mut torn = env_with(&GOOD);
+    torn.set("B_TRIES", "2").unwrap();
+    let torn = torn.to_block().unwrap();
+    let garbage = [b'x'; BLOCK_SIZE];
+
+    let p = pick([Ok(&good[..]), Ok(&other[..])]).unwrap();
+    assert_eq!((p.copy, p.state.b.tries), (0, 3));
+    let p = pick([Ok(&torn[..]), Ok(&other[..])]).unwrap();
+    assert_eq!((p.copy, p.state.clone()), (1, other_state));
+    let p = pick([Err("no such file".into()), Ok(&good[..])]).unwrap();
+    assert_eq!(p.copy, 1);
+    let e = pick([Ok(&garbage[..]), Ok(&torn[..])]).unwrap_err();
+    assert!(e.reasons[0].contains("does not start with"), "{e}");
+    assert!(e.reasons[1].contains("AB_CHECK"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("neither copy of the GRUB environment is whole (grubenv: "),
+        "{e}"
+    );
+    assert_eq!(copy_path(1), "/EFI/BOOT/grubenv2");
 }
 
 #[test]
@@ -501,7 +572,8 @@ fn apply_to_keeps_other_variables_and_round_trips() {
             "SLOT_ORDER",
             "A_TRIES",
             "B_OK",
-            "B_TRIES"
+            "B_TRIES",
+            "AB_CHECK"
         ]
     );
     assert_eq!(env.get("SLOT_ORDER"), Some("B A"));
@@ -750,8 +822,15 @@ fn spend_try_counts_down_from_nine() {
 #[test]
 fn script_mentions_every_variable_and_the_full_chain() {
     let script = grub_script();
+    let vars = "SLOT_ORDER A_OK A_TRIES B_OK B_TRIES AB_CHECK";
     assert!(
-        script.contains("load_env SLOT_ORDER A_OK A_TRIES B_OK B_TRIES\n"),
+        script.contains(&format!(
+            "if load_env -f \"${{prefix}}/${{ab_copy}}\" {vars}; then\n"
+        )),
+        "{script}"
+    );
+    assert!(
+        script.contains("for ab_copy in grubenv grubenv2; do"),
         "{script}"
     );
     assert!(script.contains("for ab_slot in ${SLOT_ORDER}; do"));
@@ -767,8 +846,15 @@ fn script_mentions_every_variable_and_the_full_chain() {
                 .position(|l| *l == test)
                 .unwrap_or_else(|| panic!("missing {test}\n{script}"));
             assert_eq!(lines[at + 1], format!("set {tries}={}", n - 1));
-            assert_eq!(lines[at + 2], format!("if save_env {tries}; then"));
-            assert_eq!(lines[at + 3], format!("set slot={slot}"));
+            assert_eq!(
+                lines[at + 2],
+                "set AB_CHECK=\"${SLOT_ORDER}:${A_OK}${A_TRIES}:${B_OK}${B_TRIES}\""
+            );
+            assert_eq!(
+                lines[at + 3],
+                format!("if save_env -f \"${{ab_env}}\" {vars}; then")
+            );
+            assert_eq!(lines[at + 4], format!("set slot={slot}"));
         }
         // Nothing decrements from 0 or from an out-of-range value.
         assert!(!script.contains(&format!("\"${{{tries}}}\" = \"0\"")));
@@ -806,14 +892,17 @@ fn script_passes_grub_script_check() {
     );
 }
 
-/// Runs GRUB itself (grub-emu) on `grub_script()` with `block` as the
-/// grubenv on a FAT image (where `save_env` can write it, as on the ESP).
-/// Returns the slot it boots, the grubenv it leaves and its error lines.
-fn grub_emu_boot(dir: &Path, template: &Path, block: &[u8]) -> (String, Vec<u8>, Vec<String>) {
+/// Runs GRUB itself (grub-emu) on `grub_script()` with `blocks` as the
+/// environment's two copies on a FAT image (where `save_env` can write
+/// them, as on the ESP). Returns the slot it boots, the copies it leaves
+/// and its error lines.
+fn grub_emu_boot(
+    dir: &Path,
+    template: &Path,
+    blocks: [&[u8]; 2],
+) -> (String, [Vec<u8>; 2], Vec<String>) {
     let img = dir.join("esp.img");
     std::fs::copy(template, &img).unwrap();
-    let env = dir.join("grubenv");
-    std::fs::write(&env, block).unwrap();
     let mtools = |args: &[&std::ffi::OsStr]| {
         let out = Command::new(args[0])
             .args(&args[1..])
@@ -822,15 +911,19 @@ fn grub_emu_boot(dir: &Path, template: &Path, block: &[u8]) -> (String, Vec<u8>,
             .unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
     };
-    let target = std::ffi::OsStr::new("::/EFI/BOOT/grubenv");
-    mtools(&[
-        "mcopy".as_ref(),
-        "-o".as_ref(),
-        "-i".as_ref(),
-        img.as_os_str(),
-        env.as_os_str(),
-        target,
-    ]);
+    let targets = COPIES.map(|c| format!("::{ESP_DIR}/{c}"));
+    for (block, target) in blocks.iter().zip(&targets) {
+        let env = dir.join("grubenv.in");
+        std::fs::write(&env, block).unwrap();
+        mtools(&[
+            "mcopy".as_ref(),
+            "-o".as_ref(),
+            "-i".as_ref(),
+            img.as_os_str(),
+            env.as_os_str(),
+            target.as_ref(),
+        ]);
+    }
     let mut child = Command::new("/usr/bin/grub-emu")
         .arg("-m")
         .arg(dir.join("device.map"))
@@ -884,23 +977,32 @@ fn grub_emu_boot(dir: &Path, template: &Path, block: &[u8]) -> (String, Vec<u8>,
         .and_then(|l| l.split(' ').next())
         .unwrap_or_else(|| panic!("no slot in: {body:?}"))
         .to_owned();
-    let back = dir.join("grubenv.after");
-    mtools(&[
-        "mcopy".as_ref(),
-        "-o".as_ref(),
-        "-i".as_ref(),
-        img.as_os_str(),
-        target,
-        back.as_os_str(),
-    ]);
-    (slot, std::fs::read(&back).unwrap(), errors)
+    let after = targets.map(|target| {
+        let back = dir.join("grubenv.after");
+        mtools(&[
+            "mcopy".as_ref(),
+            "-o".as_ref(),
+            "-i".as_ref(),
+            img.as_os_str(),
+            target.as_ref(),
+            back.as_os_str(),
+        ]);
+        std::fs::read(&back).unwrap()
+    });
+    (slot, after, errors)
 }
 
-/// The model the crash-consistency suite decides with
-/// ([`BootState::spend_try`], else [`BootState::fallback`]; an unreadable
-/// environment boots A) is what GRUB itself does: grub-emu runs the
-/// script over a sample of states, and the slot it boots and the
-/// grubenv it writes back must be the model's.
+/// The state a copy holds if it is whole.
+fn whole(block: &[u8]) -> Option<BootState> {
+    BootState::from_env(&Env::parse(block).ok()?).ok()
+}
+
+/// The model the crash-consistency suite decides with ([`pick`] the first
+/// whole copy, [`BootState::spend_try`], else [`BootState::fallback`]; no
+/// whole copy boots A) is what GRUB itself does: grub-emu runs the script
+/// over a sample of states, with both copies whole and with the primary
+/// torn, and the slot it boots and the copies it writes back must be the
+/// model's.
 #[test]
 fn grub_itself_boots_what_the_model_says() {
     const EMU: &str = "/usr/bin/grub-emu";
@@ -916,7 +1018,7 @@ fn grub_itself_boots_what_the_model_says() {
         d.join("cfg/grub.cfg"),
         format!(
             "set enable_progress_indicator=0\nset pager=0\nset root=hd0\n\
-             set prefix=(hd0)/EFI/BOOT\necho \"@@BEGIN\"\nsource (host){}\n\
+             set prefix=(hd0){ESP_DIR}\necho \"@@BEGIN\"\nsource (host){}\n\
              echo \"@@END\"\nexit\n",
             d.join("fragment.cfg").display()
         ),
@@ -957,36 +1059,88 @@ fn grub_itself_boots_what_the_model_says() {
                 };
                 let mut env = Env::new();
                 state.apply_to(&mut env).unwrap();
-                let (slot, after, errors) = grub_emu_boot(d, &template, &env.to_block().unwrap());
-                assert!(errors.is_empty(), "{state:?}: {errors:?}");
+                let block = env.to_block().unwrap();
                 let mut model = state.clone();
                 let expected = model.spend_try().unwrap_or_else(|| model.fallback());
+                let spent = model != state;
+
+                // Both copies whole: both end as the model's.
+                let (slot, after, errors) = grub_emu_boot(d, &template, [&block, &block]);
+                assert!(errors.is_empty(), "{state:?}: {errors:?}");
                 assert_eq!(slot, expected.to_string(), "{state:?}");
-                let after = BootState::from_env(&Env::parse(&after).unwrap()).unwrap();
-                assert_eq!(after, model, "grubenv after booting {state:?}");
-                checked += 1;
+                for (copy, after) in after.iter().enumerate() {
+                    assert_eq!(
+                        whole(after).as_ref(),
+                        Some(&model),
+                        "copy {copy} after {state:?}"
+                    );
+                }
+
+                // The primary torn (its values apart from its check): the
+                // secondary counts, and a try spent repairs the primary.
+                let mut torn = env.clone();
+                torn.set(CHECK, "torn").unwrap();
+                let torn = torn.to_block().unwrap();
+                let (slot, after, errors) = grub_emu_boot(d, &template, [&torn, &block]);
+                assert!(errors.is_empty(), "torn {state:?}: {errors:?}");
+                assert_eq!(slot, expected.to_string(), "torn {state:?}");
+                assert_eq!(whole(&after[1]).as_ref(), Some(&model), "torn {state:?}");
+                if spent {
+                    assert_eq!(whole(&after[0]).as_ref(), Some(&model), "torn {state:?}");
+                } else {
+                    assert_eq!(after[0], torn.to_vec(), "torn {state:?}");
+                }
+                let picked = pick([Ok(&after[0][..]), Ok(&after[1][..])]).unwrap();
+                assert_eq!(picked.state, model, "torn {state:?}");
+                checked += 2;
             }
         }
     }
-    // An environment GRUB cannot load, or whose values name nothing: A,
-    // and the block is left as it was.
+
+    let mut trial = BootState::initial();
+    trial.activate(B, 3).unwrap();
+    let mut env = Env::new();
+    trial.apply_to(&mut env).unwrap();
+    let good = env.to_block().unwrap();
+    let mut spent = trial.clone();
+    spent.spend_try();
+    let mut garbage = [b'x'; BLOCK_SIZE];
+    garbage[..7].copy_from_slice(b"garbage");
+
+    // A primary GRUB cannot even load: the secondary counts and is saved;
+    // the primary stays as it was (save_env cannot write it either).
+    let (slot, after, errors) = grub_emu_boot(d, &template, [&garbage, &good]);
+    assert_eq!(slot, "B");
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("invalid environment block")),
+        "{errors:?}"
+    );
+    assert_eq!(after[0], garbage.to_vec());
+    assert_eq!(whole(&after[1]), Some(spent.clone()));
+    // A secondary GRUB cannot write: the primary counts and is saved.
+    let (slot, after, _) = grub_emu_boot(d, &template, [&good, &garbage]);
+    assert_eq!(slot, "B");
+    assert_eq!(whole(&after[0]), Some(spent.clone()));
+    assert_eq!(after[1], garbage.to_vec());
+    checked += 2;
+
+    // No whole copy, or values that name nothing: A, and the blocks are
+    // left as they were.
     let mut odd = Env::new();
     odd.set(SLOT_ORDER, "C D").unwrap();
     odd.set("A_OK", "yes").unwrap();
-    let mut garbage = [b'x'; BLOCK_SIZE];
-    garbage[..7].copy_from_slice(b"garbage");
-    for (block, error) in [
-        (odd.to_block().unwrap(), None),
-        (garbage, Some("invalid environment block")),
-    ] {
-        let (slot, after, errors) = grub_emu_boot(d, &template, &block);
-        match error {
-            None => assert!(errors.is_empty(), "{errors:?}"),
-            Some(e) => assert!(errors.iter().any(|l| l.contains(e)), "{errors:?}"),
-        }
+    odd.set(CHECK, "C D:yes:").unwrap();
+    let odd = odd.to_block().unwrap();
+    let mut torn = env.clone();
+    torn.set("B_TRIES", "9").unwrap();
+    let torn = torn.to_block().unwrap();
+    for blocks in [[&odd, &garbage], [&garbage, &garbage], [&torn, &odd]] {
+        let (slot, after, _) = grub_emu_boot(d, &template, [&blocks[0][..], &blocks[1][..]]);
         assert_eq!(slot, "A");
-        assert_eq!(after, block.to_vec());
+        assert_eq!(after, [blocks[0].to_vec(), blocks[1].to_vec()]);
         checked += 1;
     }
-    assert_eq!(checked, 42);
+    assert_eq!(checked, 85);
 }

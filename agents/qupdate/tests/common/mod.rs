@@ -26,8 +26,8 @@ fn run(cmd: &mut Command) {
     assert!(st.success(), "{cmd:?}");
 }
 
-/// A disk like the appliance's, small: GPT, FAT32 ESP with grubenv in its
-/// initial state (A good), slot A filled with a known pattern.
+/// A disk like the appliance's, small: GPT, FAT32 ESP with both grubenv
+/// copies in their initial state (A good), slot A filled with a known pattern.
 pub fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let esp = dir.path().join("esp.img");
@@ -46,12 +46,14 @@ pub fn world() -> World {
             .arg(&esp)
             .arg(d));
     }
-    run(Command::new("mcopy")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(&esp)
-        .arg(&env_file)
-        .arg("::/EFI/BOOT/grubenv"));
+    for copy in 0..grubenv::COPIES.len() {
+        run(Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&esp)
+            .arg(&env_file)
+            .arg(format!("::{}", grubenv::copy_path(copy))));
+    }
     let mib = 1u64 << 20;
     let layout = qgpt::Layout::new()
         .add("esp", qgpt::Guid::ESP, 40 * mib)
