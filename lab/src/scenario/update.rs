@@ -12,7 +12,7 @@ use crate::flash::Payload;
 
 pub const UPDATE: Scenario = Scenario {
     name: "update",
-    about: "apply the next bundle into slot B, reboot into it, mark it good",
+    about: "apply the next bundle into slot B, reboot into it, refuse an apply while it is on trial, mark it good",
     run: update,
 };
 
@@ -57,6 +57,10 @@ pub fn apply_command(payload: &Payload, tail: &str) -> String {
     )
 }
 
+/// While this file exists, a test image's mark-good hook waits
+/// (image/overlays/qemu-test).
+const HOLD_MARK_GOOD: &str = "/var/lib/qlab/hold-mark-good";
+
 /// What `qupdate apply` prints once slot B holds the update.
 pub const APPLIED: &str = "into slot B";
 /// The ready marker of the next release, booted from slot B.
@@ -77,9 +81,27 @@ fn update(ctx: &mut Ctx<'_>) -> Result<()> {
     ensure!(slot_state(&st, "B") == "bootable", "{st}");
     ensure!(compact(&st).contains("\"order\":[\"B\",\"A\"]"), "{st}");
 
+    // B's mark-good waits while the hold file is there (test images), so
+    // there is time to try an apply from a slot still on trial.
+    ctx.sh(&format!("mkdir -p /var/lib/qlab && touch {HOLD_MARK_GOOD}"))?;
     ctx.spawn("qinit ctl reboot")?;
     let line = ctx.wait_ready()?;
     ensure!(line.contains(READY_B), "{line}");
+    let st = ctx.sh("qupdate status --json")?;
+    ensure!(slot_state(&st, "B") == "bootable", "B on trial: {st}");
+    // An apply now would write over A, the only slot proven to boot: it is
+    // refused before a byte of the bundle is read, and A stays good.
+    let out = ctx.sh(&format!("{apply} 2>&1; echo rc=$?"))?;
+    ensure!(
+        out.contains("not marked good yet") && out.contains("--force") && !out.contains("rc=0"),
+        "an apply from B on trial: {out}"
+    );
+    let st = ctx.sh("qupdate status --json")?;
+    ensure!(
+        slot_state(&st, "A") == "good",
+        "A after the refused apply: {st}"
+    );
+    ctx.sh(&format!("rm {HOLD_MARK_GOOD}"))?;
     let st = ctx.wait_status(Duration::from_secs(120), |s| slot_state(s, "B") == "good")?;
     ensure!(
         compact(&st).contains("\"floor\":1"),
