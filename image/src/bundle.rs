@@ -180,7 +180,7 @@ mod tests {
         fs::write(d.join(ROOT_VERITY), vinfo.to_text()).unwrap();
         fs::write(
             d.join(IMAGE_INFO),
-            "name=t\nversion=1.2.3\ncompatible=c-x86_64\nkernel=k\nbuild_epoch=42\nproduction=false\nsecurity_epoch=7\n",
+            "name=t\nversion=1.2.3\ncompatible=c-x86_64\nkernel=k\nbuild_epoch=42\nproduction=false\nsecurity_epoch=7\nmax_epoch_step=100\n",
         )
         .unwrap();
         let key = qbundle::generate_keypair().unwrap();

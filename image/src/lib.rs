@@ -8,7 +8,8 @@
 //! the boot loader configuration, and [`pipeline`] runs it all; [`bundle`]
 //! signs update bundles of built slots; [`sbom`] lists what the root holds
 //! (bill of materials, `qimage size`); [`verify`] rebuilds and compares
-//! with a published build; [`kernel`] builds the optional minimal kernel.
+//! with a published build; [`kernel`] builds the optional minimal kernel;
+//! [`keys`] makes an owner's key set and decides what an image trusts.
 
 pub mod apt;
 pub mod archive;
@@ -18,6 +19,7 @@ pub mod elf;
 pub mod fsimage;
 pub mod grub;
 pub mod kernel;
+pub mod keys;
 pub mod kmod;
 pub mod lock;
 pub mod packages;

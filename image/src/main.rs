@@ -43,6 +43,11 @@ enum Command {
         /// Use this tree as the root instead of composing one (benchmarks).
         #[arg(long)]
         root_tree: Option<PathBuf>,
+        /// The owner's key set (`qimage keys init`), outside the
+        /// repository: what a production image trusts. Required for a
+        /// production profile; test profiles trust the test key only.
+        #[arg(long)]
+        owner_keys: Option<PathBuf>,
     },
     /// Rebuild a profile in a scratch directory and compare it with a
     /// published build (every output file and the root hash) or with a
@@ -77,6 +82,16 @@ enum Command {
         /// Directory with the workspace's static binaries.
         #[arg(long)]
         bin_dir: PathBuf,
+        /// The owner's key set the published build was made with (a
+        /// production profile).
+        #[arg(long)]
+        owner_keys: Option<PathBuf>,
+    },
+    /// Owner keys: `keys init DIR` makes a full set (update signing, UEFI
+    /// Secure Boot PK/KEK/db, the boot files' signing key).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Build the minimal dom0 kernel (kernel-config/minimal-dom0.config)
     /// from Debian's linux-source-6.12. Slow; not used by any image yet.
@@ -134,6 +149,18 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a full owner key set in DIR (new or empty, outside any git
+    /// work tree). Keep it offline: see docs/security.md.
+    Init {
+        dir: PathBuf,
+        /// The owner's name, in the keys' names and the certificates.
+        #[arg(long, default_value = "owner")]
+        owner: String,
+    },
+}
+
 fn main() -> ExitCode {
     env_logger_init();
     let cli = Cli::parse();
@@ -168,6 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source_dir,
             cache_dir,
             bin_dir,
+            owner_keys,
         } => {
             let published = match (&against, &root_hash) {
                 (Some(dir), _) => qimage::verify::Published::from_dir(dir)?,
@@ -188,6 +216,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         lock: None,
                         update_cache_lock: false,
                         work_dir: None,
+                        owner_keys,
                     },
                     lock,
                     epoch: source_date_epoch()?,
@@ -249,6 +278,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("Root hash: {}", info.root_hash_hex());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys {
+            command: KeysCommand::Init { dir, owner },
+        } => {
+            let set = qimage::keys::init(&dir, &owner)?;
+            println!("qimage: owner key set for {owner} in {}", set.dir.display());
+            for k in &set.update_public {
+                println!("  update key {}", k.display());
+            }
+            println!(
+                "Keep it offline; see docs/security.md and {}/README.",
+                set.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Size { image_dir, top } => {
             print!("{}", qimage::sbom::size_report(&image_dir, top)?);
             Ok(ExitCode::SUCCESS)
@@ -272,6 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             refresh,
             lock,
             root_tree,
+            owner_keys,
         } => {
             let name = qimage::profile::load(&profile)?.image.name;
             let out = out.unwrap_or_else(|| source_dir.join("target/images").join(&name));
@@ -288,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 update_cache_lock: lock.is_none(),
                 lock,
                 work_dir: None,
+                owner_keys,
             })?;
             println!(
                 "qimage: built profile {} version {} (kernel {}) into {}",

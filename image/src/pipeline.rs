@@ -55,6 +55,9 @@ pub struct BuildOptions {
     pub update_cache_lock: bool,
     /// Scratch directory (default `<cache>/work/<profile>`).
     pub work_dir: Option<PathBuf>,
+    /// The owner's key set (`qimage keys init`): what a production image
+    /// trusts. Test profiles do not use it.
+    pub owner_keys: Option<PathBuf>,
 }
 
 /// What a build produced.
@@ -193,11 +196,19 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
         .unwrap_or_else(|| opts.cache_dir.join("work").join(&name));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let ids = Ids::new(&profile);
+    // Before anything is fetched: a production build without the owner's
+    // keys, or with one of the repository's, stops here.
+    let owner = opts
+        .owner_keys
+        .as_deref()
+        .map(crate::keys::OwnerKeys::open)
+        .transpose()?;
+    let trust = crate::keys::custody(&profile, &opts.source_dir, owner.as_ref())?;
 
     let packages = fetch(opts, &profile)?;
     let kernel = kernel(opts, &profile, &packages)?;
     let info = image_info(&profile, &kernel.version, opts.epoch)?.render();
-    let root = root_tree(opts, &profile, &packages, &kernel, &info, &work)?;
+    let root = root_tree(opts, &profile, &trust, &packages, &kernel, &info, &work)?;
     let verity = verity_root(opts, &profile, &ids, &root, &stage.dir)?;
     let initrd = initramfs(opts, &kernel, &verity, &info, &work)?;
     let parts = partitions(
@@ -214,7 +225,7 @@ fn build_profile(opts: &BuildOptions, profile: Profile) -> Result<BuildOutput> {
         &parts.data,
     )?;
     publish(
-        opts, profile, stage, packages, kernel, root, verity, &initrd, &parts, &info,
+        opts, profile, &trust, stage, packages, kernel, root, verity, &initrd, &parts, &info,
     )
 }
 
@@ -329,9 +340,11 @@ impl Root {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn root_tree(
     opts: &BuildOptions,
     profile: &Profile,
+    trust: &crate::keys::Trust,
     packages: &Packages,
     kernel: &Kernel,
     info: &str,
@@ -351,7 +364,7 @@ fn root_tree(
         dom0_modules: &kernel.dom0,
         guest_modules: &kernel.guest,
     };
-    let composed = compose_root(&dir, profile, &packages.set, opts, &files, info)?;
+    let composed = compose_root(&dir, profile, trust, &packages.set, opts, &files, info)?;
     Ok(Root {
         dir,
         composed: Some(composed),
@@ -547,6 +560,7 @@ fn partitions(
 fn publish(
     opts: &BuildOptions,
     profile: Profile,
+    trust: &crate::keys::Trust,
     stage: Staging,
     packages: Packages,
     kernel: Kernel,
@@ -569,14 +583,9 @@ fn publish(
     // What `qimage bundle` needs to sign this slot later.
     fs::write(staging.join(output::ROOT_VERITY), verity.info.to_text())?;
     fs::write(staging.join(output::IMAGE_INFO), info)?;
-    if !profile.update.signing_keys.is_empty() {
+    if !trust.signing_keys.is_empty() {
         let name = output::bundle_file(&profile.image.name, &profile.image.version);
-        let keys: Vec<PathBuf> = profile
-            .update
-            .signing_keys
-            .iter()
-            .map(|k| opts.source_dir.join(k))
-            .collect();
+        let keys = &trust.signing_keys;
         crate::bundle::write_signed(
             &staging.join(&name),
             &crate::bundle::Release {
@@ -808,6 +817,7 @@ struct Composed {
 fn compose_root(
     tree_dir: &Path,
     profile: &Profile,
+    trust: &crate::keys::Trust,
     set: &PackageSet,
     opts: &BuildOptions,
     kernel: &KernelFiles<'_>,
@@ -869,15 +879,14 @@ fn compose_root(
         qcontract::accounts::render_group().as_bytes(),
         "generated",
     )?;
-    if !profile.update.trusted_keys.is_empty() {
+    if !trust.keys.is_empty() {
         let mut keys = Vec::new();
-        for k in &profile.update.trusted_keys {
-            let path = opts.source_dir.join(k);
-            let text = fs::read_to_string(&path)
-                .with_context(|| format!("update.trusted_keys: reading {}", path.display()))?;
-            keys.push(qbundle::PublicKey::parse(&path, &text)?);
+        for path in &trust.keys {
+            let text = fs::read_to_string(path)
+                .with_context(|| format!("trusted update key: reading {}", path.display()))?;
+            keys.push(qbundle::PublicKey::parse(path, &text)?);
         }
-        let trust = qbundle::TrustStore::render(&keys, profile.update.threshold);
+        let trust = qbundle::TrustStore::render(&keys, trust.threshold);
         tree.write(
             "/etc/qupdate/trust.toml",
             0o644,
@@ -959,6 +968,7 @@ fn image_info(p: &Profile, kver: &str, epoch: u64) -> Result<ImageInfo> {
         build_epoch: epoch,
         production: p.image.production,
         security_epoch: p.update.security_epoch,
+        max_epoch_step: p.update.max_epoch_step,
     };
     let back = ImageInfo::parse(Path::new(IMAGE_INFO), &info.render())
         .context("the image info this build would write does not parse")?;

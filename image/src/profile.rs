@@ -102,11 +102,14 @@ pub struct GuiVmSection {
 }
 
 /// Update trust and signing. Public keys go into the image; private keys
-/// only sign bundles at build time and never enter an image.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// only sign bundles at build time and never enter an image. A production
+/// profile names no key at all: it trusts the owner's keys, given at build
+/// time (`qimage build --owner-keys`, [`crate::keys`]).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSection {
-    /// Public key files (`qupdate keygen`), repository relative.
+    /// Public key files (`qupdate keygen`), repository relative: test
+    /// profiles only.
     #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
     /// Distinct trusted signatures a bundle needs.
@@ -119,11 +122,40 @@ pub struct UpdateSection {
     /// Anti-rollback epoch of this build.
     #[serde(default)]
     pub security_epoch: u64,
+    /// How far above the installed floor (or the running image's epoch,
+    /// if higher) a bundle's epoch may be. A jump past it is refused, so a
+    /// stolen or careless key cannot pin the floor at `u64::MAX` and lock
+    /// every later release out. Large enough to skip many releases.
+    #[serde(default = "default_max_epoch_step")]
+    pub max_epoch_step: u64,
+}
+
+impl Default for UpdateSection {
+    fn default() -> Self {
+        Self {
+            trusted_keys: Vec::new(),
+            threshold: default_threshold(),
+            signing_keys: Vec::new(),
+            security_epoch: 0,
+            max_epoch_step: DEFAULT_MAX_EPOCH_STEP,
+        }
+    }
 }
 
 fn default_threshold() -> usize {
     1
 }
+
+/// [`UpdateSection::max_epoch_step`] unless a profile says otherwise.
+pub use qcontract::DEFAULT_MAX_EPOCH_STEP;
+
+fn default_max_epoch_step() -> u64 {
+    DEFAULT_MAX_EPOCH_STEP
+}
+
+/// What every test image's compatible string ends in, and no production
+/// image's does.
+pub const TEST_COMPATIBLE_SUFFIX: &str = "-test";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,7 +276,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Profile, ProfileError> {
         source,
     })?;
     let chain = vec![(path.to_owned(), table.clone())];
-    let profile = Profile::deserialize(toml::Value::Table(table))
+    let profile = Profile::deserialize(without_replace(toml::Value::Table(table)))
         .map_err(|e| schema_error(path, &chain, &e))?;
     profile.validate(path)?;
     Ok(profile)
@@ -370,20 +402,52 @@ fn load_merged(
 }
 
 /// Tables merge recursively, arrays append, everything else is replaced.
+/// A list given as `{ replace = [...] }` replaces the inherited list
+/// instead of adding to it (a release profile dropping a key its parent
+/// trusts, say).
 fn merge(base: &mut toml::Value, overlay: toml::Value) {
     match (base, overlay) {
+        (toml::Value::Array(b), toml::Value::Table(o)) if replacement(&o).is_some() => {
+            if let Some(list) = replacement(&o) {
+                *b = list.clone();
+            }
+        }
         (toml::Value::Table(b), toml::Value::Table(o)) => {
             for (k, v) in o {
                 match b.get_mut(&k) {
                     Some(existing) => merge(existing, v),
                     None => {
-                        b.insert(k, v);
+                        b.insert(k, without_replace(v));
                     }
                 }
             }
         }
         (toml::Value::Array(b), toml::Value::Array(o)) => b.extend(o),
-        (b, o) => *b = o,
+        (b, o) => *b = without_replace(o),
+    }
+}
+
+/// The list of a `{ replace = [...] }` table.
+fn replacement(t: &toml::Table) -> Option<&Vec<toml::Value>> {
+    match (t.len(), t.get("replace")) {
+        (1, Some(toml::Value::Array(list))) => Some(list),
+        _ => None,
+    }
+}
+
+/// `v` with every `{ replace = [...] }` that has nothing to replace (no
+/// parent, or a new key) turned into its list.
+fn without_replace(v: toml::Value) -> toml::Value {
+    match v {
+        toml::Value::Table(t) => match replacement(&t) {
+            Some(list) => toml::Value::Array(list.clone()),
+            None => toml::Value::Table(
+                t.into_iter()
+                    .map(|(k, v)| (k, without_replace(v)))
+                    .collect(),
+            ),
+        },
+        other => other,
     }
 }
 
@@ -416,6 +480,35 @@ impl Profile {
                     "`{}` must be non-empty [A-Za-z0-9._+-]",
                     self.image.compatible
                 ),
+            ));
+        }
+        // A test image's bundles must never install on a production one,
+        // and the other way round: the two never share a compatible
+        // string.
+        let test_string = self.image.compatible.ends_with(TEST_COMPATIBLE_SUFFIX);
+        if self.image.production == test_string {
+            return Err(invalid(
+                "image.compatible",
+                if self.image.production {
+                    format!(
+                        "`{}` is a test image's (it ends in `{TEST_COMPATIBLE_SUFFIX}`), \
+                         but the profile is production",
+                        self.image.compatible
+                    )
+                } else {
+                    format!(
+                        "`{}` must end in `{TEST_COMPATIBLE_SUFFIX}` on a test profile \
+                         (production = false), so its bundles never install on a \
+                         production image",
+                        self.image.compatible
+                    )
+                },
+            ));
+        }
+        if self.update.max_epoch_step == 0 {
+            return Err(invalid(
+                "update.max_epoch_step",
+                "0 would refuse every new security epoch".into(),
             ));
         }
         if self.debian.packages.is_empty() {
@@ -543,7 +636,7 @@ mod tests {
 [image]
 name = "t"
 version = "1.0"
-compatible = "dom0-x86_64"
+compatible = "dom0-x86_64-test"
 
 [debian]
 suite = "trixie"
@@ -725,6 +818,63 @@ data_mib = 64
             p.debian.packages,
             vec!["libc6", "xen-utils-4.20", "busybox-static"]
         );
+    }
+
+    /// A release profile can drop what a parent lists (a key it trusts,
+    /// say): `{ replace = [...] }` replaces the inherited list.
+    #[test]
+    fn extends_can_replace_an_inherited_list() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("base.toml"),
+            GOOD.replace(
+                "[disk]",
+                "[update]\ntrusted_keys = [\"image/keys/test.pub\"]\n[disk]",
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("child.toml"),
+            "extends = \"base\"\n[image]\nname = \"child\"\n\
+             [debian]\npackages = { replace = [\"busybox-static\"] }\n\
+             [update]\ntrusted_keys = { replace = [] }\n",
+        )
+        .unwrap();
+        let p = load(&dir.path().join("child.toml")).unwrap();
+        assert_eq!(p.debian.packages, ["busybox-static"]);
+        assert!(p.update.trusted_keys.is_empty());
+        let base = load(&dir.path().join("base.toml")).unwrap();
+        assert_eq!(
+            base.update.trusted_keys,
+            [PathBuf::from("image/keys/test.pub")]
+        );
+        // With nothing to replace, the form is just the list.
+        let alone = parse_str(&GOOD.replace(
+            "packages = [\"libc6\", \"xen-utils-4.20\"]",
+            "packages = { replace = [\"libc6\"] }",
+        ))
+        .unwrap();
+        assert_eq!(alone.debian.packages, ["libc6"]);
+    }
+
+    /// Test and production images never share a compatible string.
+    #[test]
+    fn only_test_profiles_have_a_test_compatible_string() {
+        let production = GOOD.replace("[image]", "[image]\nproduction = true");
+        let e = parse_str(&production).unwrap_err().to_string();
+        assert!(
+            e.contains("a test image's") && e.contains("image.compatible"),
+            "{e}"
+        );
+        parse_str(&production.replace("dom0-x86_64-test", "dom0-x86_64")).unwrap();
+        let e = parse_str(&GOOD.replace("dom0-x86_64-test", "dom0-x86_64"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must end in `-test`"), "{e}");
+        let e = parse_str(&GOOD.replace("[disk]", "[update]\nmax_epoch_step = 0\n[disk]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("update.max_epoch_step"), "{e}");
     }
 
     #[test]

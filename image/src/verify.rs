@@ -287,6 +287,7 @@ mod tests {
             build_epoch: epoch,
             production: false,
             security_epoch: 0,
+            max_epoch_step: 1,
         };
         fs::write(dir.join(IMAGE_INFO), info.render()).unwrap();
         fs::write(dir.join(DISK_IMAGE), b"disk").unwrap();

@@ -113,6 +113,10 @@ const HOST_PACKAGES: &[&str] = &[
     "pci.ids",
     // LAVA's job schema, to validate the jobs qlab generates.
     "lava-common",
+    // Owner keys (`qimage keys init`): Secure Boot certificates and the
+    // boot files' OpenPGP key.
+    "openssl",
+    "gnupg",
 ];
 
 /// What building a kernel needs besides the compiler.
@@ -293,6 +297,39 @@ fn cache_dir() -> PathBuf {
     home.join(".cache/qubes-dom0")
 }
 
+/// The owner key set a production build trusts:
+/// `$QUBES_DOM0_OWNER_KEYS`, else a local set in
+/// `$XDG_CONFIG_HOME/qubes-dom0/owner-keys` (`~/.config/...`), which the
+/// first production build makes (`qimage keys init`), outside the
+/// repository. A developer's set: docs/security.md says how an owner makes
+/// and keeps a real one.
+fn owner_keys(bin: &Path) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("QUBES_DOM0_OWNER_KEYS") {
+        return Ok(PathBuf::from(dir));
+    }
+    let config = std::env::var_os("XDG_CONFIG_HOME").map_or_else(
+        || {
+            std::env::var_os("HOME")
+                .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+                .join(".config")
+        },
+        PathBuf::from,
+    );
+    let dir = config.join("qubes-dom0/owner-keys");
+    if !dir.exists() {
+        eprintln!(
+            "xtask: no owner keys yet: making a local set in {} (a developer's; see docs/security.md)",
+            dir.display()
+        );
+        run_cmd(
+            Command::new(bin.join("qimage"))
+                .args(["keys", "init", "--owner", "local-dev"])
+                .arg(&dir),
+        )?;
+    }
+    Ok(dir)
+}
+
 fn source_date_epoch(root: &Path) -> String {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         return v;
@@ -355,6 +392,13 @@ impl<'a> ImageBuild<'a> {
         }
         if let Some(t) = root_tree {
             cmd.arg("--root-tree").arg(t);
+        }
+        let production = qimage::profile::load(&profile_path)
+            .with_context(|| format!("reading {}", profile_path.display()))?
+            .image
+            .production;
+        if production {
+            cmd.arg("--owner-keys").arg(owner_keys(&bin)?);
         }
         run_cmd(&mut cmd)?;
         eprintln!(

@@ -25,6 +25,11 @@ pub struct SystemArgs {
     /// State file (default /var/lib/qupdate/state.json).
     #[arg(long, global = true)]
     pub state: Option<PathBuf>,
+    /// How far above the floor a bundle's epoch may be; with --disk (the
+    /// running dom0's comes from its image info).
+    #[arg(long, global = true, default_value_t = qcontract::DEFAULT_MAX_EPOCH_STEP,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_epoch_step: u64,
 }
 
 impl SystemArgs {
@@ -47,6 +52,7 @@ impl SystemArgs {
                     .map_err(|e| UpdateError::Usage(format!("--booted: {e}")))?,
                 image_version: "unknown".into(),
                 image_epoch: 0,
+                max_epoch_step: self.max_epoch_step,
                 lock_wait: crate::LOCK_WAIT,
             },
         };

@@ -110,6 +110,11 @@ pub enum UpdateError {
     BootedNotGood { booted: Slot, target: Slot },
     #[error("bundle security epoch {epoch} is below the installed floor {floor} (a downgrade)")]
     BelowFloor { epoch: u64, floor: u64 },
+    #[error(
+        "bundle security epoch {epoch} is more than {step} above {base} (the floor or the running \
+         image's epoch): once marked good it would lock later releases out"
+    )]
+    EpochJump { epoch: u64, base: u64, step: u64 },
     #[error("{kind:?} payload of {size} bytes does not fit partition of {partition} bytes")]
     TooBig {
         kind: PayloadKind,
@@ -181,6 +186,9 @@ pub struct Config {
     pub booted: Slot,
     pub image_version: String,
     pub image_epoch: u64,
+    /// How far above the floor (or the running image's epoch, if higher) a
+    /// bundle's epoch may be (the image info's `max_epoch_step`).
+    pub max_epoch_step: u64,
     /// How long to wait for another updater ([`LOCK_WAIT`] by default).
     pub lock_wait: std::time::Duration,
 }
@@ -202,6 +210,7 @@ impl Config {
             booted,
             image_version: info.version,
             image_epoch: info.security_epoch,
+            max_epoch_step: info.max_epoch_step,
             lock_wait: LOCK_WAIT,
         })
     }
@@ -509,6 +518,16 @@ impl Updater {
                 return Err(UpdateError::BelowFloor {
                     epoch: m.security_epoch,
                     floor: state.floor,
+                });
+            }
+            // Once this slot is marked good the floor becomes its epoch:
+            // a jump too far would lock every later release out.
+            let base = state.floor.max(self.cfg.image_epoch);
+            if m.security_epoch.saturating_sub(base) > self.cfg.max_epoch_step {
+                return Err(UpdateError::EpochJump {
+                    epoch: m.security_epoch,
+                    base,
+                    step: self.cfg.max_epoch_step,
                 });
             }
             let (mut env, mut boot) = bootenv::load(&mut self.disk)?;

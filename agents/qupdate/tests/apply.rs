@@ -376,6 +376,28 @@ fn epoch_below_the_floor_is_a_downgrade() {
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
 }
 
+/// An epoch too far above the floor (or the running image's, here 1) is
+/// refused before the target is touched: once marked good it would lock
+/// every later release out. The step is the image's (10 in these tests).
+#[test]
+fn an_epoch_jump_past_the_step_is_refused() {
+    let w = world();
+    for epoch in [12, u64::MAX] {
+        let far = w.bundle(&[&w.key], |m| m.security_epoch = epoch);
+        let err = apply(&w, Slot::A, &far).unwrap_err();
+        assert!(
+            matches!(err, UpdateError::EpochJump { epoch: e, base: 1, step: 10 } if e == epoch),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("lock later releases out"), "{err}");
+        let s = w.boot_state();
+        assert_eq!(s.next_boot(), Some(Slot::A));
+        assert!(!s.b.ok && s.b.tries == 0);
+    }
+    let edge = w.bundle(&[&w.key], |m| m.security_epoch = 11);
+    assert_eq!(apply(&w, Slot::A, &edge).unwrap().security_epoch, 11);
+}
+
 /// A power cut after the target was invalidated and half written: the
 /// running slot still boots, and the same apply then succeeds.
 #[test]

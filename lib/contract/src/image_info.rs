@@ -29,6 +29,9 @@ pub struct ImageInfo {
     /// The anti-rollback epoch: once booted good, older bundles are
     /// refused.
     pub security_epoch: u64,
+    /// How far above the floor (or this image's epoch, if higher) a
+    /// bundle's epoch may be: a bigger jump is refused. At least 1.
+    pub max_epoch_step: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +53,7 @@ pub enum InfoError {
 }
 
 /// The keys, in the order written.
-const KEYS: [&str; 7] = [
+const KEYS: [&str; 8] = [
     "name",
     "version",
     "compatible",
@@ -58,7 +61,13 @@ const KEYS: [&str; 7] = [
     "build_epoch",
     "production",
     "security_epoch",
+    "max_epoch_step",
 ];
+
+/// A profile's `update.max_epoch_step` unless it says otherwise, and
+/// `qupdate --disk`'s: large enough to skip many releases at one epoch
+/// each, small enough that one key cannot pin the floor at `u64::MAX`.
+pub const DEFAULT_MAX_EPOCH_STEP: u64 = 100;
 
 /// The file is a few hundred bytes; anything much bigger is not it.
 const MAX_BYTES: u64 = 4096;
@@ -84,6 +93,7 @@ impl ImageInfo {
             self.build_epoch.to_string(),
             self.production.to_string(),
             self.security_epoch.to_string(),
+            self.max_epoch_step.to_string(),
         ];
         KEYS.iter()
             .zip(values)
@@ -175,6 +185,16 @@ impl ImageInfo {
             build_epoch: number(4)?,
             production,
             security_epoch: number(6)?,
+            max_epoch_step: match number(7)? {
+                0 => {
+                    return Err(err(
+                        get(7)?.0,
+                        KEYS[7],
+                        "0 would refuse every new security epoch".into(),
+                    ))
+                }
+                step => step,
+            },
         })
     }
 }
@@ -192,6 +212,7 @@ mod tests {
             build_epoch: 1_700_000_000,
             production: false,
             security_epoch: 1,
+            max_epoch_step: 100,
         }
     }
 
@@ -201,7 +222,7 @@ mod tests {
         assert_eq!(
             text,
             "name=qemu-test\nversion=0.1.0\ncompatible=dom0-x86_64\nkernel=6.12.117+deb13-amd64\n\
-             build_epoch=1700000000\nproduction=false\nsecurity_epoch=1\n"
+             build_epoch=1700000000\nproduction=false\nsecurity_epoch=1\nmax_epoch_step=100\n"
         );
         assert_eq!(ImageInfo::parse(Path::new("i"), &text).unwrap(), sample());
     }
@@ -234,6 +255,16 @@ mod tests {
                 good.replace("security_epoch=1", "security_epoch=99999999999999999999"),
                 "security_epoch",
                 "too large",
+            ),
+            (
+                good.replace("max_epoch_step=100", "max_epoch_step=0"),
+                "max_epoch_step",
+                "refuse every new security epoch",
+            ),
+            (
+                good.replace("max_epoch_step=100\n", ""),
+                "max_epoch_step",
+                "missing",
             ),
             (
                 good.replace("version=0.1.0", "version=0 1"),

@@ -32,7 +32,7 @@ mod slot;
 pub mod vm;
 
 pub use cmdline::{Cmdline, CmdlineError, OnFailure};
-pub use image_info::{ImageInfo, InfoError};
+pub use image_info::{ImageInfo, InfoError, DEFAULT_MAX_EPOCH_STEP};
 pub use partition::Partition;
 pub use report::error_chain;
 pub use slot::{Slot, SlotError};

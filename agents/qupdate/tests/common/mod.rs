@@ -100,6 +100,7 @@ impl World {
             booted,
             image_version: "0.1.0".into(),
             image_epoch: 1,
+            max_epoch_step: 10,
             lock_wait: std::time::Duration::from_millis(300),
         }
     }
