@@ -597,7 +597,7 @@ fn publish(
             &parts.boot,
             &verity.image,
             &verity.info,
-            &keys,
+            keys,
         )?;
     }
     let mut artifacts = Vec::new();

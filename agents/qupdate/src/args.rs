@@ -25,6 +25,14 @@ pub struct SystemArgs {
     /// State file (default /var/lib/qupdate/state.json).
     #[arg(long, global = true)]
     pub state: Option<PathBuf>,
+    /// The booted image's version; with --disk (dom0 reads its own from
+    /// /etc/qinit/image).
+    #[arg(long, global = true)]
+    pub image_version: Option<String>,
+    /// The booted image's security epoch, which mark-good raises the
+    /// floor to; with --disk.
+    #[arg(long, global = true)]
+    pub image_epoch: Option<u64>,
     /// How far above the floor a bundle's epoch may be; with --disk (the
     /// running dom0's comes from its image info).
     #[arg(long, global = true, default_value_t = qcontract::DEFAULT_MAX_EPOCH_STEP,
@@ -50,8 +58,13 @@ impl SystemArgs {
                     .ok_or_else(|| UpdateError::Usage("--disk needs --booted".into()))?
                     .parse()
                     .map_err(|e| UpdateError::Usage(format!("--booted: {e}")))?,
-                image_version: "unknown".into(),
-                image_epoch: 0,
+                image_version: self
+                    .image_version
+                    .clone()
+                    .ok_or_else(|| UpdateError::Usage("--disk needs --image-version".into()))?,
+                image_epoch: self
+                    .image_epoch
+                    .ok_or_else(|| UpdateError::Usage("--disk needs --image-epoch".into()))?,
                 max_epoch_step: self.max_epoch_step,
                 lock_wait: crate::LOCK_WAIT,
             },

@@ -678,7 +678,10 @@ impl Updater {
     }
 
     /// The boot-complete hook: the booted slot is good; only now does the
-    /// anti-rollback floor rise to its epoch.
+    /// anti-rollback floor rise, to the epoch of the image that booted. That
+    /// is the running root's own image info ([`Config::image_epoch`], from
+    /// the verified root), not the updater's record on /var of what it
+    /// installed, which whoever can write /var could have changed.
     pub fn mark_good(&mut self) -> Result<(), UpdateError> {
         let _held = self.lock(Lock::State)?;
         let booted = self.cfg.booted;
@@ -686,7 +689,12 @@ impl Updater {
         boot.mark_good(booted);
         bootenv::store(&mut self.disk, &mut env, &boot)?;
         let mut state = State::load(&self.cfg.state)?;
-        let info = self.booted_info(&state);
+        let recorded = self.booted_info(&state);
+        let info = SlotInfo {
+            version: self.cfg.image_version.clone(),
+            security_epoch: self.cfg.image_epoch,
+            ..recorded
+        };
         state.floor = state.floor.max(info.security_epoch);
         state.slots.insert(booted, info);
         self.store_state(&state)?;

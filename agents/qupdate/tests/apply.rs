@@ -376,6 +376,30 @@ fn epoch_below_the_floor_is_a_downgrade() {
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
 }
 
+/// The floor rises to the epoch the booted image itself says (its
+/// verified image info), whatever the record on /var says: lowering the
+/// record does not lower the floor.
+#[test]
+fn mark_good_takes_the_epoch_from_the_booted_image_not_the_record() {
+    let w = world();
+    apply(&w, Slot::A, &w.bundle(&[&w.key], |_| {})).unwrap();
+    let mut s = w.boot_state();
+    s.spend_try();
+    w.store_boot_state(&s);
+    let cfg = w.cfg(Slot::B);
+    assert_eq!(cfg.image_epoch, 5);
+    let state = w.dir.path().join("state/state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let lowered = text.replace("\"security_epoch\": 5", "\"security_epoch\": 0");
+    assert_ne!(text, lowered, "{text}");
+    std::fs::write(&state, lowered).unwrap();
+    Updater::open(cfg).unwrap().mark_good().unwrap();
+    let st = Updater::open(w.cfg(Slot::B)).unwrap().status().unwrap();
+    assert_eq!(st.floor, 5);
+    let b = &st.slots[1];
+    assert_eq!(b.security_epoch, Some(5));
+}
+
 /// An epoch too far above the floor (or the running image's, here 1) is
 /// refused before the target is touched: once marked good it would lock
 /// every later release out. The step is the image's (10 in these tests).

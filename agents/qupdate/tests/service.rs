@@ -64,6 +64,7 @@ fn start_daemon(w: &World, bus: &str) -> Daemon {
         .arg("--disk")
         .arg(&w.disk)
         .args(["--booted", "A", "--compatible", COMPATIBLE])
+        .args(["--image-version", "0.1.0", "--image-epoch", "1"])
         .args(slot_args(w))
         .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
         .env("NOTIFY_SOCKET", &notify)
@@ -256,6 +257,7 @@ fn with_disk_the_cli_works_on_the_slots_itself_even_beside_the_service() {
     let disk = w.disk.display().to_string();
     let local = |args: &[&str], stdin| {
         let mut all = vec!["--disk", &disk, "--booted", "A", "--compatible", COMPATIBLE];
+        all.extend(["--image-version", "0.1.0", "--image-epoch", "1"]);
         let slots = slot_args(&w);
         all.extend(slots.iter().map(String::as_str));
         all.extend(args);

@@ -91,15 +91,25 @@ pub fn world() -> World {
 }
 
 impl World {
+    /// The system booted from `booted`: its image info is what the slot
+    /// holds, as a running root would say: the world's original image
+    /// (0.1.0, epoch 1), or the bundle last installed there.
     pub fn cfg(&self, booted: Slot) -> Config {
+        let state = self.dir.path().join("state/state.json");
+        let installed = qupdate::state::State::load(&state)
+            .unwrap()
+            .slots
+            .get(&booted)
+            .map(|i| (i.version.clone(), i.security_epoch));
+        let (image_version, image_epoch) = installed.unwrap_or_else(|| ("0.1.0".into(), 1));
         Config {
             disk: self.disk.clone(),
             trust: self.dir.path().join("trust.toml"),
-            state: self.dir.path().join("state/state.json"),
+            state,
             compatible: COMPATIBLE.into(),
             booted,
-            image_version: "0.1.0".into(),
-            image_epoch: 1,
+            image_version,
+            image_epoch,
             max_epoch_step: 10,
             lock_wait: std::time::Duration::from_millis(300),
         }
