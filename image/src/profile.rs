@@ -473,6 +473,11 @@ impl Profile {
                 format!("`{}` must be non-empty [A-Za-z0-9._+-]", self.image.version),
             ));
         }
+        // qupdate orders versions of the same security epoch; one it
+        // cannot order would be refused on the machine.
+        if let Err(e) = qcontract::version::Version::parse(&self.image.version) {
+            return Err(invalid("image.version", e.to_string()));
+        }
         if !name_ok(&self.image.compatible) {
             return Err(invalid(
                 "image.compatible",
@@ -635,7 +640,7 @@ mod tests {
     const GOOD: &str = r#"
 [image]
 name = "t"
-version = "1.0"
+version = "1.0.0"
 compatible = "dom0-x86_64-test"
 
 [debian]
@@ -690,7 +695,8 @@ data_mib = 64
     fn malformed_fields_are_named() {
         let cases = [
             ("name = \"t\"", "name = \"\"", "image.name"),
-            ("version = \"1.0\"", "version = \"1 0\"", "image.version"),
+            ("version = \"1.0.0\"", "version = \"1 0\"", "image.version"),
+            ("version = \"1.0.0\"", "version = \"1.0\"", "image.version"),
             (
                 "packages = [\"libc6\", \"xen-utils-4.20\"]",
                 "packages = [\"libc6\", \"Bad Name\"]",
@@ -813,7 +819,7 @@ data_mib = 64
         .unwrap();
         let p = load(&dir.path().join("child.toml")).unwrap();
         assert_eq!(p.image.name, "child");
-        assert_eq!(p.image.version, "1.0");
+        assert_eq!(p.image.version, "1.0.0");
         assert_eq!(
             p.debian.packages,
             vec!["libc6", "xen-utils-4.20", "busybox-static"]

@@ -111,6 +111,27 @@ pub enum UpdateError {
     #[error("bundle security epoch {epoch} is below the installed floor {floor} (a downgrade)")]
     BelowFloor { epoch: u64, floor: u64 },
     #[error(
+        "slot {0}'s security epoch is not recorded, so a rollback to it could go below the floor"
+    )]
+    UnknownEpoch(Slot),
+    #[error("slot {slot} has security epoch {epoch}, below the floor {floor}: rolling back to it is a downgrade")]
+    RollbackBelowFloor { slot: Slot, epoch: u64, floor: u64 },
+    #[error(
+        "bundle version {version} is older than the running {running} of the same security \
+         epoch {epoch} (a downgrade)"
+    )]
+    OlderInEpoch {
+        version: String,
+        running: String,
+        epoch: u64,
+    },
+    #[error("{whose} version")]
+    Version {
+        whose: &'static str,
+        #[source]
+        source: qcontract::version::VersionError,
+    },
+    #[error(
         "bundle security epoch {epoch} is more than {step} above {base} (the floor or the running \
          image's epoch): once marked good it would lock later releases out"
     )]
@@ -520,6 +541,24 @@ impl Updater {
                     floor: state.floor,
                 });
             }
+            // Within one epoch, only the same or a newer version: an older
+            // release of the same epoch is a downgrade the floor cannot
+            // see. A version that does not parse cannot be ordered: refused.
+            if m.security_epoch == self.cfg.image_epoch {
+                let version = |text: &str, whose: &'static str| {
+                    qcontract::version::Version::parse(text)
+                        .map_err(|source| UpdateError::Version { whose, source })
+                };
+                let new = version(&m.version, "the bundle's")?;
+                let running = version(&self.cfg.image_version, "the running image's")?;
+                if new < running {
+                    return Err(UpdateError::OlderInEpoch {
+                        version: m.version.clone(),
+                        running: self.cfg.image_version.clone(),
+                        epoch: m.security_epoch,
+                    });
+                }
+            }
             // Once this slot is marked good the floor becomes its epoch:
             // a jump too far would lock every later release out.
             let base = state.floor.max(self.cfg.image_epoch);
@@ -701,13 +740,29 @@ impl Updater {
         Ok(())
     }
 
-    /// Makes the other slot the default, if it is good.
+    /// Makes the other slot the default, if it is good and not below the
+    /// anti-rollback floor. Its epoch is the one recorded when it was
+    /// installed or marked good; with no record it cannot be told, and
+    /// the rollback is refused.
     pub fn rollback(&mut self) -> Result<Slot, UpdateError> {
         let _held = self.lock(Lock::State)?;
         let other = self.cfg.booted.other();
         let (mut env, mut boot) = bootenv::load(&mut self.disk)?;
         if !boot.slot(other).ok {
             return Err(UpdateError::NotGood(other));
+        }
+        let state = State::load(&self.cfg.state)?;
+        let epoch = state
+            .slots
+            .get(&other)
+            .map(|i| i.security_epoch)
+            .ok_or(UpdateError::UnknownEpoch(other))?;
+        if epoch < state.floor {
+            return Err(UpdateError::RollbackBelowFloor {
+                slot: other,
+                epoch,
+                floor: state.floor,
+            });
         }
         boot.order = vec![other, self.cfg.booted];
         bootenv::store(&mut self.disk, &mut env, &boot)?;

@@ -43,7 +43,10 @@ fn apply(w: &World, booted: Slot, bytes: &[u8]) -> Result<qupdate::Applied, Upda
 #[test]
 fn install_boot_mark_good_and_roll_back() {
     let w = world();
-    let bundle = w.bundle(&[&w.key], |_| {});
+    // A's first boot marked it good: its epoch (1) is recorded, the floor 1.
+    Updater::open(w.cfg(Slot::A)).unwrap().mark_good().unwrap();
+    // The same epoch as A, so rolling back to A stays above the floor.
+    let bundle = w.bundle(&[&w.key], |m| m.security_epoch = 1);
     let applied = apply(&w, Slot::A, &bundle).unwrap();
     assert_eq!(applied.slot, Slot::B);
     // The payloads are on the disk, byte for byte.
@@ -58,10 +61,7 @@ fn install_boot_mark_good_and_roll_back() {
     let st = Updater::open(w.cfg(Slot::A)).unwrap().status().unwrap();
     assert_eq!(st.slot(Slot::B).state, SlotState::Bootable);
     assert_eq!(st.slot(Slot::B).version.as_deref(), Some("0.2.0"));
-    assert_eq!(
-        st.floor, 0,
-        "the floor must not rise before the new slot is good"
-    );
+    assert_eq!(st.floor, 1);
 
     // GRUB spends a try and boots B; B's boot-complete hook marks it good.
     let mut s = w.boot_state();
@@ -70,7 +70,7 @@ fn install_boot_mark_good_and_roll_back() {
     let mut u = Updater::open(w.cfg(Slot::B)).unwrap();
     u.mark_good().unwrap();
     let st = u.status().unwrap();
-    assert_eq!(st.floor, 5);
+    assert_eq!(st.floor, 1);
     assert_eq!(st.slot(Slot::B).state, SlotState::Good);
     assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
 
@@ -398,6 +398,85 @@ fn mark_good_takes_the_epoch_from_the_booted_image_not_the_record() {
     assert_eq!(st.floor, 5);
     let b = &st.slots[1];
     assert_eq!(b.security_epoch, Some(5));
+}
+
+/// The floor rises only once the new slot is good, and then a rollback
+/// below it is refused, as is one to a slot whose epoch nobody recorded.
+#[test]
+fn a_rollback_below_the_floor_is_refused() {
+    let w = world();
+    apply(&w, Slot::A, &w.bundle(&[&w.key], |_| {})).unwrap();
+    let st = Updater::open(w.cfg(Slot::A)).unwrap().status().unwrap();
+    assert_eq!(
+        st.floor, 0,
+        "the floor must not rise before the new slot is good"
+    );
+    let mut s = w.boot_state();
+    s.spend_try();
+    w.store_boot_state(&s);
+    let mut u = Updater::open(w.cfg(Slot::B)).unwrap();
+    u.mark_good().unwrap();
+    assert_eq!(u.status().unwrap().floor, 5);
+    // A is good in the boot state, but nothing recorded its epoch.
+    let e = u.rollback().unwrap_err();
+    assert!(matches!(e, UpdateError::UnknownEpoch(Slot::A)), "{e:?}");
+    // Recorded (as its first boot would have), it is below the floor.
+    let state = w.dir.path().join("state/state.json");
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    st["slots"]["A"] = serde_json::json!({
+        "version": "0.1.0", "security_epoch": 1, "build_id": "", "root_hash": ""
+    });
+    std::fs::write(&state, st.to_string()).unwrap();
+    let e = u.rollback().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            UpdateError::RollbackBelowFloor {
+                slot: Slot::A,
+                epoch: 1,
+                floor: 5
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(w.boot_state().next_boot(), Some(Slot::B));
+}
+
+/// Within the running image's epoch (1 here, version 0.1.0), only the same
+/// or a newer version installs (the order of `qcontract::version`); one
+/// that cannot be ordered is refused.
+#[test]
+fn an_older_version_of_the_same_epoch_is_a_downgrade() {
+    let w = world();
+    for (version, ok) in [
+        ("0.1.0-rc1", false),
+        ("0.0.9", false),
+        ("0.1.0", true),
+        ("0.1.1", true),
+        ("0.1", false),
+    ] {
+        let b = w.bundle(&[&w.key], |m| {
+            m.security_epoch = 1;
+            m.version = version.into();
+        });
+        let r = apply(&w, Slot::A, &b);
+        match (ok, r) {
+            (true, Ok(a)) => assert_eq!(a.version, version),
+            (
+                false,
+                Err(UpdateError::OlderInEpoch {
+                    running, epoch: 1, ..
+                }),
+            ) => {
+                assert_eq!(running, "0.1.0");
+            }
+            (false, Err(UpdateError::Version { whose, .. })) if version == "0.1" => {
+                assert_eq!(whose, "the bundle's");
+            }
+            (_, r) => panic!("{version}: {r:?}"),
+        }
+    }
 }
 
 /// An epoch too far above the floor (or the running image's, here 1) is

@@ -381,14 +381,15 @@ fn bundle_file(bytes: &[u8]) -> std::fs::File {
     f
 }
 
-/// The whole cycle, recorded: install a release into B, boot it, mark it
-/// good, roll back to A, boot A, install a second release into B (over a
-/// good slot), boot it, mark it good. Returns the disk before the first
+/// The whole cycle, recorded: A's first boot marks it good; install a
+/// release into B, boot it, mark it good, roll back to A, boot A, install
+/// a second release into B (over a good slot), boot it, mark it good. Returns the disk before the first
 /// write, the images that may be whole, and the journal.
 fn recorded_cycle() -> (World, Vec<u8>, Vec<Image>, Vec<DiskOp>) {
     let w = world();
     let base = std::fs::read(&w.disk).unwrap();
-    let r1 = w.bundle_parts(&[&w.key], 1, |_| {});
+    // Release 1 has A's epoch, so the rollback to A stays above the floor.
+    let r1 = w.bundle_parts(&[&w.key], 1, |m| m.security_epoch = 1);
     let r2 = w.bundle_parts(&[&w.key], 2, |m| {
         m.version = "0.3.0".into();
         m.security_epoch = 6;
@@ -397,6 +398,8 @@ fn recorded_cycle() -> (World, Vec<u8>, Vec<Image>, Vec<DiskOp>) {
     let updater = |booted| Updater::open_journaled(w.cfg(booted), Some(journal.clone())).unwrap();
     let opts = ApplyOptions::default();
 
+    // A's first boot: marked good, its epoch recorded.
+    updater(Slot::A).mark_good().unwrap();
     let applied = updater(Slot::A)
         .apply(bundle_file(&r1.bundle), &opts, &mut |_| {})
         .unwrap();

@@ -12,6 +12,7 @@
 //! | Qubes [`vm`] names | domain definitions | qdomd, the Qubes daemons |
 //! | the system [`accounts`] | qimage (`/etc/passwd`) | qbus, the policy in [`bus`] |
 //! | the [`bus`] socket, names and who may use them | qbus, the agents | the agents' clients |
+//! | image [`version`]s and their order | profiles, bundles | qimage (checks), qupdate (same-epoch installs) |
 //!
 //! The root's dm-verity parameters (`root.verity`) are `qverity`'s
 //! `VerityInfo` text form, and the GRUB environment is `grubenv`'s; they
@@ -29,6 +30,7 @@ pub mod partition;
 pub mod paths;
 mod report;
 mod slot;
+pub mod version;
 pub mod vm;
 
 pub use cmdline::{Cmdline, CmdlineError, OnFailure};
