@@ -185,17 +185,36 @@ pub fn init(dir: &Path, owner: &str) -> Result<KeySet, KeyError> {
                     path: dir.to_owned(),
                 });
             }
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(dir, "chmod 700"))?;
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent).map_err(io(parent, "creating"))?;
-            }
-            private_dir(dir)?;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(dir, "reading")(e)),
     }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent, "creating"))?;
+    // Made beside it and renamed into place whole: a set that failed half
+    // way (no openssl, say) is never mistaken for a key set.
+    let staging = tempfile::Builder::new()
+        .prefix(".keys-init-")
+        .tempdir_in(parent)
+        .map_err(io(parent, "making a staging directory in"))?;
+    let set = make(staging.path(), owner)?;
+    std::fs::rename(staging.path(), dir).map_err(io(dir, "renaming the new set to"))?;
+    // The staging directory is the set now; nothing is left to remove.
+    let _ = staging.keep();
+    Ok(KeySet {
+        dir: dir.to_owned(),
+        update_public: set.iter().map(|p| dir.join(p)).collect(),
+    })
+}
+
+/// Makes the key set's files in `dir`; returns the update public keys'
+/// paths within it.
+fn make(dir: &Path, owner: &str) -> Result<Vec<PathBuf>, KeyError> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(dir, "chmod 700"))?;
 
     let update = dir.join(UPDATE_DIR);
     private_dir(&update)?;
@@ -204,8 +223,12 @@ pub fn init(dir: &Path, owner: &str) -> Result<KeySet, KeyError> {
         let name = format!("{owner}-update-{n}");
         let key = qbundle::generate_keypair()?;
         key.store(&update.join(format!("{name}.key")))?;
-        let public = update.join(format!("{name}.pub"));
-        write_new(&public, key.public(&name).to_line().as_bytes(), 0o644)?;
+        let public = Path::new(UPDATE_DIR).join(format!("{name}.pub"));
+        write_new(
+            &dir.join(&public),
+            key.public(&name).to_line().as_bytes(),
+            0o644,
+        )?;
         update_public.push(public);
     }
 
@@ -279,10 +302,7 @@ pub fn init(dir: &Path, owner: &str) -> Result<KeySet, KeyError> {
         .status();
 
     write_new(&dir.join("README"), readme(owner).as_bytes(), 0o644)?;
-    Ok(KeySet {
-        dir: dir.to_owned(),
-        update_public,
-    })
+    Ok(update_public)
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
@@ -346,6 +366,8 @@ impl OwnerKeys {
     /// Opens `dir`: outside any git work tree, its update keys present
     /// and their private halves readable by their owner alone.
     pub fn open(dir: &Path) -> Result<Self, KeyError> {
+        // Where it really is: a link from outside into a work tree is in it.
+        let dir = &std::fs::canonicalize(dir).map_err(io(dir, "resolving"))?;
         if let Some(repo) = git_work_tree(dir) {
             return Err(KeyError::InRepository {
                 path: dir.to_owned(),
@@ -356,7 +378,8 @@ impl OwnerKeys {
         let mut update_public = Vec::new();
         for e in std::fs::read_dir(&update).map_err(io(&update, "reading"))? {
             let path = e.map_err(io(&update, "reading"))?.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(io(&path, "stat"))?;
+            // What a link points at is what counts, for a mode as for a key.
+            let meta = std::fs::metadata(&path).map_err(io(&path, "stat"))?;
             match path.extension().and_then(|x| x.to_str()) {
                 Some("key") if meta.mode() & 0o077 != 0 => {
                     return Err(KeyError::Invalid {

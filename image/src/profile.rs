@@ -402,9 +402,9 @@ fn load_merged(
 }
 
 /// Tables merge recursively, arrays append, everything else is replaced.
-/// A list given as `{ replace = [...] }` replaces the inherited list
+/// A list given as `{ override = [...] }` replaces the inherited list
 /// instead of adding to it (a release profile dropping a key its parent
-/// trusts, say).
+/// trusts, say). (Not `replace`: `[root]` has a field of that name.)
 fn merge(base: &mut toml::Value, overlay: toml::Value) {
     match (base, overlay) {
         (toml::Value::Array(b), toml::Value::Table(o)) if replacement(&o).is_some() => {
@@ -427,15 +427,18 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
     }
 }
 
-/// The list of a `{ replace = [...] }` table.
+/// The list of a `{ override = [...] }` table.
 fn replacement(t: &toml::Table) -> Option<&Vec<toml::Value>> {
-    match (t.len(), t.get("replace")) {
+    match (t.len(), t.get(OVERRIDE)) {
         (1, Some(toml::Value::Array(list))) => Some(list),
         _ => None,
     }
 }
 
-/// `v` with every `{ replace = [...] }` that has nothing to replace (no
+/// The key of a list that replaces the one it inherits.
+const OVERRIDE: &str = "override";
+
+/// `v` with every `{ override = [...] }` that has nothing to replace (no
 /// parent, or a new key) turned into its list.
 fn without_replace(v: toml::Value) -> toml::Value {
     match v {
@@ -827,7 +830,7 @@ data_mib = 64
     }
 
     /// A release profile can drop what a parent lists (a key it trusts,
-    /// say): `{ replace = [...] }` replaces the inherited list.
+    /// say): `{ override = [...] }` replaces the inherited list.
     #[test]
     fn extends_can_replace_an_inherited_list() {
         let dir = tempfile::tempdir().unwrap();
@@ -842,8 +845,8 @@ data_mib = 64
         std::fs::write(
             dir.path().join("child.toml"),
             "extends = \"base\"\n[image]\nname = \"child\"\n\
-             [debian]\npackages = { replace = [\"busybox-static\"] }\n\
-             [update]\ntrusted_keys = { replace = [] }\n",
+             [debian]\npackages = { override = [\"busybox-static\"] }\n\
+             [update]\ntrusted_keys = { override = [] }\n",
         )
         .unwrap();
         let p = load(&dir.path().join("child.toml")).unwrap();
@@ -857,7 +860,7 @@ data_mib = 64
         // With nothing to replace, the form is just the list.
         let alone = parse_str(&GOOD.replace(
             "packages = [\"libc6\", \"xen-utils-4.20\"]",
-            "packages = { replace = [\"libc6\"] }",
+            "packages = { override = [\"libc6\"] }",
         ))
         .unwrap();
         assert_eq!(alone.debian.packages, ["libc6"]);

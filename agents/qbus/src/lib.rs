@@ -12,6 +12,7 @@
 //! busd but through the policy. The socket is mode 0666, as a system bus
 //! is: the policy, not the file mode, decides.
 
+pub mod limits;
 pub mod policy;
 pub mod socket;
 
@@ -47,6 +48,7 @@ pub struct SystemBus {
     listener: tokio::net::UnixListener,
     path: PathBuf,
     next_id: usize,
+    limits: limits::Limits,
 }
 
 impl std::fmt::Debug for SystemBus {
@@ -111,6 +113,7 @@ impl SystemBus {
             listener,
             path: path.to_owned(),
             next_id: 0,
+            limits: limits::Limits::default(),
         })
     }
 
@@ -118,20 +121,33 @@ impl SystemBus {
         format!("unix:path={}", self.path.display())
     }
 
-    /// Serves clients until an error of the listener.
+    /// Serves clients for as long as the process lives. An accept that
+    /// fails (out of file descriptors, a client gone before it was
+    /// accepted) is said and retried after a pause: the bus does not end
+    /// for one client.
     pub async fn run(&mut self) -> Result<()> {
         loop {
-            let (stream, _) = self
-                .listener
-                .accept()
-                .await
-                .with_context(|| format!("accepting on {}", self.path.display()))?;
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    eprintln!("accepting on {}: {e}", self.path.display());
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            };
+            let slot = match self.limits.admit(&stream) {
+                Ok(slot) => slot,
+                Err(e) => {
+                    eprintln!("connection refused: {e}");
+                    continue;
+                }
+            };
             self.next_id += 1;
             let id = self.next_id;
             let peers = self.bus.peers().clone();
             let guid = self.bus.guid().clone();
             tokio::spawn(async move {
-                if let Err(e) = serve(stream, id, peers, guid).await {
+                if let Err(e) = serve(stream, id, peers, guid, slot).await {
                     eprintln!(":busd.{id}: {e:#}");
                 }
             });
@@ -144,23 +160,32 @@ impl SystemBus {
     }
 }
 
+/// How long a client may take to authenticate (dbus-daemon's
+/// `auth_timeout` is 30 s): one that never does holds nothing for long.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The pause after a failed accept.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Hands one accepted client to busd through the policy's socket halves.
 async fn serve(
     stream: tokio::net::UnixStream,
     id: usize,
     peers: std::sync::Arc<busd::peers::Peers>,
     guid: zbus::OwnedGuid,
+    slot: limits::Slot,
 ) -> Result<()> {
-    let (peer, split) = socket::split(stream, id, peers.clone())?;
-    peers
-        .add(
-            &guid,
-            id,
-            zbus::connection::Builder::socket(split),
-            zbus::connection::AuthMechanism::External,
-            busd::peer::SEND_TIMEOUT,
-        )
+    let (peer, split) = socket::split(stream, id, peers.clone(), slot)?;
+    let add = peers.add(
+        &guid,
+        id,
+        zbus::connection::Builder::socket(split),
+        zbus::connection::AuthMechanism::External,
+        busd::peer::SEND_TIMEOUT,
+    );
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, add)
         .await
+        .map_err(|_| anyhow::anyhow!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()))
+        .and_then(|r| r)
         .with_context(|| format!("uid {} pid {}: connection refused", peer.uid, peer.pid))
 }
 

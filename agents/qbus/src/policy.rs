@@ -14,7 +14,10 @@
 //! - the bus's own API is open (Hello, AddMatch, GetConnectionUnixUser…)
 //!   except `BecomeMonitor` and `UpdateActivationEnvironment`, root only;
 //! - a signal on a protected interface or object is sent only by the
-//!   owner's uid and received only by its callers.
+//!   owner's uid and received only by its callers;
+//! - no client sends a signal on the bus's own interfaces or object
+//!   (`NameOwnerChanged` and the like are the bus's), and a signal to one
+//!   client (with a destination) is root's.
 
 use qcontract::accounts::ROOT;
 use qcontract::bus::{self, Service};
@@ -24,6 +27,10 @@ pub const BUS_NAME: &str = "org.freedesktop.DBus";
 
 /// The error name a refused call gets, as dbus-daemon answers.
 pub const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
+
+/// The bus's own interfaces and objects: no client sends signals on them.
+const BUS_INTERFACES: &[&str] = &["org.freedesktop.DBus", "org.freedesktop.DBus.Local"];
+const BUS_PATHS: &[&str] = &["/org/freedesktop/DBus", "/org/freedesktop/DBus/Local"];
 
 /// Bus methods that only root may call: a monitor sees every message, and
 /// the activation environment is root's to set.
@@ -75,6 +82,16 @@ pub enum Denied {
         destination: String,
         member: String,
     },
+    #[error("uid {uid} may not send signal {member}: only the bus sends its own signals")]
+    BusSignal { uid: u32, member: String },
+    #[error(
+        "uid {uid} may not send signal {member} to {destination}: a signal to one client is root's"
+    )]
+    UnicastSignal {
+        uid: u32,
+        destination: String,
+        member: String,
+    },
     #[error("uid {uid} may not send signal {member} of {service}: only uid {owner} may")]
     Signal {
         uid: u32,
@@ -106,15 +123,37 @@ pub fn may_send(
     let root = uid == ROOT.uid;
     match msg.kind {
         Kind::Reply => Ok(()),
-        Kind::Signal => match bus::by_path_or_interface(msg.path, msg.interface) {
-            Some(s) if s.owner.uid != uid => Err(Denied::Signal {
-                uid,
-                service: s.name,
-                member: msg.member_name(),
-                owner: s.owner.uid,
-            }),
-            _ => Ok(()),
-        },
+        Kind::Signal => {
+            // Only the bus speaks for the bus: a client's NameOwnerChanged
+            // would pass for the bus's own with zbus, which cannot check a
+            // well-known sender.
+            if msg.interface.is_some_and(|i| BUS_INTERFACES.contains(&i))
+                || msg.path.is_some_and(|p| BUS_PATHS.contains(&p))
+            {
+                return Err(Denied::BusSignal {
+                    uid,
+                    member: msg.member_name(),
+                });
+            }
+            // A signal to one client is a call in all but name: to one
+            // that is not its caller's own kind, root's alone.
+            if let (Some(dest), false) = (msg.destination, root) {
+                return Err(Denied::UnicastSignal {
+                    uid,
+                    destination: dest.to_owned(),
+                    member: msg.member_name(),
+                });
+            }
+            match bus::by_path_or_interface(msg.path, msg.interface) {
+                Some(s) if s.owner.uid != uid => Err(Denied::Signal {
+                    uid,
+                    service: s.name,
+                    member: msg.member_name(),
+                    owner: s.owner.uid,
+                }),
+                _ => Ok(()),
+            }
+        }
         Kind::MethodCall => match msg.destination {
             Some(BUS_NAME) => may_call_bus(uid, msg),
             Some(dest) => {
@@ -338,6 +377,36 @@ mod tests {
         };
         assert!(may_send(NOBODY, &changed, None).is_err());
         assert!(!may_receive(NOBODY, &changed));
+        // The bus's own signals are nobody else's, root's included.
+        let owner_changed = Message {
+            path: Some("/org/freedesktop/DBus"),
+            interface: Some("org.freedesktop.DBus"),
+            member: Some("NameOwnerChanged"),
+            ..completed
+        };
+        for uid in [0, NOBODY] {
+            assert!(matches!(
+                may_send(uid, &owner_changed, None),
+                Err(Denied::BusSignal { .. })
+            ));
+            let elsewhere = Message {
+                path: Some("/x"),
+                ..owner_changed
+            };
+            assert!(may_send(uid, &elsewhere, None).is_err());
+        }
+        // A signal to one client is root's.
+        let unicast = Message {
+            destination: Some(":busd.9"),
+            path: Some("/org/example"),
+            interface: Some("org.example.Thing"),
+            ..completed
+        };
+        assert!(matches!(
+            may_send(NOBODY, &unicast, None),
+            Err(Denied::UnicastSignal { uid: NOBODY, .. })
+        ));
+        assert!(may_send(0, &unicast, None).is_ok());
         // Anyone else's signals are anyone's.
         let other = Message {
             path: Some("/org/example"),

@@ -57,25 +57,35 @@ pub fn split(
     stream: UnixStream,
     id: usize,
     peers: Arc<busd::peers::Peers>,
+    slot: crate::limits::Slot,
 ) -> io::Result<(Peer, BoxedSplit)> {
-    let cred = rustix::net::sockopt::socket_peercred(&stream)?;
-    let peer = Peer {
-        id,
-        uid: cred.uid.as_raw(),
-        pid: cred.pid.as_raw_nonzero().get(),
-    };
+    let peer = slot.peer(id);
     let io = Arc::new(stream);
     let writer = Arc::new(tokio::sync::Mutex::new(RawWriter {
         io: io.clone(),
         peer,
     }));
     let reader = PolicyReader {
-        raw: RawReader { io, peer },
+        raw: RawReader {
+            io: io.clone(),
+            peer,
+        },
         writer: writer.clone(),
         peers,
+        refused: 0,
+        _slot: slot,
     };
-    let writer = PolicyWriter { raw: writer };
+    let writer = PolicyWriter { raw: writer, io };
     Ok((peer, Split::new(Box::new(reader), Box::new(writer))))
+}
+
+/// Shuts both directions of the client's socket, so busd sees the end of
+/// the connection; never waits for anything.
+fn hang_up(io: &UnixStream) -> io::Result<()> {
+    match rustix::net::shutdown(io, rustix::net::Shutdown::Both) {
+        Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn credentials(peer: Peer) -> ConnectionCredentials {
@@ -159,10 +169,7 @@ impl WriteHalf for RawWriter {
     }
 
     async fn close(&mut self) -> io::Result<()> {
-        match rustix::net::shutdown(&*self.io, rustix::net::Shutdown::Both) {
-            Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        hang_up(&self.io)
     }
 
     fn can_pass_unix_fd(&self) -> bool {
@@ -199,21 +206,35 @@ pub struct PolicyReader {
     raw: RawReader,
     writer: Arc<tokio::sync::Mutex<RawWriter>>,
     peers: Arc<busd::peers::Peers>,
+    /// How many of its messages were refused (the log says the first
+    /// [`LOGGED_REFUSALS`]).
+    refused: u64,
+    /// The client's place under its uid's connection limit, given back
+    /// when busd drops the connection.
+    _slot: crate::limits::Slot,
 }
 
+/// Refusals logged for each client; a client that keeps trying cannot
+/// flood the log.
+const LOGGED_REFUSALS: u64 = 10;
+
 impl PolicyReader {
-    /// The protected service that `destination`, a unique name, owns.
-    async fn owner_of(&self, destination: &str) -> Option<&'static qcontract::bus::Service> {
+    /// The protected services whose names `destination`, a unique name,
+    /// owns: a call to it must be one every one of them allows.
+    async fn owned_by(&self, destination: &str) -> Vec<&'static qcontract::bus::Service> {
         if !destination.starts_with(':') {
-            return None;
+            return Vec::new();
         }
         let registry = self.peers.name_registry().await;
-        qcontract::bus::SERVICES.iter().find(|s| {
-            WellKnownName::try_from(s.name)
-                .ok()
-                .and_then(|n| registry.lookup(n))
-                .is_some_and(|owner| owner.as_str() == destination)
-        })
+        qcontract::bus::SERVICES
+            .iter()
+            .filter(|s| {
+                WellKnownName::try_from(s.name)
+                    .ok()
+                    .and_then(|n| registry.lookup(n))
+                    .is_some_and(|owner| owner.as_str() == destination)
+            })
+            .collect()
     }
 
     async fn check(&self, msg: &zbus::Message) -> Result<(), policy::Denied> {
@@ -236,11 +257,17 @@ impl PolicyReader {
             member,
             name_arg: name_arg.as_deref(),
         };
-        let owner = match destination {
-            Some(d) if view.kind == Kind::MethodCall => self.owner_of(d).await,
-            _ => None,
+        let owners = match destination {
+            Some(d) if view.kind == Kind::MethodCall => self.owned_by(d).await,
+            _ => Vec::new(),
         };
-        policy::may_send(self.raw.peer.uid, &view, owner)
+        if owners.is_empty() {
+            return policy::may_send(self.raw.peer.uid, &view, None);
+        }
+        for owner in owners {
+            policy::may_send(self.raw.peer.uid, &view, Some(owner))?;
+        }
+        Ok(())
     }
 
     /// Answers a refused call with `AccessDenied`, as dbus-daemon does,
@@ -260,7 +287,20 @@ impl PolicyReader {
             .sender(policy::BUS_NAME)
             .destination(to.as_str())
             .build(&(why.to_string(),))?;
-        self.writer.lock().await.send_message(&reply).await
+        // A client that does not read its answers must not hold the
+        // writer (and with it busd, which writes to it too): as busd does
+        // for its own sends, give up after its send timeout and hang up.
+        let send = async { self.writer.lock().await.send_message(&reply).await };
+        match tokio::time::timeout(busd::peer::SEND_TIMEOUT, send).await {
+            Ok(r) => r,
+            Err(_) => {
+                hang_up(&self.raw.io)?;
+                Err(zbus::Error::InputOutput(Arc::new(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client does not read its answers",
+                ))))
+            }
+        }
     }
 }
 
@@ -290,11 +330,19 @@ impl ReadHalf for PolicyReader {
             match self.check(&msg).await {
                 Ok(()) => return Ok(msg),
                 Err(why) => {
-                    eprintln!(
-                        "refused {} (pid {}): {why}",
-                        self.raw.peer.unique_name(),
-                        self.raw.peer.pid
-                    );
+                    self.refused += 1;
+                    if self.refused <= LOGGED_REFUSALS {
+                        eprintln!(
+                            "refused {} (pid {}): {why}{}",
+                            self.raw.peer.unique_name(),
+                            self.raw.peer.pid,
+                            if self.refused == LOGGED_REFUSALS {
+                                "; its further refusals are not logged"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
                     self.refuse(&msg, &why).await?;
                 }
             }
@@ -319,6 +367,8 @@ impl ReadHalf for PolicyReader {
 #[derive(Debug)]
 pub struct PolicyWriter {
     raw: Arc<tokio::sync::Mutex<RawWriter>>,
+    /// For `close`, which must not wait for the writer's lock.
+    io: Arc<UnixStream>,
 }
 
 #[async_trait::async_trait]
@@ -345,7 +395,9 @@ impl WriteHalf for PolicyWriter {
     }
 
     async fn close(&mut self) -> io::Result<()> {
-        self.raw.lock().await.close().await
+        // Not through the lock: a send stuck on a client that does not
+        // read holds it, and busd closes exactly such a client.
+        hang_up(&self.io)
     }
 
     fn can_pass_unix_fd(&self) -> bool {

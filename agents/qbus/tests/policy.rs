@@ -198,6 +198,110 @@ fn other_uids_neither_own_nor_call_the_agents_apis() {
     }
     // Nothing a refused client sent reached the service.
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // A client that floods refused calls and never reads its answers (nor
+    // the signals it asked for) must not freeze the bus for anyone else.
+    let mut flood = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", NOBODY.uid))
+        .arg(format!("--regid={}", NOBODY.gid))
+        .arg("--clear-groups")
+        .arg(&exe)
+        .args([
+            "--exact",
+            "flood_without_reading",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FLOOD_PATH, &bus.path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    rt.block_on(async {
+        let root = connect(&address).await;
+        for n in 0..5 {
+            // Each new name is a NameOwnerChanged broadcast, to the
+            // flooding client too.
+            let name = format!("org.example.After{n}");
+            let step = async {
+                root.request_name(name.as_str()).await.unwrap();
+                let reply = root
+                    .call_method(
+                        Some(UPDATE1.name),
+                        UPDATE1.path,
+                        Some(UPDATE1.name),
+                        "MarkGood",
+                        &(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(reply.body().deserialize::<String>().unwrap(), "A");
+            };
+            tokio::time::timeout(Duration::from_secs(10), step)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the bus froze behind a client that does not read ({n})")
+                });
+        }
+    });
+    let _ = flood.kill();
+    let _ = flood.wait();
+}
+
+/// Where [`flood_without_reading`] finds the bus.
+const FLOOD_PATH: &str = "QBUS_TEST_FLOOD_PATH";
+
+/// Not a test of its own: the hostile client of the flood check, run as
+/// another uid. It authenticates by hand, asks for every signal, sends
+/// refused calls until the bus stops reading and never reads a byte.
+#[test]
+fn flood_without_reading() {
+    use std::io::{BufRead, Write};
+    let Ok(path) = std::env::var(FLOOD_PATH) else {
+        return;
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let uid = rustix::process::geteuid().as_raw().to_string();
+    s.write_all(format!("\0AUTH EXTERNAL {}\r\n", hex(&uid)).as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line}");
+    s.write_all(b"BEGIN\r\n").unwrap();
+    let call = |dest: &str, path: &str, iface: &str, member: &str, body: &str| {
+        let b = zbus::Message::method_call(path, member)
+            .destination(dest)
+            .interface(iface);
+        let m = if body.is_empty() {
+            b.build(&())
+        } else {
+            b.build(&(body,))
+        };
+        m.unwrap().data().to_vec()
+    };
+    let bus = "org.freedesktop.DBus";
+    s.write_all(&call(bus, "/org/freedesktop/DBus", bus, "Hello", ""))
+        .unwrap();
+    s.write_all(&call(
+        bus,
+        "/org/freedesktop/DBus",
+        bus,
+        "AddMatch",
+        "type='signal'",
+    ))
+    .unwrap();
+    let refused = call(UPDATE1.name, UPDATE1.path, UPDATE1.name, "MarkGood", "");
+    // Blocks once the bus stops reading: then it just holds on.
+    for _ in 0..100_000 {
+        if s.write_all(&refused).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Not a test of its own: the client [`other_uids_neither_own_nor_call_the_agents_apis`]

@@ -90,27 +90,47 @@ pub fn load(disk: &mut Disk) -> Result<(Env, BootState), BootEnvError> {
 /// Writes `state` into the environment (other variables kept), into both
 /// copies in turn; each is synced and verified by reading it back before
 /// the next is touched.
+///
+/// A cut in the primary's write leaves GRUB the secondary, so first the
+/// secondary must hold the state GRUB goes by now. It may be whole and
+/// older: GRUB saves the copy it read from before the other, and an
+/// earlier store may have stopped between the two. Then the current state
+/// is copied into it first.
 pub fn store(disk: &mut Disk, env: &mut Env, state: &BootState) -> Result<(), BootEnvError> {
     state.apply_to(env).map_err(BootEnvError::Render)?;
     let block = env.to_block().map_err(BootEnvError::Render)?;
-    for copy in 0..grubenv::COPIES.len() {
-        let path = grubenv::copy_path(copy);
-        let ext = locate(disk, copy)?;
-        qfat::write_in_place(&mut disk.file, disk.esp.offset, &ext, &block).map_err(|source| {
-            BootEnvError::Write {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        disk.file.flush().map_err(BootEnvError::Sync)?;
-        disk.file.sync_all().map_err(BootEnvError::Sync)?;
-        disk.file
-            .seek(SeekFrom::Start(0))
-            .map_err(BootEnvError::Sync)?;
-        let back = read_copy(disk, copy)?;
-        if back != block {
-            return Err(BootEnvError::Verify { path });
+    let primary = read_copy(disk, 0);
+    let secondary = read_copy(disk, 1);
+    if let (Ok(primary), Ok(secondary)) = (&primary, &secondary) {
+        let whole = grubenv::pick([Ok(primary), Err(String::new())]).is_ok();
+        if whole && primary != secondary {
+            write_copy(disk, 1, primary)?;
         }
+    }
+    for copy in 0..grubenv::COPIES.len() {
+        write_copy(disk, copy, &block)?;
+    }
+    Ok(())
+}
+
+/// Writes one copy in place, syncs, and reads it back.
+fn write_copy(disk: &mut Disk, copy: usize, block: &[u8]) -> Result<(), BootEnvError> {
+    let path = grubenv::copy_path(copy);
+    let ext = locate(disk, copy)?;
+    qfat::write_in_place(&mut disk.file, disk.esp.offset, &ext, block).map_err(|source| {
+        BootEnvError::Write {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    disk.file.flush().map_err(BootEnvError::Sync)?;
+    disk.file.sync_all().map_err(BootEnvError::Sync)?;
+    disk.file
+        .seek(SeekFrom::Start(0))
+        .map_err(BootEnvError::Sync)?;
+    let back = read_copy(disk, copy)?;
+    if back != block {
+        return Err(BootEnvError::Verify { path });
     }
     Ok(())
 }

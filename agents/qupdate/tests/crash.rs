@@ -512,3 +512,47 @@ fn without_the_second_copy_a_torn_boot_state_is_lost() {
         rep.failures
     );
 }
+
+/// GRUB saves the copy it read from before the other, and a store may stop
+/// between the two: the secondary can be whole and older than the primary.
+/// A store must still leave GRUB the state before it or the one after it,
+/// at every byte: so it first brings the secondary up to date.
+#[test]
+fn a_stale_secondary_is_brought_up_to_date_before_the_primary_changes() {
+    let w = world();
+    // The secondary says B is on trial with 9 tries; the primary, what
+    // GRUB goes by, that A alone is good.
+    let mut stale = BootState::initial();
+    stale.activate(Slot::B, 9).unwrap();
+    let mut env = grubenv::Env::new();
+    stale.apply_to(&mut env).unwrap();
+    {
+        let mut d = Disk::open(&w.disk).unwrap();
+        let path = grubenv::copy_path(1);
+        let ext = qfat::locate(&mut d.file, d.esp.offset, d.esp.size, &path).unwrap();
+        qfat::write_in_place(&mut d.file, d.esp.offset, &ext, &env.to_block().unwrap()).unwrap();
+    }
+    let base = std::fs::read(&w.disk).unwrap();
+    let journal: Journal = Arc::new(Mutex::new(Vec::new()));
+    let mut d = Disk::open_journaled(&w.disk, Some(journal.clone())).unwrap();
+    let (mut env, before) = qupdate::bootenv::load(&mut d).unwrap();
+    assert_eq!(before, BootState::initial());
+    let mut after = before.clone();
+    after.activate(Slot::B, 3).unwrap();
+    qupdate::bootenv::store(&mut d, &mut env, &after).unwrap();
+    drop(d);
+    let a = Disk::open(&w.disk).unwrap();
+    let full =
+        |p: qupdate::disk::Part| base[p.offset as usize..(p.offset + p.size) as usize].to_vec();
+    let images = vec![Image {
+        name: "original",
+        slot: Slot::A,
+        boot: full(a.boot(Slot::A)),
+        root: full(a.root(Slot::A)),
+        differ: [0, 0],
+    }];
+    let journal = journal.lock().unwrap().clone();
+    let rep = replay(base, &w, images, &journal, Copies::Both);
+    assert!(rep.failures.is_empty(), "{:#?}", rep.failures);
+    assert!(rep.esp_writes >= 3, "{rep:?}");
+}

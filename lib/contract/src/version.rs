@@ -39,13 +39,16 @@ pub struct VersionError {
     pub reason: String,
 }
 
-fn numeric(part: &str) -> Option<u64> {
-    // No sign, no leading zero (but "0"), digits only, as SemVer says.
-    let digits = !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-    if !digits || (part.len() > 1 && part.starts_with('0')) {
-        return None;
+/// A numeric part: digits only, no sign, no leading zero (but "0"), as
+/// SemVer says, and within u64.
+fn numeric(part: &str) -> Result<u64, &'static str> {
+    if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("a number must be digits");
     }
-    part.parse().ok()
+    if part.len() > 1 && part.starts_with('0') {
+        return Err("a number must not have a leading zero");
+    }
+    part.parse().map_err(|_| "a number is too large")
 }
 
 fn identifier_ok(id: &str) -> bool {
@@ -77,8 +80,7 @@ impl Version {
         };
         let mut release = [0u64; 3];
         for (slot, part) in release.iter_mut().zip([major, minor, patch]) {
-            *slot = numeric(part)
-                .ok_or_else(|| err("a release number must be digits without a leading zero"))?;
+            *slot = numeric(part).map_err(err)?;
         }
         let pre = match pre {
             None => Vec::new(),
@@ -89,9 +91,7 @@ impl Version {
                         return Err(err("a pre-release must be dot-separated [0-9A-Za-z-]"));
                     }
                     if id.bytes().all(|b| b.is_ascii_digit()) {
-                        numeric(id)
-                            .map(Identifier::Numeric)
-                            .ok_or_else(|| err("a numeric pre-release part has a leading zero"))
+                        numeric(id).map(Identifier::Numeric).map_err(err)
                     } else {
                         Ok(Identifier::Alphanumeric(id.to_owned()))
                     }
@@ -193,9 +193,14 @@ mod tests {
             "1.2.3+a_b",
             "1.2.3-é",
             " 1.2.3",
+            "99999999999999999999.0.0",
         ] {
             let e = Version::parse(bad).unwrap_err();
             assert!(e.to_string().contains("MAJOR.MINOR.PATCH"), "{bad:?}: {e}");
         }
+        let e = Version::parse("99999999999999999999.0.0").unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        let e = Version::parse("01.2.3").unwrap_err();
+        assert!(e.to_string().contains("leading zero"), "{e}");
     }
 }
