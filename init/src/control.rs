@@ -372,6 +372,9 @@ pub fn call(socket: &Path, req: &Request) -> Result<Reply, CallError> {
 
 /// `qinit ctl <command>`: exit code 0 on OK, 1 on an error answer.
 pub fn main(args: &[String]) -> i32 {
+    if args.first().map(String::as_str) == Some("analyze") {
+        return analyze(&args[1..]);
+    }
     let line = args.join(" ");
     let req = match Request::parse(&line) {
         Ok(r) => r,
@@ -392,6 +395,46 @@ pub fn main(args: &[String]) -> i32 {
         }
         Err(e) => {
             eprintln!("qinit ctl: {}", qcontract::error_chain(&e));
+            1
+        }
+    }
+}
+
+/// `qinit ctl analyze [--json]`: the boot's timeline, which qinit wrote
+/// at `QINIT-READY`, as the critical chain and the blame list (or as it
+/// is). It reads the file, so it works whatever the control socket does.
+fn analyze(args: &[String]) -> i32 {
+    let json = match args {
+        [] => false,
+        [flag] if flag == "--json" => true,
+        _ => {
+            eprintln!("qinit ctl: usage: analyze [--json]");
+            return 2;
+        }
+    };
+    let path = std::env::var_os("QINIT_TIMELINE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| qcontract::paths::BOOT_TIMELINE.into());
+    match crate::timeline::load::<crate::timeline::Timeline>(&path) {
+        Ok(t) if json => match serde_json::to_string_pretty(&t) {
+            Ok(text) => {
+                println!("{text}");
+                0
+            }
+            Err(e) => {
+                eprintln!("qinit ctl analyze: {e}");
+                1
+            }
+        },
+        Ok(t) => {
+            print!("{}", t.render());
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "qinit ctl analyze: {} (qinit writes it once every boot-critical service is up)",
+                qcontract::error_chain(&e)
+            );
             1
         }
     }

@@ -9,7 +9,8 @@
 //! ([`stage2`]) mounts what Xen needs and runs the services ([`services`]
 //! definitions; [`supervisor`]: a state machine without I/O and the event
 //! loop that executes it; [`control`], the control socket's protocol). Logs
-//! go to the kernel log ([`kmsg`]).
+//! go to the kernel log ([`kmsg`]); the boot's [`timeline`] (every step and
+//! service on the kernel's clock) goes to `/run/qinit/boot.json`.
 
 pub mod confine;
 pub mod control;
@@ -23,3 +24,4 @@ pub mod services;
 pub mod stage1;
 pub mod stage2;
 pub mod supervisor;
+pub mod timeline;

@@ -10,6 +10,8 @@ use rustix::mount::{mount_move, MountFlags};
 
 use qcontract::partition::{self, BlockDev, LookupError, SYS_CLASS_BLOCK};
 use qcontract::{paths, Cmdline, CmdlineError, ImageInfo, OnFailure, Partition};
+
+use crate::timeline::{self, Stage1Recorder};
 use verity::VerityInfo;
 
 use crate::dm::{self, DmError, Target};
@@ -78,6 +80,9 @@ fn run_inner(
     started: Instant,
     on_failure: &mut Option<OnFailure>,
 ) -> Result<std::convert::Infallible, Stage1Error> {
+    // The steps on the kernel's clock, for the boot's timeline.
+    let mut steps = Stage1Recorder::new(timeline::instant_ms(started));
+    steps.step("kernel filesystems");
     mounts::mount_all(&mounts::early_specs())?;
     crate::kmsg::KmsgLogger::retry_open();
     let text = std::fs::read_to_string("/proc/cmdline").map_err(Stage1Error::ReadCmdline)?;
@@ -88,12 +93,15 @@ fn run_inner(
         log::warn!("kernel command line: `{word}` is not a qinit switch; ignored");
     }
 
+    steps.step("early modules");
     let n = modules::load_list(Path::new(paths::EARLY_MODULES))?;
     log::info!("loaded {n} early modules");
 
+    steps.step("root partition");
     let root_part = wait_for_partition(Partition::Root(cmdline.slot), DEVICE_TIMEOUT)?;
     log::info!("root of slot {} is {}", cmdline.slot, root_part.kname);
 
+    steps.step("dm-verity");
     let text = std::fs::read_to_string(paths::ROOT_VERITY).map_err(Stage1Error::ReadParams)?;
     let params = VerityInfo::from_text(&text).map_err(Stage1Error::Params)?;
     let control = dm::Control::open()?;
@@ -114,6 +122,7 @@ fn run_inner(
     );
 
     if cmdline.verify_full {
+        steps.step("read the whole root");
         let t = Instant::now();
         read_all(&root_dev).map_err(|(offset, source)| Stage1Error::Corrupt {
             slot: cmdline.slot.to_string(),
@@ -127,6 +136,7 @@ fn run_inner(
         );
     }
 
+    steps.step("mount root, /var, /run, /tmp");
     let ro = MountFlags::RDONLY | MountFlags::NODEV;
     mounts::mount_one(
         &root_dev.to_string_lossy(),
@@ -151,6 +161,13 @@ fn run_inner(
         tmp,
         "mode=1777",
     )?;
+    // Stage 2 finds the steps in the new root's /run; without them it
+    // still boots, its timeline just starts later.
+    let stage1 = steps.finish();
+    let left = Path::new(NEW_ROOT).join(paths::STAGE1_TIMELINE.trim_start_matches('/'));
+    if let Err(e) = timeline::store(&left, &stage1) {
+        log::warn!("stage 1's timeline: {}", qcontract::error_chain(&e));
+    }
     for m in ["/dev", "/proc", "/sys"] {
         let target = Path::new(NEW_ROOT).join(m.trim_start_matches('/'));
         mount_move(m, &target).map_err(Stage1Error::SwitchRoot)?;

@@ -1,7 +1,7 @@
 //! Stage 2, PID 1 in the verified root: mount what Xen needs, load the
 //! backend modules, supervise the services, announce readiness.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rustix::mount::MountFlags;
@@ -11,7 +11,9 @@ use qcontract::{paths, Cmdline, OnFailure, Slot};
 use crate::kmsg::marker;
 use crate::mounts;
 use crate::services;
+use crate::supervisor::units::UnitTimes;
 use crate::supervisor::{Hooks, Paths, Shutdown, Supervisor};
+use crate::timeline::{self, ServiceSpan, Stage1, Timeline};
 
 /// Set by the host integration tests; see [`run`].
 pub const SANDBOX_ENV: &str = "QINIT_SANDBOX";
@@ -33,10 +35,42 @@ struct BootHooks {
     started: Instant,
     offset: Duration,
     on_failure: OnFailure,
+    /// Stage 1's steps, if it left them.
+    stage1: Option<Stage1>,
+    /// When the supervisor began.
+    supervisor: Instant,
+    /// Where the timeline goes.
+    timeline: PathBuf,
+}
+
+impl BootHooks {
+    /// The boot so far, on the kernel's clock.
+    fn timeline(&self, times: &[UnitTimes], ready_ms: u64) -> Timeline {
+        let ms = |t: Option<Instant>| t.map(timeline::instant_ms);
+        Timeline {
+            stage1: self.stage1.clone(),
+            stage2_ms: timeline::instant_ms(self.started),
+            supervisor_ms: timeline::instant_ms(self.supervisor),
+            services: times
+                .iter()
+                .map(|t| ServiceSpan {
+                    name: t.name.clone(),
+                    after: t.after.clone(),
+                    boot_critical: t.boot_critical,
+                    start_ms: ms(t.started),
+                    ready_ms: ms(t.ready),
+                    exit_ms: ms(t.exited),
+                    restarts: t.restarts,
+                })
+                .collect(),
+            ready_ms,
+        }
+    }
 }
 
 impl Hooks for BootHooks {
-    fn all_critical_ready(&mut self) {
+    fn all_critical_ready(&mut self, times: &[UnitTimes]) {
+        let ready_ms = timeline::now_ms();
         let ms = (self.offset + self.started.elapsed()).as_millis();
         let slot = self
             .slot
@@ -63,6 +97,21 @@ impl Hooks for BootHooks {
             })
         {
             log::info!("memory: rss={}", rss.trim_start_matches("VmRSS:").trim());
+        }
+        // The boot as one picture (`qinit ctl analyze`); not writing it
+        // takes nothing from the boot.
+        let t = self.timeline(times, ready_ms);
+        match timeline::store(&self.timeline, &t) {
+            Ok(()) => log::info!(
+                "boot timeline in {} (qinit ctl analyze); the critical chain: {}",
+                self.timeline.display(),
+                t.critical_chain()
+                    .iter()
+                    .map(|l| format!("{} +{}ms", l.name, l.took_ms))
+                    .collect::<Vec<_>>()
+                    .join(" < ")
+            ),
+            Err(e) => log::warn!("boot timeline: {}", qcontract::error_chain(&e)),
         }
     }
 
@@ -112,18 +161,31 @@ pub fn run(offset: Duration) -> ! {
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .ok()
         .and_then(|t| Cmdline::parse(&t).ok());
+    let env_path = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| default.into())
+    };
+    // Stage 1 leaves its steps in /run; a stage 2 started any other way
+    // has none.
+    let stage1 = match timeline::load::<Stage1>(Path::new(paths::STAGE1_TIMELINE)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if !sandbox {
+                log::warn!("stage 1's timeline: {}", qcontract::error_chain(&e));
+            }
+            None
+        }
+    };
     let mut hooks = BootHooks {
         slot: cmdline.as_ref().map(|c| c.slot),
         version,
         started,
         offset,
         on_failure: cmdline.as_ref().map_or(OnFailure::Reboot, |c| c.on_failure),
-    };
-
-    let env_path = |var: &str, default: &str| {
-        std::env::var_os(var)
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| default.into())
+        stage1,
+        supervisor: started,
+        timeline: env_path("QINIT_TIMELINE", paths::BOOT_TIMELINE),
     };
     let dir = env_path("QINIT_SERVICE_DIR", paths::SERVICE_DIR);
     let mut set = services::load_dir(&dir);
@@ -157,6 +219,7 @@ pub fn run(offset: Duration) -> ! {
         control: env_path("QINIT_CONTROL", paths::CONTROL_SOCKET),
         xenstore: qxenstore::client::SOCKET.into(),
     };
+    hooks.supervisor = Instant::now();
     let shutdown = match Supervisor::new(set.services, paths) {
         Ok(mut sup) => sup.run(&mut hooks),
         Err(e) => {

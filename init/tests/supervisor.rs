@@ -41,6 +41,7 @@ impl Sandbox {
             .env("QINIT_SERVICE_DIR", &svc)
             .env("QINIT_CONTROL", dir.path().join("control"))
             .env("QINIT_NOTIFY_DIR", dir.path().join("notify"))
+            .env("QINIT_TIMELINE", dir.path().join("boot.json"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -186,6 +187,41 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
         status.iter().any(|l| l.starts_with("left state=done")),
         "{status:?}"
     );
+    // The timeline written at ready: the chain runs from the critical
+    // service through what it waited for, and `qinit ctl analyze` says so.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qinit"))
+        .args(["ctl", "analyze"])
+        .env("QINIT_TIMELINE", sb.path("boot.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[1].starts_with("QINIT-READY @"), "{text}");
+    assert!(lines[2].starts_with("└─last @"), "{text}");
+    assert!(
+        lines[3].starts_with("  └─left @") || lines[3].starts_with("  └─right @"),
+        "{text}"
+    );
+    assert!(lines[4].starts_with("    └─base @"), "{text}");
+    assert!(lines[5].starts_with("      └─stage 2 setup @"), "{text}");
+    // left and right each slept a second: blame has them near the top.
+    let took = |name: &str| -> u64 {
+        let l = lines
+            .iter()
+            .find(|l| l.trim_end().ends_with(&format!("ms {name}")))
+            .unwrap_or_else(|| panic!("{name} not in {text}"));
+        l.trim().split("ms").next().unwrap().trim().parse().unwrap()
+    };
+    assert!(took("left") >= 1000 && took("right") >= 1000, "{text}");
+    let json = std::process::Command::new(env!("CARGO_BIN_EXE_qinit"))
+        .args(["ctl", "analyze", "--json"])
+        .env("QINIT_TIMELINE", sb.path("boot.json"))
+        .output()
+        .unwrap();
+    let t: qinit::timeline::Timeline = serde_json::from_slice(&json.stdout).unwrap();
+    let last = t.services.iter().find(|s| s.name == "last").unwrap();
+    assert!(last.boot_critical && last.ready_ms <= Some(t.ready_ms), "{t:?}");
     sb.shutdown();
 }
 

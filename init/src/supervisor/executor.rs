@@ -38,8 +38,9 @@ const KIND_NOTIFY: u64 = 2;
 
 /// What the loop tells its owner.
 pub trait Hooks {
-    /// Every boot-critical service is ready (called once).
-    fn all_critical_ready(&mut self);
+    /// Every boot-critical service is ready (called once), with each
+    /// unit's moments so far (the boot's timeline).
+    fn all_critical_ready(&mut self, times: &[super::units::UnitTimes]);
     /// A boot-critical service cannot come up.
     fn critical_failed(&mut self, service: &str, reason: &str);
 }
@@ -237,7 +238,7 @@ impl Supervisor {
                     }
                     Action::Signal { pid, signal, .. } => signal_service(pid, signal),
                     Action::Log(notice) => log::log!(notice.level(), "{notice}"),
-                    Action::BootReady => hooks.all_critical_ready(),
+                    Action::BootReady => hooks.all_critical_ready(&self.units.times()),
                     Action::BootFailed { service, reason } => {
                         hooks.critical_failed(&service, &reason.to_string());
                     }

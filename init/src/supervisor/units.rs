@@ -331,6 +331,18 @@ impl std::fmt::Display for Notice {
     }
 }
 
+/// A unit's moments this boot ([`Units::times`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitTimes {
+    pub name: String,
+    pub after: Vec<String>,
+    pub boot_critical: bool,
+    pub started: Option<Instant>,
+    pub ready: Option<Instant>,
+    pub exited: Option<Instant>,
+    pub restarts: u32,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Process {
     pid: Pid,
@@ -354,6 +366,10 @@ struct Unit {
     /// When it was first spawned this boot: a boot-critical unit must be
     /// ready within its timeout of this, however often it restarts.
     first_started: Option<Instant>,
+    /// When it was first ready (a oneshot: done), and first exited: the
+    /// boot's timeline.
+    first_ready: Option<Instant>,
+    first_exited: Option<Instant>,
     /// The tick in which its readiness was last probed.
     probed_in: u64,
     /// The probe error last logged, so a probe failing every tick is
@@ -428,6 +444,8 @@ impl Units {
                     backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
                     ready_after: None,
                     first_started: None,
+                    first_ready: None,
+                    first_exited: None,
                     probed_in: 0,
                     probe_error: None,
                 }
@@ -474,6 +492,23 @@ impl Units {
     }
 
     /// Every unit's status, in start order.
+    /// Each unit's first start, first readiness and first exit, for the
+    /// boot's timeline.
+    pub fn times(&self) -> Vec<UnitTimes> {
+        self.units
+            .iter()
+            .map(|u| UnitTimes {
+                name: u.svc.name.clone(),
+                after: u.svc.after.clone(),
+                boot_critical: u.svc.boot_critical,
+                started: u.first_started,
+                ready: u.first_ready,
+                exited: u.first_exited,
+                restarts: u.backoff.failures(),
+            })
+            .collect()
+    }
+
     pub fn status(&self) -> Vec<ServiceStatus> {
         self.units
             .iter()
@@ -794,6 +829,7 @@ impl Units {
         let started = u.process.expect("a starting unit has a process").started;
         let after = now.saturating_duration_since(started);
         u.ready_after = Some(after);
+        u.first_ready.get_or_insert(now);
         u.state = State::Ready;
         out.push(Action::Log(Notice::Ready {
             name: u.svc.name.clone(),
@@ -808,6 +844,7 @@ impl Units {
         };
         let u = &mut self.units[unit.0];
         let process = u.process.take().expect("by_pid found its process");
+        u.first_exited.get_or_insert(now);
         let name = u.svc.name.clone();
         if let State::Stopped { then_start, .. } = u.state {
             out.push(Action::Log(Notice::Stopped { name, exit }));
@@ -823,6 +860,7 @@ impl Units {
         if u.svc.ready == Readiness::Exit && success {
             out.push(Action::Log(Notice::Completed { name }));
             u.ready_after = Some(now.saturating_duration_since(process.started));
+            u.first_ready.get_or_insert(now);
             u.state = State::Done;
             return;
         }

@@ -8,7 +8,7 @@ use super::{Check, Ctx, Scenario};
 
 pub const BOOT: Scenario = Scenario {
     name: "boot",
-    about: "boot slot A to QINIT-READY; xenstore, the verity root and /var answer",
+    about: "boot slot A to QINIT-READY; xenstore, the verity root and /var answer; qinit ctl analyze shows the critical chain",
     run: boot,
 };
 
@@ -62,6 +62,26 @@ fn boot(ctx: &mut Ctx<'_>) -> Result<()> {
             "GRUB booted another slot"
         );
     }
+    // The boot as qinit timed it: the chain from QINIT-READY down through
+    // the services, stage 2's setup, stage 1 and the kernel.
+    let analyze = ctx.sh("qinit ctl analyze")?;
+    for needle in [
+        "QINIT-READY @",
+        "└─",
+        "stage 2 setup @",
+        "stage 1 @",
+        "kernel @",
+        "ms stage 1: early modules",
+        "ms xenstored",
+    ] {
+        ensure!(analyze.contains(needle), "no {needle:?} in qinit ctl analyze:\n{analyze}");
+    }
+    let chain: Vec<&str> = analyze
+        .lines()
+        .skip_while(|l| !l.starts_with("QINIT-READY @"))
+        .take_while(|l| !l.is_empty())
+        .collect();
+    ctx.note(format!("critical chain: {}", chain.join(" / ")));
     let disk = ctx.boot_disk()?;
     ctx.note(format!("boot disk {disk}"));
     ctx.target.power_off()?;

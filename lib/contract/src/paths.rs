@@ -21,6 +21,10 @@ pub const SERVICE_DIR: &str = "/etc/qinit/services";
 pub const CONTROL_SOCKET: &str = "/run/qinit/control";
 /// Where services find their readiness sockets.
 pub const NOTIFY_DIR: &str = "/run/qinit/notify";
+/// Stage 1's steps, left in the new root's /run for stage 2.
+pub const STAGE1_TIMELINE: &str = "/run/qinit/stage1.json";
+/// The boot's timeline, written at `QINIT-READY` (`qinit ctl analyze`).
+pub const BOOT_TIMELINE: &str = "/run/qinit/boot.json";
 
 /// The files of a build's output directory (`target/images/<profile>/`),
 /// which qimage writes and `qimage bundle`, `qimage verify`, xtask and the
