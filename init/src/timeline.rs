@@ -311,7 +311,13 @@ impl Timeline {
 mod tests {
     use super::*;
 
-    fn svc(name: &str, after: &[&str], critical: bool, start: u64, ready: Option<u64>) -> ServiceSpan {
+    fn svc(
+        name: &str,
+        after: &[&str],
+        critical: bool,
+        start: u64,
+        ready: Option<u64>,
+    ) -> ServiceSpan {
         ServiceSpan {
             name: name.into(),
             after: after.iter().map(|s| (*s).to_owned()).collect(),
@@ -338,7 +344,13 @@ mod tests {
                 svc("xen-init-dom0", &["xenstored"], true, 2900, Some(3000)),
                 svc("dbus", &[], true, 2800, Some(3100)),
                 // Starts after both; dbus got ready last: it is the link.
-                svc("qdomd", &["xenstored", "dbus", "xen-init-dom0"], true, 3100, Some(3500)),
+                svc(
+                    "qdomd",
+                    &["xenstored", "dbus", "xen-init-dom0"],
+                    true,
+                    3100,
+                    Some(3500),
+                ),
                 svc("qcmd", &[], false, 2800, Some(2801)),
                 svc("random-seed", &[], false, 2800, None),
             ],
@@ -372,9 +384,15 @@ mod tests {
         assert_eq!(blame[0], ("stage 1: modules".into(), 600));
         assert_eq!(blame[1], ("qdomd".into(), 400));
         let text = t.render();
-        assert!(text.contains("QINIT-READY @3500ms\n└─qdomd @3500ms +400ms\n  └─dbus @3100ms +300ms\n"), "{text}");
+        assert!(
+            text.contains("QINIT-READY @3500ms\n└─qdomd @3500ms +400ms\n  └─dbus @3100ms +300ms\n"),
+            "{text}"
+        );
         assert!(text.contains("     600ms stage 1: modules\n"), "{text}");
-        assert!(text.contains("QINIT-READY (boot-complete hooks start after it): random-seed"), "{text}");
+        assert!(
+            text.contains("QINIT-READY (boot-complete hooks start after it): random-seed"),
+            "{text}"
+        );
     }
 
     #[test]

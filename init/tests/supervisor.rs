@@ -195,7 +195,11 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[1].starts_with("QINIT-READY @"), "{text}");
     assert!(lines[2].starts_with("└─last @"), "{text}");
@@ -221,7 +225,10 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
         .unwrap();
     let t: qinit::timeline::Timeline = serde_json::from_slice(&json.stdout).unwrap();
     let last = t.services.iter().find(|s| s.name == "last").unwrap();
-    assert!(last.boot_critical && last.ready_ms <= Some(t.ready_ms), "{t:?}");
+    assert!(
+        last.boot_critical && last.ready_ms <= Some(t.ready_ms),
+        "{t:?}"
+    );
     sb.shutdown();
 }
 

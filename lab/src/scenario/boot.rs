@@ -74,7 +74,10 @@ fn boot(ctx: &mut Ctx<'_>) -> Result<()> {
         "ms stage 1: early modules",
         "ms xenstored",
     ] {
-        ensure!(analyze.contains(needle), "no {needle:?} in qinit ctl analyze:\n{analyze}");
+        ensure!(
+            analyze.contains(needle),
+            "no {needle:?} in qinit ctl analyze:\n{analyze}"
+        );
     }
     let chain: Vec<&str> = analyze
         .lines()
