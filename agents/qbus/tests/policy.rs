@@ -96,6 +96,21 @@ async fn connect(address: &str) -> zbus::Connection {
         .unwrap()
 }
 
+/// The control: root calls the stand-in service and is answered.
+async fn mark_good_as_root(root: &zbus::Connection) {
+    let reply = root
+        .call_method(
+            Some(UPDATE1.name),
+            UPDATE1.path,
+            Some(UPDATE1.name),
+            "MarkGood",
+            &(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.body().deserialize::<String>().unwrap(), "A");
+}
+
 fn method_error(r: zbus::Result<zbus::Message>) -> String {
     match r {
         Ok(m) => panic!("the call went through: {m:?}"),
@@ -145,17 +160,7 @@ fn other_uids_neither_own_nor_call_the_agents_apis() {
         let owner = service.unique_name().unwrap().to_string();
         // The control: root calls it and is answered.
         let root = connect(&address).await;
-        let reply = root
-            .call_method(
-                Some(UPDATE1.name),
-                UPDATE1.path,
-                Some(UPDATE1.name),
-                "MarkGood",
-                &(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(reply.body().deserialize::<String>().unwrap(), "A");
+        mark_good_as_root(&root).await;
         root.request_name("org.example.RootMayOwnThis")
             .await
             .unwrap();
@@ -225,17 +230,7 @@ fn other_uids_neither_own_nor_call_the_agents_apis() {
             let name = format!("org.example.After{n}");
             let step = async {
                 root.request_name(name.as_str()).await.unwrap();
-                let reply = root
-                    .call_method(
-                        Some(UPDATE1.name),
-                        UPDATE1.path,
-                        Some(UPDATE1.name),
-                        "MarkGood",
-                        &(),
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(reply.body().deserialize::<String>().unwrap(), "A");
+                mark_good_as_root(&root).await;
             };
             tokio::time::timeout(Duration::from_secs(10), step)
                 .await
