@@ -400,18 +400,26 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
-/// `qinit ctl analyze [--json]`: the boot's timeline, which qinit wrote
-/// at `QINIT-READY`, as the critical chain and the blame list (or as it
-/// is). It reads the file, so it works whatever the control socket does.
+/// `qinit ctl analyze [--json|--svg]`: the boot's timeline, which qinit
+/// wrote at `QINIT-READY`, as the critical chain and the blame list, as it
+/// is, or as a chart. It reads the file, so it works whatever the control socket does.
 fn analyze(args: &[String]) -> i32 {
-    let json = match args {
-        [] => false,
-        [flag] if flag == "--json" => true,
+    #[derive(PartialEq)]
+    enum Form {
+        Text,
+        Json,
+        Svg,
+    }
+    let form = match args {
+        [] => Form::Text,
+        [flag] if flag == "--json" => Form::Json,
+        [flag] if flag == "--svg" => Form::Svg,
         _ => {
-            eprintln!("qinit ctl: usage: analyze [--json]");
+            eprintln!("qinit ctl: usage: analyze [--json|--svg]");
             return 2;
         }
     };
+    let json = form == Form::Json;
     let path = std::env::var_os("QINIT_TIMELINE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| qcontract::paths::BOOT_TIMELINE.into());
@@ -426,6 +434,10 @@ fn analyze(args: &[String]) -> i32 {
                 1
             }
         },
+        Ok(t) if form == Form::Svg => {
+            print!("{}", t.svg());
+            0
+        }
         Ok(t) => {
             print!("{}", t.render());
             0

@@ -34,7 +34,7 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: qinit ctl status|start <svc>|stop <svc>|restart <svc>|reboot|poweroff\n       \
-                 qinit ctl analyze [--json]   (the boot's critical chain and blame)\n       \
+                 qinit ctl analyze [--json|--svg]   (the boot's critical chain and blame)\n       \
                  qinit save-seed   (waits for the kernel's pool, then saves a creditable seed)\n       \
                  qinit stage2   (PID 1; as /init in an initramfs it runs stage 1)"
             );

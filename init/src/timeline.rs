@@ -307,6 +307,151 @@ impl Timeline {
     }
 }
 
+/// Escapes text for SVG.
+fn xml(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '&' => "&amp;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+impl Timeline {
+    /// The boot as an SVG chart: one bar per stage and service on the
+    /// kernel's clock, from 0 (the kernel starts) to `QINIT-READY` and
+    /// what came after, a line at `QINIT-READY`. A service's bar is dark
+    /// from start to ready and light from ready to its exit; stage 1's
+    /// steps and stage 2's setup are their own rows.
+    pub fn svg(&self) -> String {
+        struct Row {
+            name: String,
+            start: u64,
+            ready: u64,
+            end: Option<u64>,
+            class: &'static str,
+        }
+        let mut rows = Vec::new();
+        if let Some(s1) = &self.stage1 {
+            rows.push(Row {
+                name: "kernel".into(),
+                start: 0,
+                ready: s1.init_ms,
+                end: None,
+                class: "kernel",
+            });
+            for st in &s1.steps {
+                rows.push(Row {
+                    name: format!("stage 1: {}", st.name),
+                    start: st.start_ms,
+                    ready: st.end_ms,
+                    end: None,
+                    class: "stage1",
+                });
+            }
+        }
+        rows.push(Row {
+            name: "stage 2 setup".into(),
+            start: self.stage2_ms,
+            ready: self.supervisor_ms,
+            end: None,
+            class: "stage2",
+        });
+        for s in &self.services {
+            let Some(start) = s.start_ms else { continue };
+            let ready = s.ready_ms.unwrap_or(self.ready_ms.max(start));
+            rows.push(Row {
+                name: if s.boot_critical {
+                    format!("{} (boot-critical)", s.name)
+                } else {
+                    s.name.clone()
+                },
+                start,
+                ready,
+                end: s.exit_ms.filter(|e| *e > ready),
+                class: if s.ready_ms.is_some() {
+                    "service"
+                } else {
+                    "late"
+                },
+            });
+        }
+        let last = rows
+            .iter()
+            .map(|r| r.end.unwrap_or(r.ready))
+            .chain(std::iter::once(self.ready_ms))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let (left, width, row_h, top) = (10.0, 1000.0, 22.0, 40.0);
+        let x = |ms: u64| left + width * ms as f64 / last as f64;
+        let height = top + row_h * rows.len() as f64 + 30.0;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" \
+             font-family=\"sans-serif\" font-size=\"12\">",
+            left * 2.0 + width + 300.0
+        );
+        s.push_str(
+            "<style>.kernel{fill:#9e9e9e}.stage1{fill:#6d8fc9}.stage2{fill:#4a6fb0}\
+             .service{fill:#e0883a}.late{fill:#c9c9c9}.after{fill:#f6d2b0}\
+             .ready{stroke:#c62828;stroke-width:2}</style>\n",
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{left}\" y=\"20\">qinit boot: kernel start to QINIT-READY at {} ms (the kernel's clock)</text>",
+            self.ready_ms
+        );
+        for (i, r) in rows.iter().enumerate() {
+            let y = top + row_h * i as f64;
+            let w = (x(r.ready) - x(r.start)).max(1.0);
+            let _ = writeln!(
+                s,
+                "<rect class=\"{}\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\"/>",
+                r.class,
+                x(r.start),
+                row_h - 6.0
+            );
+            if let Some(end) = r.end {
+                let _ = writeln!(
+                    s,
+                    "<rect class=\"after\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\"/>",
+                    x(r.ready),
+                    (x(end) - x(r.ready)).max(1.0),
+                    row_h - 6.0
+                );
+            }
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\">{} +{}ms</text>",
+                x(r.end.unwrap_or(r.ready)) + 4.0,
+                y + row_h - 10.0,
+                xml(&r.name),
+                r.ready.saturating_sub(r.start)
+            );
+        }
+        let rx = x(self.ready_ms);
+        let _ = writeln!(
+            s,
+            "<line class=\"ready\" x1=\"{rx:.1}\" y1=\"{:.1}\" x2=\"{rx:.1}\" y2=\"{:.1}\"/>",
+            top - 6.0,
+            height - 20.0
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\">QINIT-READY</text>",
+            rx + 4.0,
+            height - 8.0
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +563,37 @@ mod tests {
         t.ready_ms = 3400;
         let chain = t.critical_chain();
         assert_eq!(chain.len(), 4, "{chain:?}");
+    }
+
+    /// One bar per row, every name on it (escaped), the ready line, and a
+    /// document whose tags all close.
+    #[test]
+    fn the_chart_shows_every_stage_and_service() {
+        let mut t = sample();
+        t.services[4].name = "a<b&c".into();
+        let svg = t.svg();
+        assert!(
+            svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""),
+            "{svg}"
+        );
+        assert!(svg.ends_with("</svg>\n"));
+        for name in [
+            "kernel +2000ms",
+            "stage 1: modules +600ms",
+            "stage 1: verity +100ms",
+            "stage 2 setup +50ms",
+            "qdomd (boot-critical) +400ms",
+            "a&lt;b&amp;c +1ms",
+            "random-seed",
+            "QINIT-READY",
+        ] {
+            assert!(svg.contains(name), "no {name} in {svg}");
+        }
+        assert!(!svg.contains("a<b"));
+        // kernel, 2 steps, stage 2, 6 services: a bar each.
+        assert_eq!(svg.matches("<rect ").count(), 10, "{svg}");
+        assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
+        assert_eq!(svg.matches("class=\"late\"").count(), 1);
     }
 
     #[test]

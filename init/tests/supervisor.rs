@@ -224,6 +224,16 @@ fn dependencies_order_the_start_and_independent_services_run_in_parallel() {
         .output()
         .unwrap();
     let t: qinit::timeline::Timeline = serde_json::from_slice(&json.stdout).unwrap();
+    let svg = std::process::Command::new(env!("CARGO_BIN_EXE_qinit"))
+        .args(["ctl", "analyze", "--svg"])
+        .env("QINIT_TIMELINE", sb.path("boot.json"))
+        .output()
+        .unwrap();
+    let svg = String::from_utf8(svg.stdout).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("last (boot-critical)"),
+        "{svg}"
+    );
     let last = t.services.iter().find(|s| s.name == "last").unwrap();
     assert!(
         last.boot_critical && last.ready_ms <= Some(t.ready_ms),

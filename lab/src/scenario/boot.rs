@@ -8,7 +8,7 @@ use super::{Check, Ctx, Scenario};
 
 pub const BOOT: Scenario = Scenario {
     name: "boot",
-    about: "boot slot A to QINIT-READY; xenstore, the verity root and /var answer; qinit ctl analyze shows the critical chain",
+    about: "boot slot A to QINIT-READY; xenstore, the verity root and /var answer; qinit ctl analyze shows the critical chain and draws the boot",
     run: boot,
 };
 
@@ -85,6 +85,19 @@ fn boot(ctx: &mut Ctx<'_>) -> Result<()> {
         .take_while(|l| !l.is_empty())
         .collect();
     ctx.note(format!("critical chain: {}", chain.join(" / ")));
+    // The same as a chart, kept with the run's results.
+    let svg = ctx.sh("qinit ctl analyze --svg")?;
+    let svg = svg.trim();
+    ensure!(
+        svg.starts_with("<svg")
+            && svg.ends_with("</svg>")
+            && svg.contains("stage 1: early modules"),
+        "qinit ctl analyze --svg:\n{svg}"
+    );
+    let chart = ctx.work.join("boot.svg");
+    std::fs::write(&chart, format!("{svg}\n"))
+        .with_context(|| format!("writing {}", chart.display()))?;
+    ctx.note(format!("boot chart {}", chart.display()));
     let disk = ctx.boot_disk()?;
     ctx.note(format!("boot disk {disk}"));
     ctx.target.power_off()?;
