@@ -44,13 +44,14 @@ struct BootHooks {
 }
 
 impl BootHooks {
-    /// The boot so far, on the kernel's clock.
-    fn timeline(&self, times: &[UnitTimes], ready_ms: u64) -> Timeline {
-        let ms = |t: Option<Instant>| t.map(timeline::instant_ms);
+    /// The boot so far, on the kernel's clock, read once at `clock`
+    /// (QINIT-READY).
+    fn timeline(&self, times: &[UnitTimes], clock: timeline::Clock) -> Timeline {
+        let ms = |t: Option<Instant>| t.map(|t| clock.ms(t));
         Timeline {
             stage1: self.stage1.clone(),
-            stage2_ms: timeline::instant_ms(self.started),
-            supervisor_ms: timeline::instant_ms(self.supervisor),
+            stage2_ms: clock.ms(self.started),
+            supervisor_ms: clock.ms(self.supervisor),
             services: times
                 .iter()
                 .map(|t| ServiceSpan {
@@ -63,14 +64,14 @@ impl BootHooks {
                     restarts: t.restarts,
                 })
                 .collect(),
-            ready_ms,
+            ready_ms: clock.at(),
         }
     }
 }
 
 impl Hooks for BootHooks {
     fn all_critical_ready(&mut self, times: &[UnitTimes]) {
-        let ready_ms = timeline::now_ms();
+        let clock = timeline::Clock::now();
         let ms = (self.offset + self.started.elapsed()).as_millis();
         let slot = self
             .slot
@@ -100,7 +101,7 @@ impl Hooks for BootHooks {
         }
         // The boot as one picture (`qinit ctl analyze`); not writing it
         // takes nothing from the boot.
-        let t = self.timeline(times, ready_ms);
+        let t = self.timeline(times, clock);
         match timeline::store(&self.timeline, &t) {
             Ok(()) => log::info!(
                 "boot timeline in {} (qinit ctl analyze); the critical chain: {}",

@@ -29,9 +29,38 @@ pub fn now_ms() -> u64 {
 /// `t` in [`now_ms`]'s terms (`Instant` is CLOCK_MONOTONIC on Linux, but
 /// opaque).
 pub fn instant_ms(t: Instant) -> u64 {
-    let (now, ms) = (Instant::now(), now_ms());
-    let ago = u64::try_from(now.saturating_duration_since(t).as_millis()).unwrap_or(u64::MAX);
-    ms.saturating_sub(ago)
+    Clock::now().ms(t)
+}
+
+/// One reading of both clocks, to turn many instants into milliseconds
+/// consistently: an earlier instant never comes out later, and none comes
+/// out after the reading itself (each conversion reading the clocks anew
+/// could put two instants a millisecond out of order).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    instant: Instant,
+    ms: u64,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Self {
+            instant: Instant::now(),
+            ms: now_ms(),
+        }
+    }
+
+    /// The reading itself.
+    pub fn at(&self) -> u64 {
+        self.ms
+    }
+
+    /// `t` (at or before the reading) in milliseconds.
+    pub fn ms(&self, t: Instant) -> u64 {
+        let ago = self.instant.saturating_duration_since(t).as_millis();
+        self.ms
+            .saturating_sub(u64::try_from(ago).unwrap_or(u64::MAX))
+    }
 }
 
 /// One step of stage 1.
@@ -594,6 +623,18 @@ mod tests {
         assert_eq!(svg.matches("<rect ").count(), 10, "{svg}");
         assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
         assert_eq!(svg.matches("class=\"late\"").count(), 1);
+    }
+
+    /// Instants converted against one reading keep their order and never
+    /// pass the reading: the service ready last is ready by QINIT-READY.
+    #[test]
+    fn one_reading_keeps_instants_in_order() {
+        let earlier: Vec<Instant> = (0..200).map(|_| Instant::now()).collect();
+        let clock = Clock::now();
+        let ms: Vec<u64> = earlier.iter().map(|t| clock.ms(*t)).collect();
+        assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{ms:?}");
+        assert!(ms.iter().all(|m| *m <= clock.at()));
+        assert_eq!(clock.ms(clock.instant), clock.at());
     }
 
     #[test]
