@@ -135,8 +135,8 @@ pub fn may_send(
                     member: msg.member_name(),
                 });
             }
-            // A signal to one client is a call in all but name: to one
-            // that is not its caller's own kind, root's alone.
+            // A signal to one client is a call in all but name, and calls
+            // to other clients are root's: so is this.
             if let (Some(dest), false) = (msg.destination, root) {
                 return Err(Denied::UnicastSignal {
                     uid,

@@ -249,14 +249,7 @@ impl PolicyReader {
                 .map(|(n, _)| n),
             _ => None,
         };
-        let view = policy::Message {
-            kind: kind(msg.message_type()),
-            destination,
-            path: hdr.path().map(|p| p.as_str()),
-            interface: hdr.interface().map(|i| i.as_str()),
-            member,
-            name_arg: name_arg.as_deref(),
-        };
+        let view = view(msg, &hdr, name_arg.as_deref());
         let owners = match destination {
             Some(d) if view.kind == Kind::MethodCall => self.owned_by(d).await,
             _ => Vec::new(),
@@ -301,6 +294,23 @@ impl PolicyReader {
                 ))))
             }
         }
+    }
+}
+
+/// The message as the policy reads it: its kind and header fields, and
+/// `name_arg` where the caller has read the body.
+fn view<'a>(
+    msg: &zbus::Message,
+    hdr: &'a zbus::message::Header<'_>,
+    name_arg: Option<&'a str>,
+) -> policy::Message<'a> {
+    policy::Message {
+        kind: kind(msg.message_type()),
+        destination: hdr.destination().map(|d| d.as_str()),
+        path: hdr.path().map(|p| p.as_str()),
+        interface: hdr.interface().map(|i| i.as_str()),
+        member: hdr.member().map(|m| m.as_str()),
+        name_arg,
     }
 }
 
@@ -376,15 +386,7 @@ impl WriteHalf for PolicyWriter {
     async fn send_message(&mut self, msg: &zbus::Message) -> zbus::Result<()> {
         let mut raw = self.raw.lock().await;
         let hdr = msg.header();
-        let view = policy::Message {
-            kind: kind(msg.message_type()),
-            destination: hdr.destination().map(|d| d.as_str()),
-            path: hdr.path().map(|p| p.as_str()),
-            interface: hdr.interface().map(|i| i.as_str()),
-            member: hdr.member().map(|m| m.as_str()),
-            name_arg: None,
-        };
-        if !policy::may_receive(raw.peer.uid, &view) {
+        if !policy::may_receive(raw.peer.uid, &view(msg, &hdr, None)) {
             return Ok(());
         }
         raw.send_message(msg).await
