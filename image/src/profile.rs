@@ -407,11 +407,6 @@ fn load_merged(
 /// trusts, say). (Not `replace`: `[root]` has a field of that name.)
 fn merge(base: &mut toml::Value, overlay: toml::Value) {
     match (base, overlay) {
-        (toml::Value::Array(b), toml::Value::Table(o)) if replacement(&o).is_some() => {
-            if let Some(list) = replacement(&o) {
-                *b = list.clone();
-            }
-        }
         (toml::Value::Table(b), toml::Value::Table(o)) => {
             for (k, v) in o {
                 match b.get_mut(&k) {
@@ -423,6 +418,7 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
             }
         }
         (toml::Value::Array(b), toml::Value::Array(o)) => b.extend(o),
+        // An override of a list lands here too: it becomes its list.
         (b, o) => *b = without_replace(o),
     }
 }
@@ -438,8 +434,9 @@ fn replacement(t: &toml::Table) -> Option<&Vec<toml::Value>> {
 /// The key of a list that replaces the one it inherits.
 const OVERRIDE: &str = "override";
 
-/// `v` with every `{ override = [...] }` that has nothing to replace (no
-/// parent, or a new key) turned into its list.
+/// `v` with every `{ override = [...] }` turned into its list: over an
+/// inherited list, or where there is nothing to replace (no parent, or a
+/// new key).
 fn without_replace(v: toml::Value) -> toml::Value {
     match v {
         toml::Value::Table(t) => match replacement(&t) {
