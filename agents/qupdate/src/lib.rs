@@ -804,7 +804,6 @@ impl Updater {
     }
 }
 
-/// Convenience for callers that hold a path to a bundle file.
 /// Where a bundle source ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BundleEnd {
@@ -826,6 +825,7 @@ impl BundleEnd {
     }
 }
 
+/// Convenience for callers that hold a path to a bundle file.
 pub fn open_bundle(path: &Path) -> Result<std::fs::File, UpdateError> {
     std::fs::File::open(path).map_err(|source| UpdateError::OpenBundle {
         path: path.to_owned(),
