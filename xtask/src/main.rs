@@ -289,12 +289,21 @@ fn static_bin_dir(root: &Path) -> PathBuf {
     root.join("target").join(TARGET).join("release")
 }
 
+/// An XDG base directory: `$var`, else `$HOME/fallback` (root's home
+/// without `$HOME`).
+fn xdg_dir(var: &str, fallback: &str) -> PathBuf {
+    std::env::var_os(var).map_or_else(
+        || {
+            std::env::var_os("HOME")
+                .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+                .join(fallback)
+        },
+        PathBuf::from,
+    )
+}
+
 fn cache_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("qubes-dom0");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-    home.join(".cache/qubes-dom0")
+    xdg_dir("XDG_CACHE_HOME", ".cache").join("qubes-dom0")
 }
 
 /// The owner key set a production build trusts:
@@ -307,15 +316,7 @@ fn owner_keys(bin: &Path) -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("QUBES_DOM0_OWNER_KEYS") {
         return Ok(PathBuf::from(dir));
     }
-    let config = std::env::var_os("XDG_CONFIG_HOME").map_or_else(
-        || {
-            std::env::var_os("HOME")
-                .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
-                .join(".config")
-        },
-        PathBuf::from,
-    );
-    let dir = config.join("qubes-dom0/owner-keys");
+    let dir = xdg_dir("XDG_CONFIG_HOME", ".config").join("qubes-dom0/owner-keys");
     if !dir.exists() {
         eprintln!(
             "xtask: no owner keys yet: making a local set in {} (a developer's; see docs/security.md)",
