@@ -35,9 +35,14 @@ impl Notifier {
     /// Connects to `$NOTIFY_SOCKET`; without the variable, a notifier that
     /// sends nothing.
     pub fn connect() -> Result<Self, NotifyError> {
-        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Ok(Self { socket: None });
-        };
+        match std::env::var_os("NOTIFY_SOCKET") {
+            Some(path) => Self::to(path),
+            None => Ok(Self { socket: None }),
+        }
+    }
+
+    /// Connects to the notify socket at `path`.
+    fn to(path: OsString) -> Result<Self, NotifyError> {
         Ok(Self {
             socket: Some((connect(&path)?, path)),
         })
@@ -76,16 +81,6 @@ fn message(status: &str) -> String {
 }
 
 #[cfg(test)]
-fn send_to(socket: &OsString, msg: &str) -> Result<(), NotifyError> {
-    let s = connect(socket)?;
-    s.send(msg.as_bytes()).map_err(|source| NotifyError::Send {
-        socket: socket.clone(),
-        source,
-    })?;
-    Ok(())
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -94,7 +89,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let rx = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        send_to(&path.clone().into_os_string(), &message("up\nREADY=0")).unwrap();
+        Notifier::to(path.clone().into_os_string())
+            .unwrap()
+            .ready("up\nREADY=0")
+            .unwrap();
         let mut buf = [0u8; 256];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=up READY=0");
@@ -102,7 +100,7 @@ mod tests {
 
     #[test]
     fn a_missing_socket_is_an_error_naming_it() {
-        let err = send_to(&"/nonexistent/notify".into(), "x").unwrap_err();
+        let err = Notifier::to("/nonexistent/notify".into()).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/notify"), "{err}");
     }
 }
