@@ -402,9 +402,9 @@ pub fn main(args: &[String]) -> i32 {
 
 /// `qinit ctl analyze [--json|--svg]`: the boot's timeline, which qinit
 /// wrote at `QINIT-READY`, as the critical chain and the blame list, as it
-/// is, or as a chart. It reads the file, so it works whatever the control socket does.
+/// is, or as a chart. It reads the file, so it works whatever the control
+/// socket does.
 fn analyze(args: &[String]) -> i32 {
-    #[derive(PartialEq)]
     enum Form {
         Text,
         Json,
@@ -419,37 +419,32 @@ fn analyze(args: &[String]) -> i32 {
             return 2;
         }
     };
-    let json = form == Form::Json;
     let path = std::env::var_os("QINIT_TIMELINE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| qcontract::paths::BOOT_TIMELINE.into());
-    match crate::timeline::load::<crate::timeline::Timeline>(&path) {
-        Ok(t) if json => match serde_json::to_string_pretty(&t) {
-            Ok(text) => {
-                println!("{text}");
-                0
-            }
-            Err(e) => {
-                eprintln!("qinit ctl analyze: {e}");
-                1
-            }
-        },
-        Ok(t) if form == Form::Svg => {
-            print!("{}", t.svg());
-            0
-        }
-        Ok(t) => {
-            print!("{}", t.render());
-            0
-        }
+    let t = match crate::timeline::load::<crate::timeline::Timeline>(&path) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!(
                 "qinit ctl analyze: {} (qinit writes it once every boot-critical service is up)",
                 qcontract::error_chain(&e)
             );
-            1
+            return 1;
         }
-    }
+    };
+    let text = match form {
+        Form::Text => t.render(),
+        Form::Svg => t.svg(),
+        Form::Json => match serde_json::to_string_pretty(&t) {
+            Ok(text) => text + "\n",
+            Err(e) => {
+                eprintln!("qinit ctl analyze: {e}");
+                return 1;
+            }
+        },
+    };
+    print!("{text}");
+    0
 }
 
 #[cfg(test)]

@@ -10,13 +10,12 @@ use rustix::mount::{mount_move, MountFlags};
 
 use qcontract::partition::{self, BlockDev, LookupError, SYS_CLASS_BLOCK};
 use qcontract::{paths, Cmdline, CmdlineError, ImageInfo, OnFailure, Partition};
-
-use crate::timeline::{self, Stage1Recorder};
 use verity::VerityInfo;
 
 use crate::dm::{self, DmError, Target};
 use crate::modules::{self, ModuleError};
 use crate::mounts::{self, MountError};
+use crate::timeline::{self, Stage1Recorder};
 
 pub const NEW_ROOT: &str = "/newroot";
 pub const STAGE2: &str = "/usr/sbin/qinit";
