@@ -77,13 +77,8 @@ fn read_copy(disk: &mut Disk, copy: usize) -> Result<Vec<u8>, BootEnvError> {
 /// state it cannot read.
 pub fn load(disk: &mut Disk) -> Result<(Env, BootState), BootEnvError> {
     let reason = |r: Result<Vec<u8>, BootEnvError>| r.map_err(|e| qcontract::error_chain(&e));
-    let blocks = [reason(read_copy(disk, 0)), reason(read_copy(disk, 1))];
-    let [first, second] = &blocks;
-    let picked = grubenv::pick([
-        first.as_deref().map_err(Clone::clone),
-        second.as_deref().map_err(Clone::clone),
-    ])
-    .map_err(BootEnvError::NoWholeCopy)?;
+    let picked = grubenv::pick([reason(read_copy(disk, 0)), reason(read_copy(disk, 1))])
+        .map_err(BootEnvError::NoWholeCopy)?;
     Ok((picked.env, picked.state))
 }
 
@@ -102,8 +97,7 @@ pub fn store(disk: &mut Disk, env: &mut Env, state: &BootState) -> Result<(), Bo
     let primary = read_copy(disk, 0);
     let secondary = read_copy(disk, 1);
     if let (Ok(primary), Ok(secondary)) = (&primary, &secondary) {
-        let whole = grubenv::pick([Ok(primary), Err(String::new())]).is_ok();
-        if whole && primary != secondary {
+        if grubenv::whole(primary).is_ok() && primary != secondary {
             write_copy(disk, 1, primary)?;
         }
     }

@@ -97,14 +97,9 @@ fn read_boot_state(disk: &[u8], esp: Range, copies: Copies) -> Result<BootState,
         Copies::Both => read(1),
         Copies::PrimaryOnly => Err("not read".into()),
     };
-    let blocks = [read(0), second];
-    let [first, second] = &blocks;
-    grubenv::pick([
-        first.as_deref().map_err(Clone::clone),
-        second.as_deref().map_err(Clone::clone),
-    ])
-    .map(|p| p.state)
-    .map_err(|e| e.to_string())
+    grubenv::pick([read(0), second])
+        .map(|p| p.state)
+        .map_err(|e| e.to_string())
 }
 
 impl Replay {

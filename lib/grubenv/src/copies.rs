@@ -47,17 +47,19 @@ pub struct NoWholeCopy {
     pub reasons: [String; 2],
 }
 
+/// A copy's environment and A/B state, if the copy is whole; else why not.
+pub fn whole(block: &[u8]) -> Result<(Env, BootState), String> {
+    let env = Env::parse(block).map_err(|e| e.to_string())?;
+    let state = BootState::from_env(&env).map_err(|e| e.to_string())?;
+    Ok((env, state))
+}
+
 /// The first whole copy among `blocks` (each the copy's bytes, or why they
 /// could not be read), as GRUB's script picks it.
-pub fn pick(blocks: [Result<&[u8], String>; 2]) -> Result<Picked, NoWholeCopy> {
+pub fn pick<B: AsRef<[u8]>>(blocks: [Result<B, String>; 2]) -> Result<Picked, NoWholeCopy> {
     let mut reasons = [String::new(), String::new()];
     for (copy, block) in blocks.into_iter().enumerate() {
-        let whole = block.and_then(|b| {
-            let env = Env::parse(b).map_err(|e| e.to_string())?;
-            let state = BootState::from_env(&env).map_err(|e| e.to_string())?;
-            Ok((env, state))
-        });
-        match whole {
+        match block.and_then(|b| whole(b.as_ref())) {
             Ok((env, state)) => return Ok(Picked { copy, env, state }),
             Err(why) => reasons[copy] = why,
         }

@@ -18,7 +18,7 @@ mod error;
 mod script;
 
 pub use boot::{BootState, Slot, SlotState, CHECK, MAX_TRIES, SLOT_ORDER};
-pub use copies::{copy_path, pick, NoWholeCopy, Picked, COPIES, ESP_DIR};
+pub use copies::{copy_path, pick, whole, NoWholeCopy, Picked, COPIES, ESP_DIR};
 pub use env::{Env, BLOCK_SIZE, HEADER};
 pub use error::Error;
 pub use script::grub_script;

@@ -994,7 +994,7 @@ fn grub_emu_boot(
 
 /// The state a copy holds if it is whole.
 fn whole(block: &[u8]) -> Option<BootState> {
-    BootState::from_env(&Env::parse(block).ok()?).ok()
+    crate::whole(block).ok().map(|(_, state)| state)
 }
 
 /// The model the crash-consistency suite decides with ([`pick`] the first
